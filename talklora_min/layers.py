@@ -1,0 +1,407 @@
+"""Adapter layers around a frozen ``nn.Linear``: LoRA, MoELoRA and TalkLoRA (SPEC §1).
+
+Notation: ``x`` a token (last axis ``d_in``), ``r`` total rank, ``E`` experts, ``m = r / E``.
+
+* LoRA      ``y = W0 x + b + s · B A x``
+* MoELoRA   ``h = A x = [h_1; …; h_E]``, ``y = W0 x + b + s · Σ_e g_e B_e C_e h_e`` with
+  ``g = softmax(W_r h)`` (``router_input="code"``) or ``g = softmax(W_g x)`` (``"input"``).
+* TalkLoRA  MoELoRA-code whose router reads ``h~ = (T ⊗ I_m) h`` (paper Eq. for the Talking
+  Module): ``g = softmax(W_r h~)``; the experts still read the un-mixed blocks ``h_e``.
+
+Scaling: ``alpha=None`` gives ``s = 1`` (the official TalkLoRA code), a number gives
+``s = alpha / r`` (PEFT convention).  Dropout ``p`` acts on ``x`` before ``A`` and on the summed
+adapter output; ``gate_dropout=True`` also drops gates after the softmax, as the official code
+does (then gates no longer sum to 1 in training).  The default leaves gates undropped.
+
+Experts are batched: ``C (E, m, m)`` and ``B (E, d_out, m)`` are stacked, and the gated sum
+``Σ_e g_e B_e z_e`` is one matmul with ``B`` laid out as ``(d_out, r)``.  NaN/Inf inputs are
+not checked in ``forward`` (that would cost a device sync per call): they propagate to the
+output exactly as through ``nn.Linear``.  The probes reject non-finite inputs.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+ROUTER_INPUTS = ("code", "input")
+BALANCE_LOSSES = ("switch", "cv", "entropy")
+TALK_INITS = ("official", "identity", "uniform-mix:<alpha>")
+
+
+# ----------------------------------------------------------------------------- validation
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_alpha_dropout(alpha, dropout) -> None:
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                              or not math.isfinite(alpha) or alpha <= 0):
+        raise ValueError(f"alpha must be None (scaling s = 1) or a positive number, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+
+
+def check_moe_args(rank, num_experts, router_input="code", top_k=None, balance_loss=None) -> None:
+    """Validate the MoE hyper-parameters shared by the layers and ``AdapterConfig``."""
+    check_positive_int("rank", rank)
+    check_positive_int("num_experts", num_experts)
+    if rank % num_experts:
+        raise ValueError(
+            f"rank ({rank}) must be divisible by num_experts ({num_experts}): each expert "
+            f"owns rank/num_experts dimensions of the shared code h = A x")
+    if router_input not in ROUTER_INPUTS:
+        raise ValueError(f"router_input must be one of {ROUTER_INPUTS}, got {router_input!r}")
+    if top_k is not None:
+        check_positive_int("top_k", top_k)
+        if top_k > num_experts:
+            raise ValueError(f"top_k ({top_k}) must be at most num_experts ({num_experts}) or None")
+    if balance_loss is not None and balance_loss not in BALANCE_LOSSES:
+        raise ValueError(f"balance_loss must be None or one of {BALANCE_LOSSES}, got {balance_loss!r}")
+
+
+def parse_talk_init(talk_init) -> str | float:
+    """Return "official", "identity" or the uniform-mix strength α in [0, 1].
+
+    Accepted: ``"official"``, ``"identity"``, ``"uniform-mix:0.5"`` (or ``"uniform-mix 0.5"``), or
+    a bare number α.
+    """
+    if talk_init in ("official", "identity"):
+        return talk_init
+    alpha = talk_init
+    if isinstance(talk_init, str) and talk_init.startswith("uniform-mix"):
+        try:
+            alpha = float(talk_init[len("uniform-mix"):].strip(" :="))
+        except ValueError:
+            alpha = None
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"talk_init must be one of {TALK_INITS} (alpha in [0, 1]) or a number "
+                         f"alpha in [0, 1], got {talk_init!r}")
+    return float(alpha)
+
+
+def talk_matrix(num_experts: int, talk_init="official", *, dtype=None, device=None,
+                generator: torch.Generator | None = None) -> Tensor:
+    """The Talking Module's initial ``T (E, E)`` (row index = output expert).
+
+    official: ``U(±1/√E)`` (``kaiming_uniform_(a=√5)``); identity: ``I``;
+    uniform-mix α: ``T = α I + (1 − α) J / E`` (doubly stochastic).
+    """
+    init = parse_talk_init(talk_init)
+    E = num_experts
+    if init == "official":
+        bound = 1.0 / math.sqrt(E)
+        return torch.empty(E, E, dtype=dtype, device=device).uniform_(-bound, bound, generator=generator)
+    eye = torch.eye(E, dtype=dtype, device=device)
+    if init == "identity":
+        return eye
+    return init * eye + (1.0 - init) * torch.full((E, E), 1.0 / E, dtype=dtype, device=device)
+
+
+# ----------------------------------------------------------------------------- balance losses
+def balance_loss(kind: str, logits: Tensor, gates: Tensor) -> Tensor:
+    """Auxiliary load-balance loss over all tokens of one forward (gates ``(..., E)``).
+
+    * ``switch``  (Switch Transformer): ``E · Σ_e f_e P_e``, ``f_e`` = share of tokens whose top-1
+      expert is e, ``P_e`` = mean gate of e.  Minimum 1 at balanced load.
+    * ``cv``      squared coefficient of variation of the soft load ``L_e = Σ_t g_e(t)``.
+    * ``entropy`` ``mean_t H(g(t)) − H(mean_t g(t))``: confident tokens, balanced batch (LoRA-Mixer's
+      routing-specialisation objective).
+    """
+    E = gates.shape[-1]
+    g = gates.reshape(-1, E)
+    if kind == "switch":
+        f = F.one_hot(logits.reshape(-1, E).argmax(-1), E).to(g.dtype).mean(0)
+        return E * (f * g.mean(0)).sum()
+    if kind == "cv":
+        load = g.sum(0)
+        return load.var(unbiased=False) / load.mean().pow(2)
+    if kind == "entropy":
+        def entropy(p):
+            return -(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum(-1)
+        return entropy(g).mean() - entropy(g.mean(0))
+    raise ValueError(f"balance loss kind must be one of {BALANCE_LOSSES}, got {kind!r}")
+
+
+# ----------------------------------------------------------------------------- layers
+class AdapterLayer(nn.Module):
+    """Common machinery: frozen base, scaling, dropout, weight access by SPEC name."""
+
+    weight_names: tuple[str, ...] = ()
+
+    def __init__(self, base: nn.Linear, rank: int, alpha=None, dropout: float = 0.0):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        check_positive_int("rank", rank)
+        check_alpha_dropout(alpha, dropout)
+        self.base = base
+        base.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.alpha, self.dropout = rank, alpha, float(dropout)
+        self.scaling = 1.0 if alpha is None else alpha / rank
+
+    def _parameter(self, *shape: int) -> nn.Parameter:
+        w = self.base.weight
+        return nn.Parameter(torch.empty(*shape, dtype=w.dtype, device=w.device))
+
+    def _drop(self, t: Tensor) -> Tensor:
+        return F.dropout(t, self.dropout, self.training) if self.dropout else t
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"input must have shape (..., d_in={self.in_features}), got {tuple(x.shape)}")
+
+    def get_weights(self) -> dict[str, Tensor]:
+        """Copies of the adapter tensors under their SPEC names."""
+        return {name: getattr(self, name).detach().clone() for name in self.weight_names}
+
+    @torch.no_grad()
+    def set_weights(self, **tensors: Tensor) -> None:
+        """Copy tensors into the adapter by SPEC name; checks names and shapes first."""
+        unknown = sorted(set(tensors) - set(self.weight_names))
+        if unknown:
+            raise ValueError(f"unknown weight name(s) {unknown} for {type(self).__name__}; "
+                             f"accepted: {list(self.weight_names)}")
+        for name, value in tensors.items():
+            expected = tuple(getattr(self, name).shape)
+            if not isinstance(value, Tensor) or tuple(value.shape) != expected:
+                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"weight {name} must have shape {expected}, got {got}")
+        if getattr(self, "merged", False):
+            raise RuntimeError("unmerge() before set_weights(): the base weight holds the old adapter")
+        for name, value in tensors.items():
+            getattr(self, name).copy_(value)
+
+    def adapter_output(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        if getattr(self, "merged", False):
+            return self.base(x)
+        return self.base(x) + self.adapter_output(x)
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.in_features}, d_out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}"
+
+
+class LoRALinear(AdapterLayer):
+    """``y = W0 x + b + s · B A x`` with ``A (r, d_in)``, ``B (d_out, r)``; ``B = 0`` at init."""
+
+    weight_names = ("A", "B")
+
+    def __init__(self, base: nn.Linear, rank: int, alpha=None, dropout: float = 0.0):
+        super().__init__(base, rank, alpha, dropout)
+        self.A = self._parameter(rank, self.in_features)
+        self.B = self._parameter(self.out_features, rank)
+        self.register_buffer("_unmerged_weight", None, persistent=False)
+        self.merged = False
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.A.uniform_(-1 / math.sqrt(self.in_features), 1 / math.sqrt(self.in_features))
+        self.B.zero_()
+
+    def delta_weight(self) -> Tensor:
+        """``ΔW = s · B A``, shape ``(d_out, d_in)``."""
+        return self.scaling * (self.B @ self.A)
+
+    def adapter_output(self, x: Tensor) -> Tensor:
+        return self.scaling * F.linear(F.linear(self._drop(x), self.A), self.B)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ``s·BA`` into the base weight.  The original ``W0`` is kept, so ``unmerge`` restores
+        it bit for bit (costs one extra copy of ``W0`` while merged)."""
+        if self.merged:
+            raise RuntimeError("layer is already merged")
+        delta = self.delta_weight()
+        if not torch.isfinite(delta).all():
+            raise ValueError("cannot merge: the adapter weights A or B contain NaN or Inf")
+        self._unmerged_weight = self.base.weight.detach().clone()
+        self.base.weight.add_(delta)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise RuntimeError("layer is not merged")
+        self.base.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self.merged = False
+
+
+RoutingHook = Callable[["MoELoRALinear", Tensor, Tensor, "Tensor | None"], None]
+
+
+class MoELoRALinear(AdapterLayer):
+    """Dense soft mixture of E LoRA experts sharing ``A`` (SPEC §1).
+
+    ``h = A x``, blocks ``h_e = h[e·m:(e+1)·m]``; expert ``y_e = B_e C_e h_e``;
+    ``y = W0 x + b + s · Σ_e g_e y_e``; ``g = softmax(W_r h)`` or ``softmax(W_g x)``.
+    ``top_k`` keeps the k largest logits and renormalises the softmax over them (hard–soft top-k:
+    gradients flow through the soft weights of the selected experts).  ``balance_loss`` stores an
+    auxiliary loss of the last forward in ``self.aux_loss`` (see :func:`balance_loss`).
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, num_experts: int, router_input: str = "code",
+                 alpha=None, dropout: float = 0.0, top_k: int | None = None, *,
+                 gate_dropout: bool = False, balance_loss: str | None = None):
+        super().__init__(base, rank, alpha, dropout)
+        check_moe_args(rank, num_experts, router_input, top_k, balance_loss)
+        self.num_experts, self.expert_rank = num_experts, rank // num_experts
+        self.router_input, self.top_k = router_input, top_k
+        self.gate_dropout, self.balance_loss = bool(gate_dropout), balance_loss
+        E, m = num_experts, self.expert_rank
+        self.A = self._parameter(rank, self.in_features)
+        self.C = self._parameter(E, m, m)
+        self.B = self._parameter(E, self.out_features, m)
+        if router_input == "code":
+            self.W_r = self._parameter(E, rank)
+        else:
+            self.W_g = self._parameter(E, self.in_features)
+        self.aux_loss: Tensor | None = None
+        self._routing_hooks: OrderedDict[int, RoutingHook] = OrderedDict()
+        MoELoRALinear.reset_parameters(self)
+
+    @property
+    def weight_names(self) -> tuple[str, ...]:
+        return ("A", "C", "B", "W_r") if self.router_input == "code" else ("A", "C", "B", "W_g")
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Official init: every matrix ``U(±1/√fan_in)``, ``B = 0``."""
+        def uniform(p, fan_in):
+            p.uniform_(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+        uniform(self.A, self.in_features)
+        uniform(self.C, self.expert_rank)
+        self.B.zero_()
+        if self.router_input == "code":
+            uniform(self.W_r, self.rank)
+        else:
+            uniform(self.W_g, self.in_features)
+
+    # -- the pieces of the forward, public so probes can differentiate through them
+    def code(self, x: Tensor) -> Tensor:
+        """Shared low-rank code ``h = A x``, shape ``(..., r)``."""
+        return F.linear(x, self.A)
+
+    def router_code(self, h: Tensor) -> Tensor:
+        """What a code router reads: ``h`` itself for MoELoRA (TalkLoRA mixes it)."""
+        return h
+
+    def router_logits(self, x: Tensor, h: Tensor | None = None) -> Tensor:
+        """Router logits ``W_r h`` (code) / ``W_g x`` (input), shape ``(..., E)``."""
+        if self.router_input == "input":
+            return F.linear(x, self.W_g)
+        return F.linear(self.router_code(self.code(x) if h is None else h), self.W_r)
+
+    def effective_router(self) -> Tensor:
+        """The linear map from the router's input to its logits: ``W_r`` (code, w.r.t. h) or
+        ``W_g`` (input, w.r.t. x).  TalkLoRA returns ``W_r (T ⊗ I_m)``."""
+        return self.W_r if self.router_input == "code" else self.W_g
+
+    def gates_from_logits(self, logits: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Dense ``softmax`` or, with ``top_k``, the softmax renormalised over the k largest logits.
+        Returns ``(gates, topk_indices or None)``."""
+        if self.top_k is None:
+            return torch.softmax(logits, -1), None
+        values, index = logits.topk(self.top_k, dim=-1)
+        masked = torch.full_like(logits, float("-inf")).scatter(-1, index, values)
+        return torch.softmax(masked, -1), index
+
+    def gates(self, x: Tensor) -> Tensor:
+        """Routing weights ``g(x)`` in eval semantics (no dropout), shape ``(..., E)``."""
+        return self.gates_from_logits(self.router_logits(x))[0]
+
+    def mix_experts(self, h: Tensor, gates: Tensor) -> Tensor:
+        """``Σ_e g_e B_e C_e h_e`` for code ``h (..., r)`` and gates ``(..., E)`` — batched, no loop."""
+        z = torch.einsum("...ej,eij->...ei", h.unflatten(-1, (self.num_experts, self.expert_rank)), self.C)
+        u = (gates.unsqueeze(-1) * z).flatten(-2)
+        return F.linear(u, self.B.transpose(0, 1).reshape(self.out_features, self.rank))
+
+    def add_routing_hook(self, hook: RoutingHook) -> RemovableHandle:
+        """Call ``hook(layer, logits, gates, topk_index)`` on every forward; ``.remove()`` the handle."""
+        handle = RemovableHandle(self._routing_hooks)
+        self._routing_hooks[handle.id] = hook
+        return handle
+
+    def adapter_output(self, x: Tensor) -> Tensor:
+        x = self._drop(x)
+        h = self.code(x)
+        logits = self.router_logits(x, h)
+        gates, index = self.gates_from_logits(logits)
+        if self._routing_hooks:
+            for hook in tuple(self._routing_hooks.values()):
+                hook(self, logits, gates, index)
+        if self.balance_loss is not None:
+            self.aux_loss = balance_loss(self.balance_loss, logits, gates)
+        if self.gate_dropout:
+            gates = self._drop(gates)
+        return self.scaling * self._drop(self.mix_experts(h, gates))
+
+    def merge(self) -> None:
+        raise RuntimeError(
+            f"{type(self).__name__} cannot be merged into the base weight: its gates g(x) depend on "
+            "the input, so Σ_e g_e(x) B_e C_e A_e x is not one fixed linear map. For analysis, "
+            "merged_weight_at_gates(g) gives the weight at fixed gate values g.")
+
+    def merged_weight_at_gates(self, gates: Tensor) -> Tensor:
+        """``W0 + s · Σ_e g_e B_e C_e A_e`` for a fixed gate vector ``g (E,)``, shape ``(d_out, d_in)``."""
+        gates = torch.as_tensor(gates, dtype=self.A.dtype, device=self.A.device)
+        if gates.shape != (self.num_experts,):
+            raise ValueError(f"gates must have shape ({self.num_experts},), got {tuple(gates.shape)}")
+        if not torch.isfinite(gates).all():
+            raise ValueError("gates must be finite")
+        blocks = self.A.unflatten(0, (self.num_experts, self.expert_rank))       # (E, m, d_in)
+        delta = torch.einsum("e,eom,emn,end->od", gates, self.B, self.C, blocks)
+        if not torch.isfinite(delta).all():
+            raise ValueError("cannot merge: the adapter weights contain NaN or Inf")
+        return self.base.weight + self.scaling * delta
+
+
+class TalkLoRALinear(MoELoRALinear):
+    """MoELoRA-code whose router reads ``h~ = (T ⊗ I_m) h`` (the Talking Module, ``T (E, E)``).
+
+    ``h~_e = Σ_e' T[e, e'] h_e'``; ``g = softmax(W_r h~)``; experts read the un-mixed ``h_e``.
+    ``talk_init``: ``"official"`` (U(±1/√E)), ``"identity"`` or ``"uniform-mix:α"`` / ``α``.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, num_experts: int, alpha=None, dropout: float = 0.0,
+                 talk_init="official", *, top_k: int | None = None, gate_dropout: bool = False,
+                 balance_loss: str | None = None):
+        parse_talk_init(talk_init)
+        super().__init__(base, rank, num_experts, "code", alpha, dropout, top_k,
+                         gate_dropout=gate_dropout, balance_loss=balance_loss)
+        self.talk_init = talk_init
+        self.T = self._parameter(num_experts, num_experts)
+        self._reset_talk()
+
+    weight_names = ("A", "C", "B", "T", "W_r")
+
+    @torch.no_grad()
+    def _reset_talk(self) -> None:
+        self.T.copy_(talk_matrix(self.num_experts, self.talk_init, dtype=self.T.dtype, device=self.T.device))
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self._reset_talk()
+
+    def router_code(self, h: Tensor) -> Tensor:
+        """``h~ = (T ⊗ I_m) h``: block e of the output is ``Σ_e' T[e, e'] h_e'``."""
+        blocks = h.unflatten(-1, (self.num_experts, self.expert_rank))
+        return torch.einsum("ef,...fm->...em", self.T, blocks).flatten(-2)
+
+    def effective_router(self) -> Tensor:
+        """``W_eff = W_r (T ⊗ I_m)``, shape ``(E, r)`` (SPEC §3, talk absorption)."""
+        eye = torch.eye(self.expert_rank, dtype=self.T.dtype, device=self.T.device)
+        return self.W_r @ torch.kron(self.T, eye)
