@@ -85,6 +85,8 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "AdapterConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"AdapterConfig data must be a JSON object / dict, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -181,6 +183,15 @@ def inject(model: nn.Module, config: AdapterConfig) -> InjectionReport:
             raise ValueError(f"target pattern {pattern!r} ({config.target_match} match) matched no "
                              f"nn.Linear in {type(model).__name__}; its linear layers include: {examples}")
     matched = [n for n in linears if any(n in hits for hits in by_pattern.values())]
+    groups: dict[str, list[str]] = {}
+    if config.share_B_across_layers:  # check tie-ability before touching the model
+        for name in matched:
+            groups.setdefault(name.rpartition(".")[2], []).append(name)
+        for group, names in groups.items():
+            sizes = {n: model.get_submodule(n).out_features for n in names}
+            if len(set(sizes.values())) > 1:
+                raise ValueError(f"share_B_across_layers: '{group}' layers have different output sizes "
+                                 f"{sizes}, so their B cannot be one tensor")
 
     model.requires_grad_(False)
     for name in matched:
@@ -188,17 +199,9 @@ def inject(model: nn.Module, config: AdapterConfig) -> InjectionReport:
         parent = model.get_submodule(parent_name)
         setattr(parent, child, config.make_layer(getattr(parent, child)))
 
-    groups: dict[str, list[str]] = {}
-    if config.share_B_across_layers:
-        for name in matched:
-            groups.setdefault(name.rpartition(".")[2], []).append(name)
-        for group, names in groups.items():
-            first = model.get_submodule(names[0])
-            for other in names[1:]:
-                layer = model.get_submodule(other)
-                if layer.B.shape != first.B.shape:
-                    raise ValueError(f"share_B_across_layers: '{group}' layers {names[0]} and {other} "
-                                     f"have different B shapes {tuple(first.B.shape)} vs {tuple(layer.B.shape)}")
-                layer.B = first.B
+    for names in groups.values():
+        first = model.get_submodule(names[0])
+        for other in names[1:]:
+            model.get_submodule(other).B = first.B
     return InjectionReport(matched, by_pattern, groups, count_parameters(model, True),
                            count_parameters(model, False))

@@ -1,0 +1,439 @@
+"""save_adapter / load_adapter round trips and errors; official TalkLoRA layout import/export (SPEC §2)."""
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from talklora_min import (AdapterConfig, adapter_layers, export_official_state_dict, inject, load_adapter,
+                          load_adapter_weights, load_official_state_dict, save_adapter)
+from talklora_min.io import CONFIG_NAME, WEIGHTS_NAME
+from talklora_min.reference import LoopMoELoRALinear, OfficialTalkLoRALinear, wrap_official
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, bias: bool):
+        super().__init__()
+        self.q_proj, self.k_proj = nn.Linear(d, d, bias=bias), nn.Linear(d, d // 2, bias=bias)
+        self.v_proj, self.o = nn.Linear(d, d // 2, bias=bias), nn.Linear(d // 2, d)
+        self.up_proj, self.down_proj = nn.Linear(d, 2 * d, bias=bias), nn.Linear(2 * d, d, bias=bias)
+
+    def forward(self, x):
+        attn = torch.softmax(self.q_proj(x)[..., : self.k_proj.out_features] @ self.k_proj(x).transpose(-1, -2), -1)
+        x = x + self.o(attn @ self.v_proj(x))
+        return x + self.down_proj(torch.tanh(self.up_proj(x)))
+
+
+class Tiny(nn.Module):
+    """Embedding-free toy transformer: blocks.{i}.{q,k,v}_proj/o/up_proj/down_proj, a norm, a head."""
+
+    def __init__(self, d: int = 16, layers: int = 3, bias: bool = True, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.blocks = nn.ModuleList(Block(d, bias) for _ in range(layers))
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, 5)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+def tiny_llama(seed: int = 0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@torch.no_grad()
+def randomise_adapters(model, seed=1):
+    """Random values for every adapter tensor (B included; a tied B is drawn once)."""
+    gen = torch.Generator().manual_seed(seed)
+    seen = set()
+    for layer in adapter_layers(model).values():
+        for name in layer.weight_names:
+            p = getattr(layer, name)
+            if id(p) not in seen:
+                seen.add(id(p))
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model
+
+
+def injected(config, model_fn=Tiny, seed=1):
+    model = model_fn()
+    inject(model, config)
+    return randomise_adapters(model, seed).eval()
+
+
+CONFIGS = {
+    "lora": AdapterConfig(kind="lora", rank=4, target_modules=TARGETS, alpha=8.0),
+    "moelora-code": AdapterConfig(kind="moelora", rank=4, num_experts=2, target_modules=TARGETS),
+    "moelora-input": AdapterConfig(kind="moelora", rank=6, num_experts=3, router_input="input",
+                                   target_modules=["up_proj", "head"], top_k=2),
+    "talklora": AdapterConfig(kind="talklora", rank=8, num_experts=4, target_modules=TARGETS),
+    "talklora-tied": AdapterConfig.official(rank=8),
+    "lora-tied": AdapterConfig(kind="lora", rank=4, target_modules=TARGETS, share_B_across_layers=True),
+}
+
+
+# ----------------------------------------------------------------------------- save / load
+@pytest.mark.parametrize("name", CONFIGS)
+def test_save_load_exact_round_trip(tmp_path, name):
+    config = CONFIGS[name]
+    model = injected(config)
+    x = torch.randn(2, 7, 16)
+    save_adapter(model, tmp_path, config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]   # no temp files left
+
+    fresh = Tiny()
+    report = load_adapter(fresh, tmp_path)
+    fresh.eval()
+    assert report.matched == list(adapter_layers(model))
+    for path, layer in adapter_layers(model).items():
+        other = adapter_layers(fresh)[path]
+        assert type(other) is type(layer)
+        for key, value in layer.get_weights().items():
+            assert torch.equal(other.get_weights()[key], value), (path, key)
+    assert torch.equal(fresh(x), model(x))
+    assert AdapterConfig.from_json((tmp_path / CONFIG_NAME).read_text()) == config
+
+
+def test_tied_B_saved_once_and_still_tied_after_load(tmp_path):
+    config = CONFIGS["talklora-tied"]
+    model = injected(config)
+    save_adapter(model, tmp_path, config)
+    stored = load_file(tmp_path / WEIGHTS_NAME)
+    assert sorted(k for k in stored if k.startswith("shared_B.")) == [f"shared_B.{t}" for t in sorted(TARGETS)]
+    assert not any(k.endswith(".B") for k in stored)
+    assert torch.equal(stored["shared_B.q_proj"], model.blocks[2].q_proj.B)
+    assert stored["blocks.0.q_proj.T"].shape == (4, 4)
+    fresh = Tiny()
+    load_adapter(fresh, tmp_path)
+    assert all(fresh.blocks[i].up_proj.B is fresh.blocks[0].up_proj.B for i in range(3))
+    assert torch.equal(fresh.blocks[1].up_proj.B, model.blocks[1].up_proj.B)
+
+
+def test_untied_keys_use_module_path_and_spec_names(tmp_path):
+    config = CONFIGS["moelora-input"]
+    save_adapter(injected(config), tmp_path, config)
+    keys = set(load_file(tmp_path / WEIGHTS_NAME))
+    expected = {f"{p}.{n}" for p in ["blocks.0.up_proj", "blocks.1.up_proj", "blocks.2.up_proj", "head"]
+                for n in ("A", "C", "B", "W_g")}
+    assert keys == expected
+
+
+@settings(max_examples=8)
+@given(kind=st.sampled_from(["lora", "moelora", "talklora"]), experts=st.sampled_from([1, 2, 4]),
+       tied=st.booleans(), seed=st.integers(0, 2**16))
+def test_round_trip_property(tmp_path_factory, kind, experts, tied, seed):
+    config = AdapterConfig(kind=kind, rank=4, num_experts=experts, target_modules=["q_proj", "down_proj"],
+                           share_B_across_layers=tied, talk_init="identity")
+    model = injected(config, seed=seed)
+    directory = tmp_path_factory.mktemp("adapter")
+    save_adapter(model, directory, config)
+    fresh = Tiny()
+    load_adapter(fresh, directory)
+    x = torch.randn(3, 16)
+    assert torch.equal(fresh.eval()(x), model(x))
+
+
+def test_load_adapter_weights_into_injected_model(tmp_path):
+    config = CONFIGS["talklora"]
+    model = injected(config)
+    save_adapter(model, tmp_path, config)
+    target = injected(config, seed=7)
+    assert not torch.equal(target.blocks[0].q_proj.A, model.blocks[0].q_proj.A)
+    keys = load_adapter_weights(target, tmp_path / WEIGHTS_NAME)
+    assert len(keys) == 3 * 5 * 5
+    assert torch.equal(target.blocks[0].q_proj.A, model.blocks[0].q_proj.A)
+
+
+def saved(tmp_path, name="talklora"):
+    config = CONFIGS[name]
+    save_adapter(injected(config), tmp_path, config)
+    return load_file(tmp_path / WEIGHTS_NAME)
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
+        load_adapter(Tiny(), tmp_path)
+    saved(tmp_path)
+    (tmp_path / WEIGHTS_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match=WEIGHTS_NAME):
+        load_adapter(Tiny(), tmp_path)
+
+
+def test_shape_mismatch_names_key_and_shapes(tmp_path):
+    tensors = saved(tmp_path)
+    tensors["blocks.1.k_proj.W_r"] = torch.zeros(4, 9)
+    save_file(tensors, tmp_path / WEIGHTS_NAME)
+    model = Tiny()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"shape mismatch for 'blocks.1.k_proj.W_r': expected \(4, 8\), got \(4, 9\)"):
+        load_adapter(model, tmp_path)
+    # a failed load leaves the model as it was
+    assert not adapter_layers(model)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_unknown_key(tmp_path):
+    tensors = saved(tmp_path)
+    tensors["blocks.0.o.A"] = torch.zeros(8, 8)
+    save_file(tensors, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(ValueError, match=r"unknown adapter key\(s\) \['blocks.0.o.A'\]"):
+        load_adapter(Tiny(), tmp_path)
+
+
+def test_missing_key(tmp_path):
+    tensors = saved(tmp_path)
+    del tensors["blocks.2.down_proj.T"]
+    save_file(tensors, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(ValueError, match=r"missing adapter key\(s\) \['blocks.2.down_proj.T'\]"):
+        load_adapter(Tiny(), tmp_path)
+
+
+def test_truncated_safetensors(tmp_path):
+    saved(tmp_path)
+    data = (tmp_path / WEIGHTS_NAME).read_bytes()
+    (tmp_path / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=f"cannot read adapter weights .*{WEIGHTS_NAME}.*corrupted or truncated"):
+        load_adapter(Tiny(), tmp_path)
+    (tmp_path / WEIGHTS_NAME).write_bytes(b"\x00" * 3)
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        load_adapter_weights(Tiny(), tmp_path)
+
+
+def test_pickle_file_is_rejected(tmp_path):
+    saved(tmp_path)
+    torch.save({"blocks.0.q_proj.A": torch.zeros(8, 16)}, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        load_adapter(Tiny(), tmp_path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"kind": "talklora", "rank": 8', "invalid adapter config .*adapter_config.json.*Expecting"),
+    ('{"kind": "talklora", "ranks": 8}', r"invalid adapter config .*unknown AdapterConfig field\(s\) \['ranks'\]"),
+    ('{"kind": "talklora", "rank": 6}', "invalid adapter config .*rank \\(6\\) must be divisible"),
+])
+def test_bad_config_json(tmp_path, text, message):
+    saved(tmp_path)
+    (tmp_path / CONFIG_NAME).write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_adapter(Tiny(), tmp_path)
+
+
+def test_load_adapter_into_injected_model_raises(tmp_path):
+    saved(tmp_path)
+    model = injected(CONFIGS["lora"])
+    with pytest.raises(ValueError, match="already has adapter layers.*load_adapter_weights"):
+        load_adapter(model, tmp_path)
+    assert len(adapter_layers(model)) == 15            # the existing adapters are untouched
+
+
+def test_save_requires_adapters_and_config(tmp_path):
+    with pytest.raises(ValueError, match="no adapter layers"):
+        save_adapter(Tiny(), tmp_path, CONFIGS["lora"])
+    with pytest.raises(TypeError, match="config must be an AdapterConfig"):
+        save_adapter(injected(CONFIGS["lora"]), tmp_path, CONFIGS["lora"].to_dict())
+
+
+def test_save_overwrites_atomically(tmp_path):
+    config = CONFIGS["lora"]
+    save_adapter(injected(config, seed=1), tmp_path, config)
+    model = injected(config, seed=2)
+    save_adapter(model, tmp_path, config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert torch.equal(load_file(tmp_path / WEIGHTS_NAME)["blocks.0.q_proj.A"], model.blocks[0].q_proj.A)
+
+
+# ----------------------------------------------------------------------------- official layout
+def official_pair(model_fn, seed=0):
+    """(ours, reference): the same float64 base model, ours injected with the official config."""
+    base = model_fn().double().eval()
+    reference = wrap_official(copy.deepcopy(base), TARGETS, rank=8, num_experts=4).eval()
+    inject(base, AdapterConfig.official(rank=8))
+    return base.eval(), reference
+
+
+def expected_official_keys(path, bias, E=4):
+    keys = {f"{path}.weight", f"{path}.lora_A.default.weight", f"{path}.lora_A_talk.default.weight",
+            f"{path}.lora_A_route.default.weight"}
+    keys |= {f"{path}.lora_A_experts.default.{e}.weight" for e in range(E)}
+    keys |= {f"{path}.lora_B.default.{e}.weight" for e in range(E)}
+    return keys | ({f"{path}.bias"} if bias else set())
+
+
+def test_reference_state_dict_layout():
+    layer = OfficialTalkLoRALinear(nn.Linear(16, 12), rank=8, num_experts=4)
+    shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+    assert shapes == {"weight": (12, 16), "bias": (12,), "lora_A.default.weight": (8, 16),
+                      "lora_A_talk.default.weight": (4, 4), "lora_A_route.default.weight": (4, 8),
+                      **{f"lora_A_experts.default.{e}.weight": (2, 2) for e in range(4)},
+                      **{f"lora_B.default.{e}.weight": (12, 2) for e in range(4)}}
+
+
+def test_reference_matches_hand_computation():
+    """The oracle itself against the SPEC §1 formula written out with explicit matrices."""
+    torch.manual_seed(0)
+    layer = OfficialTalkLoRALinear(nn.Linear(6, 5).double(), rank=4, num_experts=2).double()
+    for p in layer.parameters():
+        nn.init.normal_(p)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    A, T = layer.lora_A["default"].weight, layer.lora_A_talk["default"].weight
+    W_r = layer.lora_A_route["default"].weight
+    C = [layer.lora_A_experts["default"][e].weight for e in range(2)]
+    B = [layer.lora_B["default"][e].weight for e in range(2)]
+    h = x @ A.T
+    g = torch.softmax(h @ (W_r @ torch.kron(T, torch.eye(2, dtype=torch.float64))).T, -1)
+    y = x @ layer.weight.T + layer.bias + sum(g[:, e:e + 1] * (h[:, 2 * e:2 * e + 2] @ C[e].T @ B[e].T)
+                                             for e in range(2))
+    assert torch.allclose(layer(x), y, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("which", ["tiny", "llama"])
+def test_export_reproduces_official_forward(which):
+    model_fn = {"tiny": lambda: Tiny(bias=True), "llama": tiny_llama}[which]
+    ours, reference = official_pair(model_fn)
+    randomise_adapters(ours, seed=3)
+    state = export_official_state_dict(ours)
+    for path, layer in adapter_layers(ours).items():
+        assert expected_official_keys(path, layer.base.bias is not None) <= set(state)
+        assert not any(k.startswith(path + ".base") for k in state)
+        assert torch.equal(state[f"{path}.lora_A_talk.default.weight"], layer.T)
+        assert torch.equal(state[f"{path}.lora_B.default.3.weight"], layer.B[3])
+    reference.load_state_dict(state, strict=True)
+    x = torch.randint(0, 64, (2, 6)) if which == "llama" else torch.randn(2, 5, 16, dtype=torch.float64)
+    out, ref = ours(x), reference(x)
+    out, ref = (out.logits, ref.logits) if which == "llama" else (out, ref)
+    assert out.dtype == torch.float64
+    assert (out - ref).abs().max().item() <= 1e-10
+    # the adapters matter: the comparison is not between two base models
+    base = model_fn().double().eval()
+    base_out = base(x).logits if which == "llama" else base(x)
+    assert (ref - base_out).abs().max().item() > 1e-3
+    # export clones: editing it leaves the model alone
+    state[f"{next(iter(adapter_layers(ours)))}.lora_A.default.weight"].zero_()
+    assert next(iter(adapter_layers(ours).values())).A.abs().sum() > 0
+
+
+def random_official_state(reference, seed=5):
+    """Random values for every parameter of the reference model, one B per projection type."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in reference.state_dict().items()}
+    for target in TARGETS:
+        keys = sorted(k for k in state if f".{target}.lora_B." in k)
+        first = keys[0].split(".lora_B.")[0]                   # e.g. blocks.0.q_proj
+        for k in keys:
+            state[k] = state[f"{first}.lora_B.{k.split('.lora_B.')[1]}"]
+    return state
+
+
+@pytest.mark.parametrize("which", ["tiny", "llama"])
+def test_import_reproduces_official_forward(which):
+    model_fn = {"tiny": lambda: Tiny(bias=False), "llama": tiny_llama}[which]
+    ours, reference = official_pair(model_fn)
+    state = random_official_state(reference)
+    reference.load_state_dict(state, strict=True)
+    report = load_official_state_dict(ours, state)
+    assert report.layers == list(adapter_layers(ours))
+    assert set(report.shared_B_groups) == set(TARGETS) and report.not_loaded == []
+    x = torch.randint(0, 64, (2, 6)) if which == "llama" else torch.randn(2, 5, 16, dtype=torch.float64)
+    out, ref = ours(x), reference(x)
+    out, ref = (out.logits, ref.logits) if which == "llama" else (out, ref)
+    assert (out - ref).abs().max().item() <= 1e-10
+    # the base weights came from the state dict too (they were re-drawn at random)
+    path = report.layers[0]
+    assert torch.equal(ours.get_submodule(path).base.weight, state[f"{path}.weight"])
+
+    # round trip export -> import -> export: identical tensors
+    exported = export_official_state_dict(ours)
+    assert exported.keys() == state.keys()
+    assert all(torch.equal(exported[k], state[k]) for k in state)
+    again, _ = official_pair(model_fn)
+    load_official_state_dict(again, exported)
+    assert all(torch.equal(v, exported[k]) for k, v in export_official_state_dict(again).items())
+
+
+def test_official_import_errors():
+    ours, reference = official_pair(Tiny)
+    state = random_official_state(reference)
+
+    bad = dict(state)
+    bad["blocks.1.q_proj.lora_B.default.0.weight"] = state["blocks.1.q_proj.lora_B.default.0.weight"] + 1
+    with pytest.raises(ValueError, match=r"ties B across its 'q_proj' layers.*lora_B.default.0 in "
+                                         r"'blocks.0.q_proj' and 'blocks.1.q_proj'"):
+        load_official_state_dict(ours, bad)
+
+    bad = dict(state, **{"blocks.0.v_proj.lora_A_experts.default.4.weight": torch.zeros(2, 2)})
+    with pytest.raises(ValueError, match="'blocks.0.v_proj': state dict has 5 experts.*num_experts=4"):
+        load_official_state_dict(ours, bad)
+
+    bad = dict(state, **{"blocks.0.o.lora_A.default.weight": torch.zeros(8, 8)})
+    with pytest.raises(ValueError, match=r"unknown adapter key\(s\) \['blocks.0.o.lora_A.default.weight'\]"):
+        load_official_state_dict(ours, bad)
+
+    bad = {k: v for k, v in state.items() if k != "blocks.2.up_proj.lora_A_route.default.weight"}
+    with pytest.raises(ValueError, match="missing adapter key 'blocks.2.up_proj.lora_A_route.default.weight'"):
+        load_official_state_dict(ours, bad)
+
+    bad = dict(state, **{"blocks.0.k_proj.lora_A.default.weight": torch.zeros(8, 15, dtype=torch.float64)})
+    with pytest.raises(ValueError, match=r"shape mismatch for 'blocks.0.k_proj.lora_A.default.weight': "
+                                         r"expected \(8, 16\).*got \(8, 15\)"):
+        load_official_state_dict(ours, bad)
+
+    bad = {k: v for k, v in state.items() if k != "head.weight"}
+    with pytest.raises(ValueError, match=r"missing \['head.weight'\]"):
+        load_official_state_dict(ours, bad)
+    # the failed loads copied nothing; strict=False loads the rest and reports what it skipped
+    key = "blocks.0.k_proj.lora_A.default.weight"
+    assert not torch.equal(ours.blocks[0].k_proj.A, state[key])
+    head = ours.head.weight.detach().clone()
+    bad["extra.weight"] = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"unknown \['extra.weight'\]"):
+        load_official_state_dict(ours, bad)
+    report = load_official_state_dict(ours, bad, strict=False)
+    assert report.not_loaded == ["head.weight"] and report.unused == ["extra.weight"]
+    assert torch.equal(ours.blocks[0].k_proj.A, state[key]) and torch.equal(ours.head.weight, head)
+
+
+def test_official_wrong_experts_in_model():
+    ours, _ = official_pair(Tiny)
+    model = Tiny().double()
+    inject(model, AdapterConfig.official(rank=8, num_experts=2))
+    with pytest.raises(ValueError, match="state dict has 4 experts, the model layer has num_experts=2"):
+        load_official_state_dict(model, export_official_state_dict(randomise_adapters(ours)))
+
+
+@pytest.mark.parametrize("config, message", [
+    (AdapterConfig(kind="moelora", rank=8, num_experts=4, target_modules=TARGETS), "is a MoELoRALinear"),
+    (AdapterConfig(kind="talklora", rank=8, num_experts=4, alpha=16.0, target_modules=TARGETS),
+     "needs alpha=None"),
+])
+def test_official_requires_talklora_with_unit_scaling(config, message):
+    model = Tiny()
+    inject(model, config)
+    with pytest.raises(ValueError, match=message):
+        export_official_state_dict(model)
+    with pytest.raises(ValueError, match=message):
+        load_official_state_dict(model, {})
+    with pytest.raises(ValueError, match="no adapter layers"):
+        export_official_state_dict(Tiny())
+
+
+def test_loop_moelora_matches_batched_layer():
+    from talklora_min import MoELoRALinear
+    torch.manual_seed(0)
+    base = nn.Linear(10, 7).double()
+    loop = LoopMoELoRALinear(base, rank=6, num_experts=3, alpha=3.0).double()
+    nn.init.normal_(loop.B)
+    batched = MoELoRALinear(base, rank=6, num_experts=3, alpha=3.0)
+    batched.set_weights(A=loop.A, C=loop.C, B=loop.B, W_r=loop.W_r)
+    x = torch.randn(4, 10, dtype=torch.float64)
+    assert (loop(x) - batched(x)).abs().max().item() <= 1e-12
