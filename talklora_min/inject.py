@@ -22,8 +22,9 @@ class AdapterConfig:
 
     ``target_match``: ``"suffix"`` (name equals the pattern or ends with ``"." + pattern``),
     ``"exact"`` (full module name) or ``"regex"`` (``re.fullmatch`` on the full name).
-    ``share_B_across_layers`` ties the expert ``B`` of all adapted modules with the same last
-    name component (``q_proj`` …) into one parameter, as the official TalkLoRA code does.
+    ``share_B_across_layers`` ties the expert ``B`` of all adapted modules of one projection type
+    (same path up to layer indices, see :func:`projection_type`) into one parameter, as the official
+    TalkLoRA code does for q/k/v/up/down.
     """
 
     kind: str = "talklora"
@@ -140,6 +141,12 @@ def target_matches(name: str, pattern: str, mode: str) -> bool:
     raise ValueError(f"target_match must be one of {TARGET_MATCHES}, got {mode!r}")
 
 
+def projection_type(name: str) -> str:
+    """The module path with every layer index replaced by ``*``: ``model.layers.3.self_attn.q_proj``
+    -> ``model.layers.*.self_attn.q_proj``.  ``share_B_across_layers`` ties B within a type."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "*", name)
+
+
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
     """All adapter layers of a model, by module name, in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
@@ -186,7 +193,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> InjectionReport:
     groups: dict[str, list[str]] = {}
     if config.share_B_across_layers:  # check tie-ability before touching the model
         for name in matched:
-            groups.setdefault(name.rpartition(".")[2], []).append(name)
+            groups.setdefault(projection_type(name), []).append(name)
         for group, names in groups.items():
             sizes = {n: model.get_submodule(n).out_features for n in names}
             if len(set(sizes.values())) > 1:

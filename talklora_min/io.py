@@ -5,7 +5,7 @@ Adapter directory (``save_adapter`` / ``load_adapter``)::
     adapter_config.json          AdapterConfig.to_json()
     adapter_model.safetensors    "<module path>.<SPEC name>" for A, C, B, T, W_r, W_g;
                                  a B tied across layers (share_B_across_layers) is stored once,
-                                 as "shared_B.<group>" (group = last name component, e.g. q_proj)
+                                 as "shared_B.<projection type>" (path with layer indices as *, e.g. layers.*.q_proj)
 
 Tensors are read with ``safetensors.torch.load_file`` only (never pickle); writes are atomic.
 
@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
-from .inject import AdapterConfig, InjectionReport, adapter_layers, inject
+from .inject import AdapterConfig, InjectionReport, adapter_layers, inject, projection_type
 from .layers import TalkLoRALinear
 
 CONFIG_NAME = "adapter_config.json"
@@ -59,7 +59,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
     """Every adapter tensor by file key (live Parameters, not copies).  A ``B`` Parameter shared by
-    several layers appears once, as ``shared_B.<last name component of its first layer>``."""
+    several layers appears once, as ``shared_B.<projection_type(path)>`` (e.g. ``shared_B.layers.*.q_proj``)."""
     layers = adapter_layers(model)
     users: dict[int, list[str]] = {}
     for path, layer in layers.items():
@@ -72,7 +72,7 @@ def adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
                 first = users[id(layer.B)][0]
                 if first != path:
                     continue
-                key = SHARED_B_PREFIX + first.rpartition(".")[2]
+                key = SHARED_B_PREFIX + projection_type(first)
             if key in out:
                 raise ValueError(f"two adapter tensors map to the same file key {key!r}")
             out[key] = getattr(layer, name)
@@ -265,7 +265,7 @@ def load_official_state_dict(model: nn.Module, state_dict: dict[str, Tensor],
     groups: dict[int, list[str]] = {}
     for path, layer in layers.items():
         groups.setdefault(id(layer.B), []).append(path)
-    shared = {paths[0].rpartition(".")[2]: paths for paths in groups.values() if len(paths) > 1}
+    shared = {projection_type(paths[0]): paths for paths in groups.values() if len(paths) > 1}
     for group, paths in shared.items():
         for e in range(layers[paths[0]].num_experts):
             ref = state_dict[f"{paths[0]}.lora_B.default.{e}.weight"]

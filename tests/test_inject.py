@@ -84,7 +84,7 @@ def test_llama_official_targets():
     assert all(isinstance(m, TalkLoRALinear) for m in adapter_layers(model).values())
     # B = 0 at init: the adapted model computes exactly the base model
     assert torch.equal(model(x).logits, before)
-    assert set(report.shared_B_groups) == {"q_proj", "k_proj", "v_proj", "up_proj", "down_proj"}
+    assert set(report.shared_B_groups) == {f"model.layers.*.{parent}.{t}" for t, parent in parents.items()}
 
 
 def test_double_injection_raises():
@@ -129,7 +129,8 @@ def test_share_B_across_layers_llama():
     r, E = 8, 4
     report = inject(model, AdapterConfig.official(rank=r, dropout=0.0, gate_dropout=False))
     layers = adapter_layers(model)
-    for group in ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"):
+    assert len(report.shared_B_groups) == 5
+    for group in report.shared_B_groups:
         members = [layers[n] for n in report.shared_B_groups[group]]
         assert len(members) == 2
         assert all(layer.B is members[0].B for layer in members)
@@ -155,9 +156,9 @@ def test_share_B_across_layers_llama():
 
 def test_share_B_shape_mismatch_raises():
     # up_proj layers with different d_out cannot share B
-    model = nn.Sequential(OrderedDict(a=nn.Sequential(OrderedDict(up_proj=nn.Linear(4, 8))),
-                                      b=nn.Sequential(OrderedDict(up_proj=nn.Linear(4, 6)))))
-    with pytest.raises(ValueError, match="'up_proj' layers have different output sizes"):
+    model = nn.Sequential(OrderedDict(layers=nn.ModuleList([
+        nn.Sequential(OrderedDict(up_proj=nn.Linear(4, 8))), nn.Sequential(OrderedDict(up_proj=nn.Linear(4, 6)))])))
+    with pytest.raises(ValueError, match=r"'layers\.\*\.up_proj' layers have different output sizes"):
         inject(model, AdapterConfig(kind="talklora", rank=4, num_experts=2, target_modules=["up_proj"],
                                     share_B_across_layers=True))
     # the check runs before any replacement: the model is untouched and still trainable
@@ -227,3 +228,17 @@ def test_official_config():
     assert (config.kind, config.rank, config.num_experts, config.alpha) == ("talklora", 32, 4, None)
     assert config.share_B_across_layers and config.gate_dropout and config.dropout == 0.05
     assert AdapterConfig.official(rank=8).rank == 8
+
+
+def test_share_B_groups_by_projection_type_not_last_name():
+    """BERT names both FFN projections '...dense': they must form two groups, not one."""
+    from transformers import BertConfig, BertModel
+    model = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=32))
+    report = inject(model, AdapterConfig(kind="talklora", rank=4, num_experts=2, share_B_across_layers=True,
+                                         target_modules=[r"encoder\.layer\.\d+\.(intermediate|output)\.dense"],
+                                         target_match="regex"))
+    assert sorted(report.shared_B_groups) == ["encoder.layer.*.intermediate.dense", "encoder.layer.*.output.dense"]
+    layers = adapter_layers(model)
+    assert layers["encoder.layer.0.intermediate.dense"].B is layers["encoder.layer.1.intermediate.dense"].B
+    assert layers["encoder.layer.0.output.dense"].B is not layers["encoder.layer.0.intermediate.dense"].B

@@ -110,9 +110,9 @@ def test_tied_B_saved_once_and_still_tied_after_load(tmp_path):
     model = injected(config)
     save_adapter(model, tmp_path, config)
     stored = load_file(tmp_path / WEIGHTS_NAME)
-    assert sorted(k for k in stored if k.startswith("shared_B.")) == [f"shared_B.{t}" for t in sorted(TARGETS)]
+    assert sorted(k for k in stored if k.startswith("shared_B.")) == [f"shared_B.blocks.*.{t}" for t in sorted(TARGETS)]
     assert not any(k.endswith(".B") for k in stored)
-    assert torch.equal(stored["shared_B.q_proj"], model.blocks[2].q_proj.B)
+    assert torch.equal(stored["shared_B.blocks.*.q_proj"], model.blocks[2].q_proj.B)
     assert stored["blocks.0.q_proj.T"].shape == (4, 4)
     fresh = Tiny()
     load_adapter(fresh, tmp_path)
@@ -343,7 +343,8 @@ def test_import_reproduces_official_forward(which):
     reference.load_state_dict(state, strict=True)
     report = load_official_state_dict(ours, state)
     assert report.layers == list(adapter_layers(ours))
-    assert set(report.shared_B_groups) == set(TARGETS) and report.not_loaded == []
+    assert {g.rpartition(".")[2] for g in report.shared_B_groups} == set(TARGETS) and report.not_loaded == []
+    assert len(report.shared_B_groups) == len(TARGETS)
     x = torch.randint(0, 64, (2, 6)) if which == "llama" else torch.randn(2, 5, 16, dtype=torch.float64)
     out, ref = ours(x), reference(x)
     out, ref = (out.logits, ref.logits) if which == "llama" else (out, ref)
@@ -367,7 +368,7 @@ def test_official_import_errors():
 
     bad = dict(state)
     bad["blocks.1.q_proj.lora_B.default.0.weight"] = state["blocks.1.q_proj.lora_B.default.0.weight"] + 1
-    with pytest.raises(ValueError, match=r"ties B across its 'q_proj' layers.*lora_B.default.0 in "
+    with pytest.raises(ValueError, match=r"ties B across its 'blocks.\*.q_proj' layers.*lora_B.default.0 in "
                                          r"'blocks.0.q_proj' and 'blocks.1.q_proj'"):
         load_official_state_dict(ours, bad)
 
