@@ -1,0 +1,454 @@
+"""Experiment configuration: TOML files, named profiles, validated dataclasses.
+
+A config has one section per experiment: ``[perturb]`` (SPEC §4 perturbation sweeps, C5/C10),
+``[train]`` (real-data training, C6/F1/F4/F5) and ``[twins]`` (function-matched twin runs, C9).
+Every field is validated in ``__post_init__``; an invalid value raises :class:`ConfigError`
+*before any work starts*, with a message that names the field::
+
+    train.seeds: must be a non-empty list of ints, got []
+
+Unknown keys (in any section, or unknown sections) are errors too.
+
+Profiles live in ``analysis/profiles/<name>.toml`` (``quick``: everything the figures need in
+≤ 10 min on a 2-core CPU; ``paper``: the full study).  A user file can start from a profile and
+override only some fields::
+
+    extends = "quick"          # optional; without it the file must be complete
+    [train]
+    seeds = [0, 1, 2, 3, 4]
+
+Round trips: ``ExperimentConfig.from_dict(cfg.to_dict()) == cfg`` and the same through
+``to_json``/``from_json`` and ``to_toml``/``from_toml``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+
+# Perturbation kinds (SPEC §4): isotropic Gaussian in x, Gaussian confined to one expert block of
+# the code h, adversarial PGD in the eps-ball.  These are the strings passed to
+# ``talklora_min.probes.perturbation_response(..., kind=...)``.
+PERTURB_KINDS = ("gaussian", "block", "adversarial")
+REAL_MODELS = ("minilm", "smollm")
+TRAIN_METHODS = ("lora", "moelora-code", "moelora-input", "talklora-official", "talklora-identity")
+# "same-rank": every method uses train.rank (and num_experts for the MoE methods); trainable-parameter
+#   counts differ and are reported (F5 plots accuracy against them).
+# "match-params": each method's rank is chosen (a multiple of num_experts for MoE methods) so that
+#   its trainable-parameter count is the closest to that of talklora-official at train.rank.
+MATCHED_BUDGET_RULES = ("same-rank", "match-params")
+MINILM_TARGETS = ("query", "key", "value", "up", "down")   # up = intermediate.dense, down = output.dense
+TWIN_OPTIMIZERS = ("adamw", "sgd")
+
+
+class ConfigError(ValueError):
+    """An invalid experiment configuration; the message starts with ``section.field:``."""
+
+
+# ----------------------------------------------------------------------------- validators
+def _fail(name: str, what: str, value: Any) -> None:
+    raise ConfigError(f"{name}: must be {what}, got {value!r}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(name, v, lo=None, hi=None) -> int:
+    if not _is_int(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f" in [{lo}, {hi}]" if hi is not None else (f" >= {lo}" if lo is not None else "")
+        _fail(name, f"an int{rng}", v)
+    return v
+
+
+def _float(name, v, lo=None, hi=None, lo_open=False) -> float:
+    ok = _is_num(v) and (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or v <= hi)
+    if not ok:
+        rng = ""
+        if lo is not None:
+            rng = f" {'>' if lo_open else '>='} {lo}"
+        if hi is not None:
+            rng += f" and <= {hi}"
+        _fail(name, f"a finite number{rng}", v)
+    return float(v)
+
+
+def _int_list(name, v, lo=None, unique=True) -> list[int]:
+    if not isinstance(v, (list, tuple)) or not v or not all(_is_int(x) for x in v):
+        _fail(name, "a non-empty list of ints", v)
+    if lo is not None and any(x < lo for x in v):
+        _fail(name, f"a non-empty list of ints >= {lo}", v)
+    if unique and len(set(v)) != len(v):
+        _fail(name, "a list of distinct ints", v)
+    return list(v)
+
+
+def _float_list(name, v, lo=None, lo_open=False) -> list[float]:
+    if not isinstance(v, (list, tuple)) or not v or not all(_is_num(x) for x in v):
+        _fail(name, "a non-empty list of finite numbers", v)
+    if lo is not None and any((x <= lo) if lo_open else (x < lo) for x in v):
+        _fail(name, f"a non-empty list of numbers {'>' if lo_open else '>='} {lo}", v)
+    if len(set(v)) != len(v):
+        _fail(name, "a list of distinct numbers", v)
+    return [float(x) for x in v]
+
+
+def _choice_list(name, v, choices) -> list[str]:
+    if (not isinstance(v, (list, tuple)) or not v or not all(isinstance(x, str) for x in v)
+            or any(x not in choices for x in v) or len(set(v)) != len(v)):
+        _fail(name, f"a non-empty list of distinct values from {list(choices)}", v)
+    return list(v)
+
+
+def _choice(name, v, choices) -> str:
+    if v not in choices:
+        _fail(name, f"one of {list(choices)}", v)
+    return v
+
+
+def _talk_setting(name, v) -> str:
+    """'identity' | 'official' | 'uniform-mix:<alpha in [0, 1]>' (SPEC §1 talk_init)."""
+    ok = v in ("identity", "official")
+    if isinstance(v, str) and v.startswith("uniform-mix:"):
+        try:
+            ok = 0.0 <= float(v.split(":", 1)[1]) <= 1.0
+        except ValueError:
+            ok = False
+    if not ok:
+        _fail(name, "'identity', 'official' or 'uniform-mix:<alpha in [0, 1]>'", v)
+    return v
+
+
+class _Section:
+    """Shared dict/JSON helpers for the section dataclasses."""
+
+    SECTION = ""
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))      # tuples -> lists, deep copy
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        if not isinstance(data, dict):
+            raise ConfigError(f"[{cls.SECTION}]: must be a table, got {data!r}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ConfigError(f"{cls.SECTION}.{unknown[0]}: unknown key (unknown: {unknown}); "
+                              f"accepted keys: {names}")
+        return cls(**data)
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass
+class PerturbConfig(_Section):
+    """Perturbation-amplification sweep (SPEC §4, claims C5 and C10, figures F2, F3, F9).
+
+    Synthetic layers: one layer per (``grid`` entry ``[E, r]``, ``talk`` setting, seed), of size
+    ``d_in -> d_out``, probed on ``n_tokens`` random tokens at every ``eps`` and ``kinds``.
+    Real models: adapters injected into ``models`` (``minilm``, ``smollm``), probed on the hidden
+    states of ``n_sentences`` real sentences tokenised to at most ``max_length`` tokens.
+    """
+
+    SECTION = "perturb"
+    grid: list = field(default_factory=lambda: [[4, 32], [8, 32]])
+    talk: list = field(default_factory=lambda: ["identity", "official", "uniform-mix:0.25",
+                                                 "uniform-mix:0.5", "uniform-mix:0.75"])
+    eps: list = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3])
+    kinds: list = field(default_factory=lambda: list(PERTURB_KINDS))
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    n_tokens: int = 256
+    d_in: int = 384
+    d_out: int = 384
+    adversarial_steps: int = 10
+    models: list = field(default_factory=lambda: ["minilm"])
+    n_sentences: int = 32
+    max_length: int = 64
+
+    def __post_init__(self):
+        p = self.SECTION
+        if (not isinstance(self.grid, (list, tuple)) or not self.grid
+                or not all(isinstance(g, (list, tuple)) and len(g) == 2 and all(_is_int(x) and x > 0 for x in g)
+                           for g in self.grid)):
+            _fail(f"{p}.grid", "a non-empty list of [E, r] pairs of positive ints", self.grid)
+        self.grid = [list(g) for g in self.grid]
+        for E, r in self.grid:
+            if r % E:
+                _fail(f"{p}.grid", f"[E, r] pairs with E dividing r ({[E, r]} does not)", self.grid)
+        if len({tuple(g) for g in self.grid}) != len(self.grid):
+            _fail(f"{p}.grid", "a list of distinct [E, r] pairs", self.grid)
+        if not isinstance(self.talk, (list, tuple)) or not self.talk or len(set(self.talk)) != len(self.talk):
+            _fail(f"{p}.talk", "a non-empty list of distinct talk settings", self.talk)
+        self.talk = [_talk_setting(f"{p}.talk", t) for t in self.talk]
+        self.eps = _float_list(f"{p}.eps", self.eps, lo=0.0, lo_open=True)
+        self.kinds = _choice_list(f"{p}.kinds", self.kinds, PERTURB_KINDS)
+        self.seeds = _int_list(f"{p}.seeds", self.seeds, lo=0)
+        _int(f"{p}.n_tokens", self.n_tokens, lo=1)
+        _int(f"{p}.d_in", self.d_in, lo=1)
+        _int(f"{p}.d_out", self.d_out, lo=1)
+        _int(f"{p}.adversarial_steps", self.adversarial_steps, lo=1)
+        if not isinstance(self.models, (list, tuple)) or len(set(self.models)) != len(self.models) \
+                or any(m not in REAL_MODELS for m in self.models):
+            _fail(f"{p}.models", f"a list (possibly empty) of distinct values from {list(REAL_MODELS)}",
+                  self.models)
+        self.models = list(self.models)
+        _int(f"{p}.n_sentences", self.n_sentences, lo=1)
+        _int(f"{p}.max_length", self.max_length, lo=2, hi=512)
+
+
+@dataclass
+class TrainConfig(_Section):
+    """Two-domain classification on real text with MiniLM (SPEC §7; claims C6, C7; F1, F4, F5).
+
+    Only the top ``adapt_top_layers`` BERT layers are adapted (``targets`` among query, key, value,
+    up = intermediate.dense, down = output.dense) and run during training; the frozen prefix's
+    hidden states are computed once per dataset (``cache_prefix``).  ``n_train``/``n_val``/``n_test``
+    are per domain (movie reviews, news headlines), balanced over each domain's classes.
+    ``alpha = nan``/absent is not allowed in TOML, so ``alpha = 0`` means ``s = 1`` (official).
+    """
+
+    SECTION = "train"
+    methods: list = field(default_factory=lambda: list(TRAIN_METHODS))
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    steps: int = 200
+    eval_every: int = 50
+    batch_size: int = 16
+    lr: float = 3e-4
+    head_lr: float = 3e-3
+    weight_decay: float = 0.01
+    rank: int = 16
+    num_experts: int = 4
+    alpha: float = 0.0
+    dropout: float = 0.05
+    adapt_top_layers: int = 2
+    targets: list = field(default_factory=lambda: list(MINILM_TARGETS))
+    max_length: int = 64
+    n_train: int = 600
+    n_val: int = 200
+    n_test: int = 400
+    split_seed: int = 0
+    matched_budget: str = "same-rank"
+    cache_prefix: bool = True
+
+    def __post_init__(self):
+        p = self.SECTION
+        self.methods = _choice_list(f"{p}.methods", self.methods, TRAIN_METHODS)
+        self.seeds = _int_list(f"{p}.seeds", self.seeds, lo=0)
+        _int(f"{p}.steps", self.steps, lo=1)
+        _int(f"{p}.eval_every", self.eval_every, lo=1)
+        if self.eval_every > self.steps:
+            _fail(f"{p}.eval_every", f"an int <= train.steps ({self.steps})", self.eval_every)
+        _int(f"{p}.batch_size", self.batch_size, lo=1)
+        self.lr = _float(f"{p}.lr", self.lr, lo=0.0, lo_open=True)
+        self.head_lr = _float(f"{p}.head_lr", self.head_lr, lo=0.0, lo_open=True)
+        self.weight_decay = _float(f"{p}.weight_decay", self.weight_decay, lo=0.0)
+        _int(f"{p}.rank", self.rank, lo=1)
+        _int(f"{p}.num_experts", self.num_experts, lo=1)
+        if self.rank % self.num_experts:
+            _fail(f"{p}.rank", f"a multiple of train.num_experts ({self.num_experts})", self.rank)
+        self.alpha = _float(f"{p}.alpha", self.alpha, lo=0.0)
+        self.dropout = _float(f"{p}.dropout", self.dropout, lo=0.0, hi=0.99)
+        _int(f"{p}.adapt_top_layers", self.adapt_top_layers, lo=1, hi=6)
+        self.targets = _choice_list(f"{p}.targets", self.targets, MINILM_TARGETS)
+        _int(f"{p}.max_length", self.max_length, lo=2, hi=512)
+        _int(f"{p}.n_train", self.n_train, lo=7)
+        _int(f"{p}.n_val", self.n_val, lo=5)
+        _int(f"{p}.n_test", self.n_test, lo=5)
+        _int(f"{p}.split_seed", self.split_seed, lo=0)
+        self.matched_budget = _choice(f"{p}.matched_budget", self.matched_budget, MATCHED_BUDGET_RULES)
+        if not isinstance(self.cache_prefix, bool):
+            _fail(f"{p}.cache_prefix", "a bool", self.cache_prefix)
+
+    @property
+    def scaling_alpha(self) -> float | None:
+        """The adapters' ``alpha`` argument: ``None`` (s = 1) when ``alpha == 0``."""
+        return None if self.alpha == 0 else self.alpha
+
+
+@dataclass
+class TwinsConfig(_Section):
+    """Function-matched twin runs (C9, F8): TalkLoRA and the MoELoRA-code twin obtained by talk
+    absorption start from the same function and are trained on the same batches."""
+
+    SECTION = "twins"
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    steps: int = 200
+    eval_every: int = 25
+    optimizers: list = field(default_factory=lambda: list(TWIN_OPTIMIZERS))
+    lr_adamw: float = 3e-4
+    lr_sgd: float = 1e-2
+    weight_decay: float = 0.01
+    talk_init: str = "official"
+
+    def __post_init__(self):
+        p = self.SECTION
+        self.seeds = _int_list(f"{p}.seeds", self.seeds, lo=0)
+        _int(f"{p}.steps", self.steps, lo=1)
+        _int(f"{p}.eval_every", self.eval_every, lo=1)
+        if self.eval_every > self.steps:
+            _fail(f"{p}.eval_every", f"an int <= twins.steps ({self.steps})", self.eval_every)
+        self.optimizers = _choice_list(f"{p}.optimizers", self.optimizers, TWIN_OPTIMIZERS)
+        self.lr_adamw = _float(f"{p}.lr_adamw", self.lr_adamw, lo=0.0, lo_open=True)
+        self.lr_sgd = _float(f"{p}.lr_sgd", self.lr_sgd, lo=0.0, lo_open=True)
+        self.weight_decay = _float(f"{p}.weight_decay", self.weight_decay, lo=0.0)
+        self.talk_init = _talk_setting(f"{p}.talk_init", self.talk_init)
+
+
+SECTIONS = {"perturb": PerturbConfig, "train": TrainConfig, "twins": TwinsConfig}
+
+
+@dataclass
+class ExperimentConfig:
+    """The whole configuration: a profile name plus one validated dataclass per section."""
+
+    profile: str = "custom"
+    perturb: PerturbConfig = field(default_factory=PerturbConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    twins: TwinsConfig = field(default_factory=TwinsConfig)
+
+    def __post_init__(self):
+        if not isinstance(self.profile, str) or not self.profile:
+            _fail("profile", "a non-empty string", self.profile)
+        for name, cls in SECTIONS.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, cls.from_dict(value))
+            elif not isinstance(value, cls):
+                _fail(name, f"a {cls.__name__} or a table", value)
+
+    # -- dict / JSON / TOML
+    def to_dict(self) -> dict:
+        return {"profile": self.profile, **{name: getattr(self, name).to_dict() for name in SECTIONS}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ExperimentConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"config: must be a table, got {data!r}")
+        unknown = sorted(set(data) - {"profile", *SECTIONS})
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: unknown top-level key (unknown: {unknown}); accepted: "
+                              f"'profile', 'extends' (files only) and sections {sorted(SECTIONS)}")
+        sections = {name: SECTIONS[name].from_dict(data[name]) for name in SECTIONS if name in data}
+        return cls(profile=data.get("profile", "custom"), **sections)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ExperimentConfig":
+        return cls.from_dict(json.loads(text))
+
+    def to_toml(self) -> str:
+        return dumps_toml(self.to_dict())
+
+    @classmethod
+    def from_toml(cls, text: str) -> "ExperimentConfig":
+        return cls.from_dict(_resolve_extends(_parse_toml(text, "<string>"), "<string>"))
+
+
+# ----------------------------------------------------------------------------- loading
+def _parse_toml(text: str, origin: str) -> dict:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{origin}: invalid TOML: {err}") from None
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+def _resolve_extends(data: dict, origin: str) -> dict:
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"extends: must be a profile name from {available_profiles()}, got {parent!r}")
+    base = _profile_dict(parent)
+    merged = _deep_merge(base, data)
+    if "profile" not in data:
+        merged["profile"] = f"{parent}+{Path(origin).stem}"
+    return merged
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.toml"))
+
+
+def _profile_dict(name: str) -> dict:
+    path = PROFILES_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise ConfigError(f"profile: unknown profile {name!r}; available: {available_profiles()}")
+    data = _parse_toml(path.read_text(), str(path))
+    data.setdefault("profile", name)
+    return _resolve_extends(data, str(path))
+
+
+def load_profile(name: str) -> ExperimentConfig:
+    """The named profile (``quick`` or ``paper``) from ``analysis/profiles/<name>.toml``."""
+    return ExperimentConfig.from_dict(_profile_dict(name))
+
+
+def load_config_file(path: str | Path) -> ExperimentConfig:
+    """A TOML config file (may ``extends = "<profile>"``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: file not found: {path}")
+    data = _parse_toml(path.read_text(), str(path))
+    if "extends" not in data:
+        data.setdefault("profile", path.stem)
+    return ExperimentConfig.from_dict(_resolve_extends(data, str(path)))
+
+
+def load_config(profile: str | None = "quick", path: str | Path | None = None) -> ExperimentConfig:
+    """``path`` if given (a file without ``extends`` is complete on its own; with ``--profile`` also
+    given, the file is applied on top of that profile), else the named profile."""
+    if path is None:
+        return load_profile(profile or "quick")
+    path = Path(path)
+    if profile is None:
+        return load_config_file(path)
+    if not path.is_file():
+        raise ConfigError(f"config: file not found: {path}")
+    data = _parse_toml(path.read_text(), str(path))
+    data.setdefault("extends", profile)
+    return ExperimentConfig.from_dict(_resolve_extends(data, str(path)))
+
+
+# ----------------------------------------------------------------------------- TOML writer
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise ConfigError(f"cannot write non-finite float {v!r} to TOML")
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)      # JSON string escapes are valid TOML basic strings
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise ConfigError(f"cannot write {type(v).__name__} value {v!r} to TOML")
+
+
+def dumps_toml(data: dict) -> str:
+    """Minimal TOML writer for config dicts (scalars and lists at top level, one level of tables)."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for name, table in data.items():
+        if isinstance(table, dict):
+            lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"

