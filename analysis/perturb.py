@@ -135,6 +135,7 @@ def talk_norm_cell(E: int, seed: int, draws: int, r_per_expert: int = 8) -> list
     return rows
 
 
+@torch.no_grad()
 def equivalence_cell(seed: int, n_configs: int) -> list[dict]:
     """Max-abs output residuals of the SPEC §3 maps on random configurations (C1–C3)."""
     g = torch.Generator().manual_seed(seed)

@@ -1,0 +1,164 @@
+"""Experiments end to end at tiny sizes: twins, top-k routers, synthetic/real perturbation cells,
+training on real text.  Real-model tests are marked ``real_models`` (they run in ``make test``)."""
+import math
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from analysis import perturb, train, twins
+from analysis.config import load_profile
+from talklora_min import MoELoRALinear, adapter_layers
+
+
+def tiny_train_cfg(**overrides):
+    cfg = load_profile("quick").train.to_dict()
+    cfg.update(steps=4, eval_every=2, n_train=14, n_val=7, n_test=7, adapt_top_layers=1, max_length=24,
+               batch_size=8)
+    cfg.update(overrides)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- top-k router
+def test_topk_router_selection_renormalisation_and_gradients():
+    torch.manual_seed(0)
+    layer = MoELoRALinear(nn.Linear(6, 5, dtype=torch.float64), rank=8, num_experts=4, top_k=2)
+    logits = torch.tensor([[0.3, 2.0, -1.0, 1.5], [4.0, -2.0, 0.0, 3.9]], dtype=torch.float64, requires_grad=True)
+    gates, index = layer.gates_from_logits(logits)
+    assert index.tolist() == [[1, 3], [0, 3]]
+    # zero outside the selected set, softmax over the selected logits inside it
+    expected = torch.zeros(2, 4, dtype=torch.float64)
+    for row, sel in enumerate(index.tolist()):
+        expected[row, sel] = torch.softmax(logits[row, sel].detach(), -1)
+    torch.testing.assert_close(gates.detach(), expected, rtol=0, atol=1e-15)
+    assert torch.allclose(gates.sum(-1), torch.ones(2, dtype=torch.float64))
+    # gradients reach the selected logits only (hard selection, soft weights)
+    (gates * torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)).sum().backward()
+    unselected = torch.ones(2, 4, dtype=torch.bool)
+    unselected[torch.arange(2).unsqueeze(1), index] = False
+    assert torch.all(logits.grad[unselected] == 0)
+    assert torch.all(logits.grad[~unselected] != 0)
+
+
+def test_router_cell_reports_no_certified_bound_for_topk():
+    rows = pd.DataFrame(perturb.router_cell("top2", 0, E=4, r=8, d_in=12, d_out=6, n_tokens=32, eps=[0.05],
+                                            adversarial_steps=2))
+    exists = rows[rows.metric == "certified_exists"].value
+    assert exists.tolist() == [0.0]
+    assert not ((rows.metric == "lipschitz") & (rows.statistic == "certified")).any()
+    dense = pd.DataFrame(perturb.router_cell("dense", 0, E=4, r=8, d_in=12, d_out=6, n_tokens=32, eps=[0.05],
+                                             adversarial_steps=2))
+    certified = dense[(dense.metric == "lipschitz") & (dense.statistic == "certified")].value
+    local = dense[(dense.metric == "lipschitz") & (dense.statistic == "local_max")].value
+    assert len(certified) == 1 and float(local.iloc[0]) <= float(certified.iloc[0]) * (1 + 1e-9)
+
+
+# ----------------------------------------------------------------------------- synthetic cells
+def test_synthetic_layers_differ_only_in_T_and_identity_is_moelora_code():
+    layers = {t: perturb.synthetic_layer(4, 8, t, 3, 10, 6) for t in ("identity", "official", "uniform-mix:0.5")}
+    ref = layers["identity"].get_weights()
+    for t, layer in layers.items():
+        w = layer.get_weights()
+        for name in ("A", "C", "B", "W_r"):
+            assert torch.equal(w[name], ref[name]), (t, name)
+    assert torch.equal(ref["T"], torch.eye(4, dtype=torch.float64))
+    assert not torch.equal(layers["official"].T, ref["T"])
+    code = MoELoRALinear(layers["identity"].base, 8, 4).double().eval()
+    code.set_weights(**{k: v for k, v in ref.items() if k != "T"})
+    x = perturb.synthetic_tokens(16, 10, 0)
+    assert torch.equal(code(x), layers["identity"](x))
+
+
+def test_synthetic_cell_is_deterministic_and_sandwich_ordered():
+    args = dict(E=4, r=8, talk="official", seed=1, d_in=12, d_out=8, n_tokens=32, eps=[0.01, 0.1],
+                kinds=["gaussian", "block", "adversarial"], adversarial_steps=3)
+    a, b = perturb.synthetic_cell(**args), perturb.synthetic_cell(**args)
+    assert a == b
+    lip = {(r["kind"], r["statistic"]): r["value"] for r in a if r["metric"] == "lipschitz"}
+    for wrt in ("lipschitz_code", "lipschitz_input"):
+        assert lip[(wrt, "local_max")] <= lip[(wrt, "certified")] * (1 + 1e-9)
+        assert lip[(wrt, "empirical")] <= lip[(wrt, "certified")] * (1 + 1e-9)
+        assert lip[(wrt, "empirical")] >= 0.5 * lip[(wrt, "local_max")]
+
+
+def test_talk_norm_cell_matches_direct_computation():
+    rows = pd.DataFrame(perturb.talk_norm_cell(4, 0, draws=50))
+    norms = rows[rows.metric == "talk_norm"].value.to_numpy()
+    g = torch.Generator().manual_seed(0)
+    T = (torch.rand(50, 4, 4, generator=g, dtype=torch.float64) * 2 - 1) / 2
+    assert norms == pytest.approx(torch.linalg.matrix_norm(T, ord=2).numpy(), rel=1e-12)
+    assert 0 < (norms > 1).mean() < 1        # the official init can both raise and keep the bound
+
+
+def test_equivalence_cell_residuals():
+    rows = pd.DataFrame(perturb.equivalence_cell(0, n_configs=3))
+    f64 = rows[rows.dtype == "float64"].groupby("metric").value.max()
+    assert f64["C1_identity_talk"] <= 1e-12 and f64["C2_absorption"] <= 1e-12 and f64["C3_inclusion"] <= 1e-12
+    assert rows[rows.metric == "C3_counterexample_rowspace_residual"].value.min() > 1e-3
+
+
+# ----------------------------------------------------------------------------- real models
+@pytest.mark.real_models
+def test_twins_are_identical_at_step_0_and_diverge_under_adamw(tmp_path):
+    from analysis.models import load_minilm
+    cfg = tiny_train_cfg()
+    caches = train.prefix_caches(cfg, tmp_path)
+    targets = train.split_targets(tmp_path, cfg)
+    models = twins.build_twins(0, cfg, load_minilm()[0])
+    hidden, mask = caches["val"].batch(torch.arange(len(caches["val"])))
+    with torch.no_grad():
+        outs = {k: m.eval().forward_top(hidden, mask) for k, m in models.items()}
+    for k, out in outs.items():
+        assert (out - outs["talklora"]).abs().max() <= twins.MATCH_ATOL, k
+    talk, twin = models["talklora"], models["moelora-twin"]
+    for name, layer in adapter_layers(talk).items():
+        torch.testing.assert_close(twin.get_submodule(name).W_r, layer.effective_router(), rtol=0, atol=1e-6)
+    # same batches, AdamW: the parameterisations take different paths
+    opts = {k: train.optimizer_for(m, "adamw", 1e-2, 1e-2, 0.01) for k, m in (("t", talk), ("w", twin))}
+    for index in train.batch_order(len(caches["train"]), 8, 3, 0):
+        train.train_step(talk, opts["t"], caches["train"], targets["train"][0], index)
+        train.train_step(twin, opts["w"], caches["train"], targets["train"][0], index)
+    with torch.no_grad():
+        gap = (talk.eval().forward_top(hidden, mask) - twin.eval().forward_top(hidden, mask)).abs().max()
+    assert gap > 1e-6
+
+
+@pytest.mark.real_models
+def test_train_cell_end_to_end_is_deterministic(tmp_path):
+    cfg = tiny_train_cfg()
+    a = train.train_cell("talklora-official", 0, cfg, str(tmp_path))
+    b = train.train_cell("talklora-official", 0, cfg, str(tmp_path))
+    strip = lambda rows: [{k: v for k, v in r.items()} for r in rows if r["metric"] != "wall_seconds"]
+    assert strip(a) == strip(b)
+    df = pd.DataFrame(a)
+    final = df[(df.split == "val") & (df.step == cfg["steps"])]
+    assert set(final.layer) - {"all"} == {"L5.query", "L5.key", "L5.value", "L5.up", "L5.down"}
+    gini = final[final.metric == "gini"].value
+    assert ((gini >= 0) & (gini <= 0.75 + 1e-12)).all()
+    params = df[df.metric == "trainable_parameters"].value.item()
+    # per adapted layer: A r·d_in + C E·m² + B d_out·r + T E² + W_r E·r   (r = 16, E = 4, m = 4)
+    r, E, m = cfg["rank"], cfg["num_experts"], cfg["rank"] // cfg["num_experts"]
+    dims = [(384, 384)] * 3 + [(384, 1536), (1536, 384)]
+    assert params == sum(r * d_in + E * m * m + d_out * r + E * E + E * r for d_in, d_out in dims)
+    lip = df[df.metric == "lipschitz"].pivot_table(index="layer", columns="statistic", values="value")
+    assert (lip["local_max"] <= lip["certified"] * (1 + 1e-9)).all()
+    assert (tmp_path / "adapters" / "talklora-official-seed0" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.real_models
+def test_train_cell_lora_has_no_routing_rows(tmp_path):
+    df = pd.DataFrame(train.train_cell("lora", 0, tiny_train_cfg(steps=2, eval_every=2), str(tmp_path)))
+    assert not (df.metric == "gini").any() and (df.metric == "accuracy").any()
+    assert df[df.metric == "trainable_parameters"].value.item() == 16 * (3 * 768 + 2 * 1920)
+
+
+@pytest.mark.real_models
+@pytest.mark.parametrize("model", ["minilm", "smollm"])
+def test_real_model_perturbation_cell(model):
+    rows = pd.DataFrame(perturb.real_model_cell(model, "official", 0, n_sentences=4, max_length=12, eps=[0.05],
+                                                kinds=["gaussian"], adversarial_steps=1,
+                                                smollm_layers=[29]))
+    assert len(rows.layer.unique()) == (30 if model == "minilm" else 5)
+    q = rows[(rows.metric == "routing_quotient") & (rows.statistic == "median")].value
+    assert (q > 0).all() and q.map(math.isfinite).all()
