@@ -6,7 +6,11 @@ from .layers import (AdapterLayer, LoRALinear, MoELoRALinear, TalkLoRALinear, ba
                      talk_matrix)
 from .inject import (AdapterConfig, InjectionReport, adapter_layers, auxiliary_loss, count_parameters,
                      inject)
-# -- io (save/load, official checkpoints)
-# -- reparam (SPEC §3 maps)
+from .io import (export_official_state_dict, load_adapter, load_adapter_weights, load_official_state_dict,
+                 save_adapter)
+from .reparam import (absorb_talk, absorbed_router, code_router_from_input, code_router_weight,
+                      input_router_from_code, input_router_weight, is_code_representable,
+                      moelora_from_identity_talk, non_representable_counterexample,
+                      rowspace_residual, talklora_from_moelora)
 
 __version__ = "0.1.0"

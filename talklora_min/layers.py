@@ -165,7 +165,8 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def set_weights(self, **tensors: Tensor) -> None:
-        """Copy tensors into the adapter by SPEC name; checks names and shapes first."""
+        """Copy tensors into the adapter by SPEC name; checks names and shapes first.  Values are
+        cast to the layer's dtype and device (as ``Tensor.copy_`` does)."""
         unknown = sorted(set(tensors) - set(self.weight_names))
         if unknown:
             raise ValueError(f"unknown weight name(s) {unknown} for {type(self).__name__}; "
@@ -330,7 +331,9 @@ class MoELoRALinear(AdapterLayer):
         return F.linear(u, self.B.transpose(0, 1).reshape(self.out_features, self.rank))
 
     def add_routing_hook(self, hook: RoutingHook) -> RemovableHandle:
-        """Call ``hook(layer, logits, gates, topk_index)`` on every forward; ``.remove()`` the handle."""
+        """Call ``hook(layer, logits, gates, topk_index)`` on every forward; ``.remove()`` the handle.
+        The hook sees the routing decision: gates after the softmax / top-k renormalisation and
+        before any training-time gate dropout."""
         handle = RemovableHandle(self._routing_hooks)
         self._routing_hooks[handle.id] = hook
         return handle
