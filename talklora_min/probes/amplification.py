@@ -1,0 +1,277 @@
+"""Perturbation amplification of the router and the adapter (SPEC §4; claims C5, C10).
+
+For tokens ``x`` and a perturbation ``δ`` of relative size ``ε``:
+
+* ``"gaussian_input"``  isotropic Gaussian in x, ``‖δ‖ = ε ‖x‖`` per token.
+* ``"gaussian_block"``  Gaussian confined to expert block ``e`` of the code, ``δh = e_e ⊗ δ``,
+  ``‖δh‖ = ε ‖h‖`` (``h = A x``; ``block=None``: a seeded random block per token, or a fixed int).
+  The experts and a code router read ``h + δh``; an input router still reads ``x`` (no change).
+* ``"adversarial"``     PGD in the ball ``‖δ‖ ≤ ε ‖x‖`` maximising ``‖Δg‖``.  The ascent runs in
+  the row space of the router map ``M_x`` (``W_eff A`` or ``W_g``; the complement does not reach
+  the router) from ``±`` the top right-singular vector of the local Jacobian ``J_s(g) M_x``; the
+  Gaussian ``δ`` of ``"gaussian_input"`` (same seed) is kept as a candidate, and each token takes
+  the candidate with the larger ``‖Δg‖`` measured with the layer's own forward pieces — so the
+  adversarial routing quotient is never below the Gaussian one, token by token.
+
+Metrics per token (``Δ`` = perturbed − clean, ``δ`` the x- or h-perturbation):
+
+* ``routing_quotient``  ``‖Δg‖₂ / ‖δ‖₂``            — statistics median, p95, max
+* ``total_variation``   ``½ ‖Δg‖₁``                 — median, p95, max
+* ``adapter_quotient``  ``‖Δ adapter(x)‖₂ / ‖δ‖₂``  (``adapter = s Σ_e g_e B_e C_e h_e``) — median, p95, max
+* ``top1_flip_rate``    ``[argmax g' ≠ argmax g]``  — mean
+A quotient with ``δ = 0`` (a zero token) is defined as 0.  ``ε ≤ 0`` is rejected (the quotients
+would all be 0/0).
+
+One row per measurement: ``{"layer", "kind", "eps", "metric", "statistic", "value", "n_tokens"}``.
+Everything is computed in float64 from the layer's own methods (``code``, ``router_logits``,
+``gates_from_logits``, ``mix_experts``), vectorised over tokens, seeded with a local
+``torch.Generator`` (the global RNG is never touched): the same call gives identical rows.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from types import SimpleNamespace
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ._util import check_router_layer, flat_tokens, float64_call
+from .lipschitz import _router_map, ascend_logits, local_svd, reduced_map
+from .records import SINGLE_LAYER_NAME, _as_mask, routed_layers
+
+KINDS = ("gaussian_input", "gaussian_block", "adversarial")
+QUANTILES = {"median": 0.5, "p95": 0.95}
+ROW_KEYS = ("layer", "kind", "eps", "metric", "statistic", "value", "n_tokens")
+
+
+def _as_list(value, name: str, accepted=None) -> list:
+    items = [value] if isinstance(value, (str, int, float)) else list(value)
+    if not items:
+        raise ValueError(f"{name} must not be empty")
+    if accepted is not None:
+        for item in items:
+            if item not in accepted:
+                raise ValueError(f"{name} must be one of {accepted} (or a list of them), got {item!r}")
+    return items
+
+
+def _check_eps(eps) -> list[float]:
+    if isinstance(eps, (Tensor, np.ndarray)):
+        eps = np.asarray(eps.detach().cpu() if isinstance(eps, Tensor) else eps).reshape(-1).tolist()
+    try:
+        values = _as_list(eps, "eps")
+    except TypeError:
+        values = [eps]
+    for e in values:
+        if isinstance(e, bool) or not isinstance(e, numbers.Real) or not math.isfinite(e) or e <= 0:
+            raise ValueError(f"eps must be a positive finite number or a sequence of them, got {e!r} "
+                             "(eps = 0 would make every quotient 0/0)")
+    return [float(e) for e in values]
+
+
+def _unit(t: Tensor) -> Tensor:
+    return t / t.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(t.dtype).tiny)
+
+
+def _quotient(num: Tensor, den: Tensor) -> Tensor:
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
+
+
+def _rows(name: str, kind: str, eps: float, per_token: dict[str, Tensor]) -> list[dict]:
+    n = per_token["routing_quotient"].numel()
+    rows = []
+    for metric in ("routing_quotient", "total_variation", "adapter_quotient"):
+        v = per_token[metric]
+        q = torch.quantile(v, torch.tensor(list(QUANTILES.values()), dtype=v.dtype, device=v.device))
+        stats = dict(zip(QUANTILES, q.tolist()), max=float(v.max()))
+        rows += [dict(layer=name, kind=kind, eps=eps, metric=metric, statistic=s, value=float(val),
+                      n_tokens=n) for s, val in stats.items()]
+    rows.append(dict(layer=name, kind=kind, eps=eps, metric="top1_flip_rate", statistic="mean",
+                     value=float(per_token["top1_flip"].mean()), n_tokens=n))
+    return rows
+
+
+def _reduced_mixer(L):
+    """``(h, g) ↦ s · R u`` with ``u = [g_e C_e h_e]_e`` and ``B_flat = Q R`` (thin QR of the
+    ``(d_out, r)`` expert matrix): ``‖s R Δu‖ = ‖s B_flat Δu‖ = ‖Δ adapter‖`` exactly, at
+    ``O(r²)`` instead of ``O(r d_out)`` per token.  Runs the layer's own ``mix_experts`` code with
+    ``R`` in place of ``B`` (a stand-in object carrying the attributes it reads)."""
+    E, m = L.num_experts, L.expert_rank
+    R = torch.linalg.qr(L.B.transpose(0, 1).reshape(L.out_features, L.rank), mode="r")[1]
+    k = R.shape[0]
+    proxy = SimpleNamespace(B=R.reshape(k, E, m).transpose(0, 1), C=L.C, num_experts=E, expert_rank=m,
+                            out_features=k, rank=L.rank)
+    mix = type(L).mix_experts
+    return lambda h, g: L.scaling * mix(proxy, h, g)
+
+
+def _layer_rows(layer, name: str, x: Tensor, eps_list: list[float], kinds: list[str], seed: int,
+                block, pgd_steps: int) -> list[dict]:
+    """All rows of one layer for float64 tokens ``x (N, d_in)`` (already masked)."""
+    N, d = x.shape
+    E, m = layer.num_experts, layer.expert_rank
+    gen = torch.Generator().manual_seed(seed)          # fixed draw order: results do not depend on
+    noise_x = _unit(torch.randn(N, d, generator=gen, dtype=x.dtype)).to(x.device)   # which kinds run
+    noise_b = _unit(torch.randn(N, m, generator=gen, dtype=x.dtype)).to(x.device)
+    blocks = torch.randint(E, (N,), generator=gen).to(x.device) if block is None else \
+        torch.full((N,), block, dtype=torch.long, device=x.device)
+    x_norm = x.norm(dim=-1)
+    if "adversarial" in kinds:
+        US, Vh = reduced_map(_router_map(layer, "input"))
+        rand_q = torch.randn(N, Vh.shape[0], generator=gen, dtype=x.dtype).to(x.device)
+
+    def run(L):
+        h = L.code(x)
+        logits = L.router_logits(x, h)
+        g = L.gates_from_logits(logits)[0]
+        code_router = L.router_input == "code"
+        mix = _reduced_mixer(L)
+        top, y = g.argmax(-1), mix(h, g)
+
+        # x-perturbations enter through the linear maps x ↦ h = A x and x ↦ logits (SPEC §3), so
+        # the response to δ = a·u is h + a·A u and logits + a·(M_x u): precomputed for the
+        # Gaussian directions u (and, for PGD, for the row-space basis Vh) instead of per ε.
+        def response(u):
+            hu = L.code(u)
+            return hu, L.router_logits(u, hu)
+
+        def gates_at(h2, logit_shift):
+            logits2 = L.router_logits(None, h2) if code_router else logits + logit_shift
+            return L.gates_from_logits(logits2)[0]
+
+        def measure(h2, g2, delta_norm):
+            dg = g2 - g
+            dy = mix(h2, g2) - y
+            return {"routing_quotient": _quotient(dg.norm(dim=-1), delta_norm),
+                    "total_variation": 0.5 * dg.abs().sum(-1),
+                    "adapter_quotient": _quotient(dy.norm(dim=-1), delta_norm),
+                    "top1_flip": (g2.argmax(-1) != top).to(x.dtype)}
+
+        if "gaussian_input" in kinds or "adversarial" in kinds:
+            h_u, l_u = response(noise_x)
+            u_norm = noise_x.norm(dim=-1)
+        if "adversarial" in kinds:
+            h_v, l_v = response(Vh)                                     # (k, r), (k, E)
+            local, q = local_svd(g, US)
+            q = _unit(torch.where((local <= 1e-12 * US.norm()).unsqueeze(-1), rand_q, q))
+            radii = torch.tensor(eps_list, dtype=x.dtype, device=x.device).unsqueeze(-1) * x_norm
+            starts = torch.stack([q, -q]).unsqueeze(1).expand(2, len(eps_list), *q.shape)
+            c_all, _ = ascend_logits(L.gates_from_logits, logits, US, starts, radii, pgd_steps, 0.5,
+                                     sphere=False)                     # all ε in one batched ascent
+        rows = []
+        for kind in kinds:
+            for i_eps, eps in enumerate(eps_list):
+                if kind == "gaussian_block":
+                    dh = torch.zeros(N, E, m, dtype=x.dtype, device=x.device)
+                    dh[torch.arange(N, device=x.device), blocks] = noise_b * (eps * h.norm(dim=-1, keepdim=True))
+                    h2 = h + dh.flatten(-2)
+                    per = measure(h2, gates_at(h2, 0.0), dh.flatten(-2).norm(dim=-1))
+                else:
+                    a = (eps * x_norm).unsqueeze(-1)                   # ‖δ‖ = ε‖x‖, δ = a·u
+                    h2 = h + a * h_u
+                    g2 = gates_at(h2, a * l_u)
+                    delta_norm = a.squeeze(-1) * u_norm
+                    if kind == "adversarial":
+                        c = c_all[i_eps]
+                        h_adv = h + c @ h_v                            # δ = c Vh, ‖δ‖ = ‖c‖
+                        g_adv = gates_at(h_adv, c @ l_v)
+                        take = (g_adv - g).norm(dim=-1) > (g2 - g).norm(dim=-1)
+                        h2 = torch.where(take.unsqueeze(-1), h_adv, h2)
+                        g2 = torch.where(take.unsqueeze(-1), g_adv, g2)
+                        delta_norm = torch.where(take, c.norm(dim=-1), delta_norm)
+                    per = measure(h2, g2, delta_norm)
+                rows += _rows(name, kind, eps, per)
+        return rows
+    return float64_call(layer, run)
+
+
+def _capture_inputs(model: nn.Module, layers: dict, inputs, model_kwargs: dict) -> tuple[dict, Tensor | None]:
+    """Each routed layer's input(s) on one ``no_grad`` forward (forward pre-hooks), and the mask."""
+    kwargs = dict(model_kwargs or {})
+    if isinstance(inputs, dict):
+        kwargs = {**inputs, **kwargs}
+        args = ()
+    elif isinstance(inputs, Tensor):
+        args = (inputs,)
+    else:
+        raise TypeError(f"inputs for a model must be a tensor or a dict of forward keyword arguments, "
+                        f"got {type(inputs).__name__}")
+    captured = {name: [] for name in layers}
+    handles = [layer.register_forward_pre_hook(lambda mod, a, n=name: captured[n].append(a[0].detach()))
+               for name, layer in layers.items()]
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured, _as_mask(kwargs.get("attention_mask"))
+
+
+def _masked_tokens(xs: list[Tensor], mask: Tensor | None, name: str, d: int, device) -> Tensor:
+    parts = []
+    for x in xs:
+        t = flat_tokens(x, d, f"input of layer {name!r}", device=device)
+        if mask is not None:
+            if tuple(mask.shape) != tuple(x.shape[:-1]):
+                raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but layer {name!r} received "
+                                 f"inputs with leading shape {tuple(x.shape[:-1])}")
+            t = t[mask.reshape(-1).to(t.device)]
+        parts.append(t)
+    out = torch.cat(parts)
+    if out.shape[0] == 0:
+        raise ValueError(f"no unmasked tokens reach layer {name!r}")
+    return out
+
+
+def perturbation_response(layer_or_model: nn.Module, inputs, eps, kind, *, seed: int = 0,
+                          block: int | None = None, pgd_steps: int = 10, model_kwargs: dict | None = None,
+                          mask=None) -> list[dict]:
+    """Routing / adapter response to perturbations of relative size ``eps`` (SPEC §4).
+
+    ``layer_or_model``: a MoE adapter layer (``inputs`` = its input ``x (..., d_in)``, rows named
+    ``"layer"``; optional token ``mask`` of the leading shape) or a model (``inputs`` = its forward
+    input, a tensor or a dict of keyword arguments, plus ``model_kwargs``; every routed layer's input
+    is captured with forward pre-hooks on one ``no_grad`` forward, padding excluded through an
+    ``attention_mask`` found in ``inputs``/``model_kwargs``; layers not called give no rows).
+    ``eps``: a positive float or a sequence; ``kind``: one of ``KINDS`` or a sequence — one call
+    measures the whole grid.  Returns tidy rows with keys ``ROW_KEYS`` (see the module docstring).
+    """
+    kinds = _as_list(kind, "kind", KINDS)
+    eps_list = _check_eps(eps)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if isinstance(pgd_steps, bool) or not isinstance(pgd_steps, int) or pgd_steps < 0:
+        raise ValueError(f"pgd_steps must be a non-negative integer, got {pgd_steps!r}")
+    if isinstance(layer_or_model, nn.Module) and hasattr(layer_or_model, "gates_from_logits"):
+        layers = {SINGLE_LAYER_NAME: check_router_layer(layer_or_model)}
+        if not isinstance(inputs, Tensor):
+            raise TypeError(f"inputs for a layer must be a tensor (..., d_in), got {type(inputs).__name__}")
+        captured, token_mask = {SINGLE_LAYER_NAME: [inputs]}, _as_mask(mask)
+    else:
+        layers = routed_layers(layer_or_model)
+        captured, token_mask = _capture_inputs(layer_or_model, layers, inputs, model_kwargs)
+    for name, layer in layers.items():
+        if block is not None and (isinstance(block, bool) or not isinstance(block, int)
+                                  or not 0 <= block < layer.num_experts):
+            raise ValueError(f"block must be None (random block per token) or an expert index in "
+                             f"[0, {layer.num_experts}) for layer {name!r}, got {block!r}")
+    rows = []
+    for name, layer in layers.items():
+        if not captured[name]:
+            continue
+        x = _masked_tokens(captured[name], token_mask, name, layer.in_features, layer.A.device)
+        rows += _layer_rows(layer, name, x, eps_list, kinds, seed, block, pgd_steps)
+    return rows
+
+
+def rows_to_frame(rows: Sequence[dict]):
+    """Rows → ``pandas.DataFrame`` (columns ``ROW_KEYS``); pandas is imported lazily."""
+    try:
+        import pandas as pd
+    except ImportError as err:  # pragma: no cover - pandas is an optional dependency
+        raise ImportError("rows_to_frame needs pandas (pip install pandas)") from err
+    return pd.DataFrame(list(rows), columns=list(ROW_KEYS))

@@ -1,0 +1,255 @@
+"""Router Lipschitz constants in ℓ2 (SPEC §4 "Router Lipschitz constant"; claim C4).
+
+The router is ``g(z) = softmax(M z)`` with a linear map ``M`` from the perturbed variable ``z``
+to the logits (SPEC §3, talk absorption):
+
+=================  ==========  ============================  =========================
+layer              ``wrt``      ``z``                          ``M``
+=================  ==========  ============================  =========================
+TalkLoRA           ``"code"``   ``h = A x``                    ``W_eff = W_r (T ⊗ I_m)``
+TalkLoRA           ``"input"``  ``x``                          ``W_eff A``
+MoELoRA-code       ``"code"``   ``h``                          ``W_r``
+MoELoRA-code       ``"input"``  ``x``                          ``W_r A``
+MoELoRA-input      ``"input"``  ``x``                          ``W_g``
+=================  ==========  ============================  =========================
+
+(MoELoRA-input's router never reads the code, so ``wrt="code"`` is rejected for it.)
+
+* softmax Jacobian ``J_s(p) = diag(p) − p pᵀ``; ``‖J_s(p)‖₂ ≤ ½`` (equality iff two gates are
+  ½), ``= 1/E`` at uniform ``p``.
+* certified (global) bound ``L_cert = ½ ‖M‖₂``  (``‖J_s M‖₂ ≤ ‖J_s‖₂ ‖M‖₂``).
+* local constant at a token ``L_loc(z) = ‖J_s(g(z)) M‖₂``, closed form and batched: with the thin
+  SVD ``M = U Σ Vᵀ`` (rank ≤ E), ``‖J_s M‖₂ = ‖J_s U Σ‖₂`` — one ``(E × E)`` matrix per token.
+* empirical lower bound: projected gradient ascent of the difference quotient
+  ``‖g(z+δ) − g(z)‖ / ‖δ‖`` on the sphere ``‖δ‖ = ρ`` around each given token, batched over
+  tokens, started along ``±`` the top right-singular vector of the local Jacobian (the best
+  first-order direction); each step is a normalised gradient step followed by the projection back
+  onto the sphere.  ``ρ = radius / ‖M‖₂`` so that no logit moves by more than ``radius``.  Only the
+  row space of ``M`` reaches the router (``δ = cᵀ Vh`` moves the logits by ``U Σ c``, with
+  ``‖δ‖ = ‖c‖``), so the ascent runs on ``c`` (k ≤ E numbers per token); the reported quotient is
+  then evaluated with the layer's own router at the full-space ``δ``.  Any difference quotient is
+  a true lower bound of the global constant, so ``empirical ≤ certified`` holds exactly;
+  numerically we state ``ORDER_RTOL`` (relative).  The search starts at the given tokens, so it
+  approaches ``local_max`` from the first order and may exceed it by ``O(radius)`` (SPEC §4).
+
+Top-k routing (``top_k < E``): the gate map jumps where the k-th and (k+1)-th logits tie, so no
+finite global constant exists — ``certified`` is ``math.inf`` and ``certified_exists`` is False.
+Away from ties the gates are the softmax renormalised over the selected set ``S`` and their
+Jacobian is ``diag(g) − g gᵀ`` with ``g`` the (zero outside ``S``) top-k gates, so the closed form
+above applies unchanged to the top-k gates.  A quotient across a tie can be arbitrarily large.
+
+All computations run in float64 on the layer's device; the gates come from the layer's own methods
+(``router_logits`` / ``gates_from_logits``) evaluated with float64 copies of its weights, ``M`` from
+``layer.effective_router()``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ._util import check_finite, check_router_layer, flat_tokens, float64_call, gates_of_code, gates_of_input
+
+WRT = ("code", "input")
+ORDER_RTOL = 1e-6       # stated tolerance of the ordering local_max, empirical ≤ certified
+DEFAULT_RADIUS = 1e-3   # empirical search radius in logit units (ρ = radius / ‖M‖₂)
+
+
+def softmax_jacobian(p) -> Tensor:
+    """``J_s(p) = diag(p) − p pᵀ`` for probability vectors ``p (..., E)`` → ``(..., E, E)``."""
+    p = torch.as_tensor(p)
+    return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+
+
+@dataclass(frozen=True, eq=False)
+class LipschitzResult:
+    """Lipschitz sandwich of one router.  Required: ``local_max ≤ certified`` and
+    ``empirical ≤ certified`` up to ``ORDER_RTOL`` (see :meth:`ordered`)."""
+
+    certified: float             # ½‖M‖₂, or math.inf for top-k (< E) routing
+    local_max: float             # max_t ‖J_s(g(z_t)) M‖₂
+    empirical: float             # max_t of the best difference quotient found around z_t
+    local: Tensor                # (N,) per-token local constants (float64)
+    empirical_per_token: Tensor  # (N,) per-token best quotients (float64)
+    argmax_index: int            # token index of local_max
+    argmax_input: Tensor         # the given input row x_t (d_in,) at that token
+    wrt: str
+    radius: float                # search radius ρ in z units
+    certified_exists: bool       # False for top-k routers (no global bound across ties)
+
+    def ordered(self, rtol: float = ORDER_RTOL) -> bool:
+        """``local_max ≤ certified`` and ``empirical ≤ certified`` within relative ``rtol``."""
+        bound = self.certified * (1 + rtol) + 1e-300
+        return self.local_max <= bound and self.empirical <= bound
+
+
+def _check_wrt(layer, wrt) -> str:
+    if wrt not in WRT:
+        raise ValueError(f"wrt must be one of {WRT}, got {wrt!r}")
+    if layer.router_input == "input" and wrt == "code":
+        raise ValueError("wrt='code' is undefined for a MoELoRA layer with router_input='input': its "
+                         "router reads the token x, not the code h; accepted values for this layer: "
+                         "('input',)")
+    return wrt
+
+
+def _router_map(layer, wrt: str) -> Tensor:
+    """``M`` in float64: the linear map from ``z`` (h or x) to the logits."""
+    if wrt == "code" or layer.router_input == "input":
+        return float64_call(layer, lambda L: L.effective_router())
+    return float64_call(layer, lambda L: L.effective_router() @ L.A)
+
+
+def _is_topk(layer) -> bool:
+    return layer.top_k is not None and layer.top_k < layer.num_experts
+
+
+def certified_lipschitz(layer, wrt: str = "code") -> float:
+    """``½ ‖M‖₂`` (see the module table); ``math.inf`` for top-k routing with ``k < E``."""
+    check_router_layer(layer)
+    wrt = _check_wrt(layer, wrt)
+    if _is_topk(layer):
+        return math.inf
+    return 0.5 * float(torch.linalg.matrix_norm(_router_map(layer, wrt), ord=2))
+
+
+def _points_and_logits(layer, x: Tensor, wrt: str) -> tuple[Tensor, Tensor]:
+    """``z`` (h or x) and the router logits at ``z`` for float64 tokens ``x (N, d_in)``."""
+    def run(L):
+        z = L.code(x) if wrt == "code" else x
+        return z, (L.router_logits(None, z) if wrt == "code" else L.router_logits(z))
+    return float64_call(layer, run)
+
+
+def reduced_map(M: Tensor) -> tuple[Tensor, Tensor]:
+    """Thin SVD ``M = U Σ Vh`` (rank ≤ E) as ``(U Σ (E, k), Vh (k, D))``: a perturbation
+    ``δ = cᵀ Vh`` moves the logits by ``U Σ c`` and has ``‖δ‖ = ‖c‖`` (the rest of z-space does not
+    reach the router)."""
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    return U * S, Vh
+
+
+def local_svd(gates: Tensor, US: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token ``‖J_s(g_t) M‖₂ = ‖J_s(g_t) U Σ‖₂`` ``(N,)`` and the top right-singular vector
+    in reduced coordinates ``(N, k)``."""
+    _, s, vh = torch.linalg.svd(softmax_jacobian(gates) @ US, full_matrices=False)
+    return s[:, 0], vh[:, 0, :]
+
+
+def ascend_logits(gates_from_logits: Callable, logits0: Tensor, US: Tensor, starts: Tensor,
+                  rho: Tensor, steps: int, step_size: float, sphere: bool) -> tuple[Tensor, Tensor]:
+    """Maximise ``‖g(l + U Σ c) − g(l)‖`` per token over ``‖c‖ = ρ`` (``sphere``) or ``‖c‖ ≤ ρ``.
+
+    ``logits0 (N, E)``; ``starts (R, *batch, N, k)`` unit directions (R restarts, any extra batch
+    axes, e.g. one per ε, all ascended together); ``rho (*batch, N)``.  Normalised gradient steps
+    of size ``step_size · ρ / (1 + i)``, each followed by the projection.  Returns the best ``c``
+    ``(*batch, N, k)`` seen over all steps and restarts and its objective ``(*batch, N)``."""
+    g0 = gates_from_logits(logits0)[0]
+    rho = rho.unsqueeze(-1)
+    tiny = torch.finfo(logits0.dtype).tiny
+    c = starts * rho
+    best_obj = torch.full(starts.shape[:-1], -1.0, dtype=c.dtype, device=c.device)
+    best_c = c.clone()
+    for i in range(steps + 1):
+        c = c.detach().requires_grad_(i < steps)
+        with torch.set_grad_enabled(i < steps):
+            obj = (gates_from_logits(logits0 + c @ US.T)[0] - g0).norm(dim=-1)        # (R, N)
+        better = obj.detach() > best_obj
+        best_obj = torch.where(better, obj.detach(), best_obj)
+        best_c = torch.where(better.unsqueeze(-1), c.detach(), best_c)
+        if i == steps:
+            break
+        (grad,) = torch.autograd.grad(obj.sum(), c)
+        c = c.detach() + (step_size / (1 + i)) * rho * grad / grad.norm(dim=-1, keepdim=True).clamp_min(tiny)
+        norm = c.norm(dim=-1, keepdim=True).clamp_min(tiny)
+        c = c * (rho / norm if sphere else (rho / norm).clamp(max=1.0))
+    pick = best_obj.argmax(0, keepdim=True)
+    return best_c.take_along_dim(pick.unsqueeze(-1), 0)[0], best_obj.take_along_dim(pick, 0)[0]
+
+
+def local_lipschitz(layer, inputs: Tensor, wrt: str = "code") -> Tensor:
+    """Closed-form local constants ``‖J_s(g(z_t)) M‖₂`` for every token of ``inputs (..., d_in)``
+    (float64, shape ``(N,)``, tokens flattened in row-major order).
+
+    The fast path: logits ``x (W_eff A)ᵀ`` (or ``x W_gᵀ``) in the inputs' dtype, then in float64
+    ``‖J_s M‖₂² = λ_max(J_s (M Mᵀ) J_s)`` — one batched ``(E × E)`` eigenvalue problem per token.
+    """
+    check_router_layer(layer)
+    wrt = _check_wrt(layer, wrt)
+    x = flat_tokens(inputs, layer.in_features, device=layer.A.device, dtype=None)
+    M = _router_map(layer, wrt)
+    M_x = M if wrt == "input" or layer.router_input == "input" else _router_map(layer, "input")
+    logits = (x @ M_x.to(x.dtype).T).to(torch.float64)
+    J = softmax_jacobian(layer.gates_from_logits(logits)[0])
+    return torch.linalg.eigvalsh(J @ (M @ M.T) @ J)[:, -1].clamp_min(0.0).sqrt()
+
+
+def local_lipschitz_generic(router_fn: Callable[[Tensor], Tensor], points: Tensor, *,
+                            chunk_size: int | None = None) -> Tensor:
+    """``‖∂g/∂z (z_t)‖₂`` for ANY differentiable router ``g = router_fn(z)`` (one point ``(D,)`` →
+    gates ``(E,)``), via ``torch.func.vmap(torch.func.jacrev(router_fn))`` over ``points (..., D)``.
+
+    Returns ``(N,)``.  Agrees with :func:`local_lipschitz` for the linear routers of SPEC §1 and
+    also handles nonlinear ones (e.g. a ``tanh`` talking module)."""
+    if not isinstance(points, Tensor) or points.ndim == 0:
+        raise TypeError("points must be a torch.Tensor of shape (..., D)")
+    check_finite(points, "points")
+    flat = points.detach().reshape(-1, points.shape[-1])
+    jac = torch.func.vmap(torch.func.jacrev(router_fn), chunk_size=chunk_size)(flat)
+    if jac.ndim != 3:
+        raise ValueError(f"router_fn must map one point (D,) to gates (E,); its Jacobian has shape "
+                         f"{tuple(jac.shape[1:])}")
+    return torch.linalg.matrix_norm(jac.detach(), ord=2)
+
+
+def router_lipschitz(layer, inputs: Tensor, wrt: str = "code", *, steps: int = 8,
+                     step_size: float = 0.5, radius: float = DEFAULT_RADIUS,
+                     seed: int = 0) -> LipschitzResult:
+    """Certified / local / empirical router Lipschitz constants (SPEC §4) at the tokens of
+    ``inputs`` — the layer's inputs ``x (..., d_in)`` (for ``wrt="code"`` the code ``h = A x`` is
+    the variable).
+
+    Empirical search: ``steps`` normalised-gradient steps of size ``step_size·ρ/(1 + i)`` on the
+    sphere ``‖δ‖ = ρ = radius / ‖M‖₂`` around each token (``radius`` in logit units), restarts
+    ``±v_t`` (``v_t`` the top right-singular vector of ``J_s(g_t) M``; a seeded random row-space
+    direction where that Jacobian vanishes).  The search runs in the row space of ``M`` (the only
+    directions that reach the router); the reported quotient ``‖g(z+δ) − g(z)‖ / ‖δ‖`` is then
+    evaluated with the layer's own router at the full-space ``δ``.
+    """
+    check_router_layer(layer)
+    wrt = _check_wrt(layer, wrt)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+    for name, v in (("step_size", step_size), ("radius", radius)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+    x = flat_tokens(inputs, layer.in_features, device=layer.A.device)
+    M = _router_map(layer, wrt)
+    norm_M = float(torch.linalg.matrix_norm(M, ord=2))
+    US, Vh = reduced_map(M)
+    z, logits = _points_and_logits(layer, x, wrt)
+    g0 = layer.gates_from_logits(logits)[0]
+    local, q = local_svd(g0, US)
+    if norm_M == 0.0:
+        empirical_t, rho = torch.zeros_like(local), 0.0
+    else:
+        rho = radius / norm_M
+        gen = torch.Generator().manual_seed(seed)
+        rand = torch.randn(q.shape, generator=gen, dtype=q.dtype).to(q.device)
+        q = torch.where((local <= 1e-12 * norm_M).unsqueeze(-1), rand, q)
+        q = q / q.norm(dim=-1, keepdim=True)
+        c, _ = ascend_logits(layer.gates_from_logits, logits, US, torch.stack([q, -q]),
+                             torch.full_like(local, rho), steps, step_size, sphere=True)
+        delta = c @ Vh
+        route = gates_of_code if wrt == "code" else gates_of_input
+        g1 = float64_call(layer, lambda L: route(L, z + delta))
+        empirical_t = (g1 - g0).norm(dim=-1) / delta.norm(dim=-1)
+    i = int(local.argmax())
+    return LipschitzResult(certified=math.inf if _is_topk(layer) else 0.5 * norm_M,
+                           local_max=float(local[i]), empirical=float(empirical_t.max()),
+                           local=local, empirical_per_token=empirical_t, argmax_index=i,
+                           argmax_input=inputs.detach().reshape(-1, layer.in_features)[i].clone(),
+                           wrt=wrt, radius=rho, certified_exists=not _is_topk(layer))
