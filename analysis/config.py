@@ -37,7 +37,8 @@ PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 # ``talklora_min.probes.perturbation_response(..., kind=...)``.
 PERTURB_KINDS = ("gaussian", "block", "adversarial")
 REAL_MODELS = ("minilm", "smollm")
-TRAIN_METHODS = ("lora", "moelora-code", "moelora-input", "talklora-official", "talklora-identity")
+TRAIN_METHODS = ("lora", "moelora-code", "moelora-input", "talklora-official", "talklora-identity",
+                 "topk-entropy", "switch")   # the last two: LoRA-Mixer hard-soft top-2 + entropy loss, Switch loss
 # "same-rank": every method uses train.rank (and num_experts for the MoE methods); trainable-parameter
 #   counts differ and are reported (F5 plots accuracy against them).
 # "match-params": each method's rank is chosen (a multiple of num_experts for MoE methods) so that

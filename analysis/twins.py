@@ -12,9 +12,9 @@ the SAME function at step 0 (asserted) and trains them on the same batches in th
 
 Adapter dropout is 0 here, so the only differences between the runs are the parameterisation
 and the optimiser (AdamW with the official lr 3e-4 / weight decay 0.01, or plain SGD).
-Rows (the cell adds ``optimizer, seed``): ``step, model, layer, metric, value`` — distances
-``logit_maxabs_diff`` / ``logit_meanabs_diff`` of each model to ``talklora`` on a fixed held-out
-batch, accuracy, loss, per-layer Gini, normalised load entropy, certified and max-local router
+Rows (the cell adds ``optimizer, seed``): ``step, model, layer, metric, value`` — measured on a
+fixed held-out batch of ``HELD_OUT`` validation examples: distances ``logit_maxabs_diff`` /
+``logit_meanabs_diff`` of each model to ``talklora``, accuracy, loss, per-layer Gini, normalised load entropy, certified and max-local router
 Lipschitz constants (w.r.t. the code h), ``talk_norm`` (‖T‖₂) and ``router_norm`` (‖W_eff‖₂).
 """
 from __future__ import annotations
@@ -27,12 +27,21 @@ import torch.nn.functional as F
 from talklora_min import adapter_layers
 from talklora_min.probes import certified_lipschitz, local_lipschitz
 
-from .models import load_minilm
+from .models import PrefixCache, load_minilm
 from .train import (batch_order, build_model, evaluate, layer_inputs, optimizer_for, prefix_caches,
                     short_name, split_targets, train_step)
 
 MODELS = ("talklora", "moelora-twin", "talklora-frozen-T", "talklora-identity")
 MATCH_ATOL = 1e-5      # float32: the four models agree at step 0 to this absolute tolerance
+HELD_OUT = 140         # examples of the validation split used for every measurement along training
+
+
+def subset(cache: PrefixCache, index: torch.Tensor) -> PrefixCache:
+    """The examples ``index`` of a ragged prefix cache, as a new cache."""
+    parts = [cache.hidden[cache.offsets[i]:cache.offsets[i + 1]] for i in index.tolist()]
+    offsets = torch.zeros(len(parts) + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(torch.tensor([len(p) for p in parts]), 0)
+    return PrefixCache(torch.cat(parts), offsets, [cache.ids[i] for i in index.tolist()])
 
 
 def build_twins(seed: int, cfg: dict, encoder, talk_init: str = "official") -> dict:
@@ -84,8 +93,11 @@ def twins_cell(optimizer: str, seed: int, cfg: dict, twins: dict, exp_dir: str) 
     lr = twins["lr_adamw"] if optimizer == "adamw" else twins["lr_sgd"]
     opts = {k: optimizer_for(m, optimizer, lr, cfg["head_lr"] if optimizer == "adamw" else lr,
                              twins["weight_decay"]) for k, m in models.items()}
-    held_out = torch.arange(min(128, len(caches["val"])))
-    hidden, mask = caches["val"].batch(held_out)
+    # a fixed held-out batch spread evenly over the (label-ordered) validation split
+    held_out = torch.linspace(0, len(caches["val"]) - 1, min(HELD_OUT, len(caches["val"]))).round().long()
+    val = subset(caches["val"], held_out)
+    val_targets = tuple(t[held_out] for t in targets["val"])
+    hidden, mask = val.batch(torch.arange(len(val)))
 
     def measure(step: int) -> list[dict]:
         rows = []
@@ -98,13 +110,13 @@ def twins_cell(optimizer: str, seed: int, cfg: dict, twins: dict, exp_dir: str) 
                 rows += [dict(step=step, model=name, layer="all", metric="logit_maxabs_diff", value=float(diff.max())),
                          dict(step=step, model=name, layer="all", metric="logit_meanabs_diff", value=float(diff.mean()))]
         for name, m in models.items():
-            metrics, layers, _ = evaluate(m, caches["val"], *targets["val"])
+            metrics, layers, _ = evaluate(m, val, *val_targets)
             rows += [dict(step=step, model=name, layer="all", metric=k, value=v)
                      for k, v in metrics.items() if k in ("accuracy", "loss")]
             for layer, values in layers.items():
                 rows += [dict(step=step, model=name, layer=layer, metric=k, value=values[k])
                          for k in ("gini", "load_entropy")]
-            rows += router_state_rows(step, name, m, layer_inputs(m, caches["val"], 256))
+            rows += router_state_rows(step, name, m, layer_inputs(m, val, 256))
         return rows
 
     rows = measure(0)

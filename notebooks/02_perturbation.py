@@ -1,0 +1,78 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Perturbation amplification, Lipschitz sandwich, routers (F2, F3, F9)
+#
+# Claims C4/C5 (router Lipschitz bounds; communication mitigates perturbation amplification) and
+# C10 (dense softmax vs hard–soft top-k routing).  The synthetic layers of a seed share A, C, B and
+# W_r and differ only in the Talking Module T, so any difference between talk settings is T's.
+
+# %% [markdown]
+# *Setup: find the repository root from the working directory (notebooks/ or the root), put it on
+# the path, and read the figure data from `figures/data/` (or `$TALKLORA_FIGURES_DIR/data`).*
+
+# %%
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path.cwd().resolve()
+while not (ROOT / "analysis" / "figures.py").is_file():
+    if ROOT.parent == ROOT:
+        raise RuntimeError("run this notebook from inside the talklora-min repository")
+    ROOT = ROOT.parent
+sys.path.insert(0, str(ROOT))
+DATA = Path(os.environ.get("TALKLORA_FIGURES_DIR", ROOT / "figures")) / "data"
+if not DATA.is_dir():
+    raise FileNotFoundError(f"{DATA} does not exist: run `python -m analysis figures` first")
+
+from analysis import figures as F  # noqa: E402  (the same drawing code as the pipeline)
+
+F.set_style()
+
+
+def load(fig_id: str) -> pd.DataFrame:
+    """The saved data of figure ``fig_id`` (exactly the numbers drawn)."""
+    return pd.read_csv(DATA / f"{F.FIGURE_BY_ID[fig_id].name}.csv")
+# %% [markdown]
+# ## F2 — amplification vs ε
+# Routing quotient ‖Δg‖₂/‖δ‖₂ per token (median and 95th percentile) for Gaussian, expert-block
+# and adversarial perturbations.  A flat curve means the router responds linearly at that scale.
+
+# %%
+f2 = load("F2")
+f2[f2["statistic"] == "median"].pivot_table(index=["E", "kind", "eps"], columns="talk", values="mean").round(4)
+
+# %%
+fig = F.draw_f2(f2)
+
+# %% [markdown]
+# ## F3 — Lipschitz sandwich
+# certified bound ≥ largest local Jacobian norm ≥ PGD empirical quotient, across talk strength α
+# (T = αI + (1−α)J/E; α = 1 is MoELoRA-code) and the official init, and for trained routers.
+
+# %%
+f3 = load("F3")
+fig = F.draw_f3(f3)
+
+# %% [markdown]
+# ## F9 — dense vs top-k routing
+# Flip rates of the top-1 expert and of the selected top-k set vs ε, and local Lipschitz
+# constants away from ties; the certified bound does not exist for top-k (the gates jump).
+
+# %%
+f9 = load("F9")
+fig = F.draw_f9(f9)

@@ -1,0 +1,396 @@
+"""Verdict rules of analysis/claims.py on small synthetic frames (no experiments, no pytest subprocess)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import claims as C
+
+SEEDS = (0, 1, 2, 3)
+PASS = {"tests/test_properties.py::test_c1_identity_talk_equals_moelora_code[cfg0]": "passed",
+        "tests/test_properties.py::test_c1_identity_talk_equals_moelora_code[cfg1]": "passed",
+        "tests/test_properties.py::test_c2_talk_absorption_for_arbitrary_T": "passed",
+        "tests/test_properties.py::test_c3_counterexample_is_not_representable[0]": "passed",
+        "tests/test_probes_lipschitz.py::test_sandwich_ordering_on_random_layers[a]": "passed",
+        "tests/test_probes_lipschitz.py::test_uniform_mix_column_norm[2-0.5]": "passed",
+        "tests/test_inject.py::test_count_parameters_talklora_untied": "passed",
+        "tests/test_probes_lipschitz.py::test_topk_router_has_no_certified_bound_but_local_constants_match_generic": "passed"}
+
+
+def failing(nodeid):
+    return {**PASS, nodeid: "failed"}
+
+
+def jitter(seed, scale=0.01):
+    return scale * ((seed * 7919) % 5 - 2) / 2      # deterministic, mean 0 over SEEDS, not constant
+
+
+# ----------------------------------------------------------------------------- frame builders
+def eq_frame(c1=1e-16, c2=2e-16, c3=3e-16, counter=0.7, c1_32=1e-8):
+    rows = []
+    for i in range(5):
+        for dtype, scale in (("float32", 1e8), ("float64", 1.0)):
+            info = dict(seed=0, config=i, E=2 + i % 3, m=1 + i % 2, d_in=20, d_out=10, dtype=dtype)
+            rows += [dict(info, metric="C1_identity_talk", value=c1_32 if dtype == "float32" else c1),
+                     dict(info, metric="C2_absorption", value=c2 * scale),
+                     dict(info, metric="C3_inclusion", value=c3 * scale)]
+            if dtype == "float64":
+                rows.append(dict(info, metric="C3_counterexample_rowspace_residual", value=counter + 0.01 * i))
+    return pd.DataFrame(rows)
+
+
+def synth_frame(ratios: dict, seeds=SEEDS, local=0.6, empirical=0.61, noise=0.01, norms=None):
+    """perturb_synthetic-like rows: identity quotient 0.1; talk setting t has quotient 0.1 * ratios[t]."""
+    rows = []
+    norms = norms or {}
+    for s in seeds:
+        for talk, ratio in {"identity": 1.0, **ratios}.items():
+            key = dict(E=4, r=32, talk=talk, seed=s, layer="layer")
+            for kind in ("gaussian_input", "adversarial", "gaussian_block"):
+                for eps in (0.01, 0.1):
+                    q = 0.1 * ratio * (1 + (jitter(s, noise) if talk != "identity" else 0))
+                    for stat, f in (("median", 1.0), ("p95", 1.5), ("max", 2.0)):
+                        rows.append(dict(key, kind=kind, eps=eps, metric="routing_quotient", statistic=stat, value=q * f))
+            for wrt in ("code", "input"):
+                rows += [dict(key, kind=f"lipschitz_{wrt}", eps=0.0, metric="lipschitz", statistic=st, value=v)
+                         for st, v in (("certified", 1.0), ("local_max", local), ("empirical", empirical))]
+            tn = norms.get(talk, 1.0 if talk != "official" else 0.9)
+            rows.append(dict(key, kind="talk", eps=0.0, metric="talk_norm", statistic="value", value=tn))
+    return pd.DataFrame(rows)
+
+
+def train_frame(gini=None, acc=None, quotient=None, counts=None, seeds=SEEDS, gini0=None):
+    gini = gini or {"moelora-code": 0.10, "moelora-input": 0.10, "talklora-official": 0.05}
+    acc = acc or {"lora": 0.60, "moelora-code": 0.70, "moelora-input": 0.70, "talklora-official": 0.70}
+    quotient = quotient or {"moelora-code": 0.1, "talklora-official": 0.05}
+    cfg = dict(rank=16, num_experts=4, adapt_top_layers=2, targets=["query", "key", "value", "up", "down"])
+    counts = counts or {m: C.closed_form_parameters(m, cfg["rank"], cfg["num_experts"], cfg["adapt_top_layers"],
+                                                    cfg["targets"]) for m in acc}
+    rows = []
+    for s in seeds:
+        for m in sorted(set(gini) | set(acc)):
+            k = dict(method=m, seed=s)
+            for step in (0, 100):
+                rows.append(dict(k, step=step, split="val", layer="all", domain="all", metric="accuracy", value=0.5))
+                if m in gini:
+                    for layer in ("L5.query", "L5.up"):
+                        g = gini[m] + jitter(s, 0.004) if step == 100 else (gini0 or {}).get(m, 0.08)
+                        rows += [dict(k, step=step, split="val", layer=layer, domain="all", metric="gini", value=g),
+                                 dict(k, step=step, split="val", layer=layer, domain="all", metric="load_entropy", value=1 - g)]
+            rows.append(dict(k, step=100, split="test", layer="all", domain="all", metric="accuracy",
+                             value=acc.get(m, 0.5) + (jitter(s, 0.004) if m.startswith("talk") else 0)))
+            rows.append(dict(k, step=100, split="test", layer="all", domain="all", metric="trainable_parameters",
+                             value=counts.get(m, 1)))
+            if m in quotient:
+                for layer in ("L5.query", "L5.up"):
+                    for kind in ("gaussian_input", "adversarial"):
+                        for eps in (0.01, 0.1):
+                            q = quotient[m] * (1 + jitter(s, 0.02))
+                            rows.append(dict(k, step=-1, split="test", layer=layer, domain="all", kind=kind, eps=eps,
+                                             statistic="median", metric="routing_quotient", value=q))
+                    rows += [dict(k, step=-1, split="test", layer=layer, domain="all", kind="lipschitz_input",
+                                  statistic=st, metric="lipschitz", value=v)
+                             for st, v in (("certified", 2.0), ("local_max", 1.0), ("empirical", 1.0))]
+    return pd.DataFrame(rows), cfg
+
+
+def talk_norms_frame(p_norm=0.2, p_ratio=0.05, draws=1000):
+    rows = []
+    for E in (2, 4):
+        k_norm, k_ratio = int(p_norm * draws), int(p_ratio * draws)
+        rows += [dict(E=E, seed=0, draw=i, metric="talk_norm", value=1.5 if i < k_norm else 0.5) for i in range(draws)]
+        rows += [dict(E=E, seed=0, draw=i, metric="certified_ratio", value=1.2 if i < k_ratio else 0.6) for i in range(draws)]
+    return pd.DataFrame(rows)
+
+
+def twins_frame(diff: dict, seeds=SEEDS, divergence=0.5, noise=0.004):
+    rows = []
+    for opt, d in diff.items():
+        for s in seeds:
+            k = dict(optimizer=opt, seed=s, layer="all")
+            for step in (0, 50):
+                for model in ("talklora", "moelora-twin", "talklora-frozen-T", "talklora-identity"):
+                    a = 0.6 + (d + jitter(s, noise) if model == "talklora" and step == 50 else 0)
+                    rows.append(dict(k, step=step, model=model, metric="accuracy", value=a))
+                    dv = 0.0 if model == "talklora" or step == 0 else divergence
+                    rows.append(dict(k, step=step, model=model, metric="logit_maxabs_diff", value=dv))
+                    for layer in ("L5.query",):
+                        rows += [dict(k, step=step, model=model, layer=layer, metric="lipschitz_certified", value=1.0),
+                                 dict(k, step=step, model=model, layer=layer, metric="lipschitz_local_max", value=0.5)]
+    return pd.DataFrame(rows)
+
+
+def routers_frame(max_extra: dict, median_extra: dict, seeds=SEEDS):
+    rows = []
+    for s in seeds:
+        for router in ("dense", "top1", "top2"):
+            k = dict(router=router, seed=s, layer="layer")
+            for kind in ("gaussian_input", "adversarial"):
+                for eps in (0.01, 0.1):
+                    mx = 0.1 + (max_extra.get(router, 0) + jitter(s, 0.02) if router != "dense" else 0)
+                    md = 0.05 + (median_extra.get(router, 0) + jitter(s, 0.02) if router != "dense" else 0)
+                    rows += [dict(k, kind=kind, eps=eps, metric="routing_quotient", statistic="max", value=mx),
+                             dict(k, kind=kind, eps=eps, metric="routing_quotient", statistic="median", value=md),
+                             dict(k, kind=kind, eps=eps, metric="total_variation", statistic="max", value=mx / 2),
+                             dict(k, kind=kind, eps=eps, metric="top1_flip_rate", statistic="mean", value=0.1 * eps)]
+                rows.append(dict(k, kind="gaussian_input", eps=eps, metric="topk_set_flip_rate", statistic="mean",
+                                 value=0.0 if router == "dense" else 0.2))
+            rows.append(dict(k, kind="lipschitz_code", eps=0.0, metric="certified_exists", statistic="value",
+                             value=float(router == "dense")))
+            rows.append(dict(k, kind="lipschitz_code", eps=0.0, metric="lipschitz", statistic="local_max", value=0.3))
+            if router == "dense":
+                rows.append(dict(k, kind="lipschitz_code", eps=0.0, metric="lipschitz", statistic="certified", value=0.5))
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- statistics
+def test_estimate_t_interval_and_wilson():
+    e = C.estimate([1.0, 2.0, 3.0])
+    assert e.mean == 2.0 and e.n == 3
+    assert e.hi - e.mean == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+    assert e.direction == "unresolved"               # 2 ± 2.48 includes 0
+    assert C.estimate([1.0, 1.1, 1.2]).direction == "above"
+    assert C.estimate([-1.0, -1.1, -1.2]).direction == "below"
+    assert C.estimate([5.0]).direction == "unresolved" and math.isnan(C.estimate([5.0]).lo)
+    r = C.estimate([0.5, 0.5, 0.5], log=True)
+    assert r.mean == pytest.approx(0.5) and r.direction == "below"
+    p, lo, hi = C.wilson(0, 100)
+    assert p == 0 and lo == 0 and 0 < hi < 0.05
+    p, lo, hi = C.wilson(50, 100)
+    assert lo < 0.5 < hi
+
+
+# ----------------------------------------------------------------------------- C1–C3
+def test_c1_verdicts():
+    assert C.claim_c1(eq_frame(), PASS).verdict == "holds"
+    assert C.claim_c1(eq_frame(), None).verdict == "holds"            # tests not run: numeric rule
+    assert C.claim_c1(eq_frame(c1=1e-9), PASS).verdict == "refuted"
+    assert C.claim_c1(eq_frame(c1_32=1e-4), PASS).verdict == "refuted"
+    bad = failing("tests/test_properties.py::test_c1_identity_talk_equals_moelora_code[cfg1]")
+    claim = C.claim_c1(eq_frame(), bad)
+    assert claim.verdict == "inconclusive" and "cfg1" in claim.reason
+
+
+def test_c1_evidence_cites_tests_and_numbers():
+    claim = C.claim_c1(eq_frame(c1=1.234e-14), PASS)
+    text = "\n".join(claim.evidence)
+    assert "1.23e-14" in text and "1.23e-14" in claim.key_number
+    assert "`tests/test_properties.py::test_c1_identity_talk_equals_moelora_code`: 2/2" in text
+    assert "not run" in "\n".join(C.claim_c1(eq_frame(), None).evidence)
+
+
+def test_c2_verdicts():
+    claim = C.claim_c2(eq_frame(), PASS, c9_verdict="inconclusive")
+    assert claim.verdict == "refuted" and "EQUALS" in claim.rule and "C9" in claim.statement
+    assert C.claim_c2(eq_frame(c2=1e-6), PASS).verdict == "inconclusive"
+    assert C.claim_c2(eq_frame(), failing("tests/test_properties.py::test_c2_x")).verdict == "inconclusive"
+
+
+def test_c3_verdicts():
+    assert C.claim_c3(eq_frame(), PASS).verdict == "holds"
+    assert C.claim_c3(eq_frame(c3=1e-6), PASS).verdict == "refuted"
+    assert C.claim_c3(eq_frame(counter=1e-6), PASS).verdict == "inconclusive"
+
+
+# ----------------------------------------------------------------------------- C4
+def test_c4_verdicts():
+    syn = synth_frame({"official": 0.8})
+    tr, _ = train_frame()
+    assert C.claim_c4(syn, PASS, routers=routers_frame({}, {}), train=tr, twins=twins_frame({"adamw": 0})).verdict == "holds"
+    claim = C.claim_c4(synth_frame({"official": 0.8}, empirical=1.001), PASS)
+    assert claim.verdict == "refuted" and "1.001" in claim.reason
+    assert C.claim_c4(synth_frame({"official": 0.8}, local=1 + 1e-12), PASS).verdict == "holds"   # within tolerance
+    bad = failing("tests/test_probes_lipschitz.py::test_sandwich_ordering_on_random_layers[b]")
+    assert C.claim_c4(syn, bad).verdict == "inconclusive"
+
+
+# ----------------------------------------------------------------------------- C5
+def test_c5_all_settings_reduce_holds():
+    tr, _ = train_frame(quotient={"moelora-code": 0.1, "talklora-official": 0.05})
+    claim = C.claim_c5(synth_frame({"official": 0.7, "uniform-mix:0.5": 0.6}), tr, PASS)
+    assert claim.verdict == "holds"
+    assert "0.7" in claim.key_number
+
+
+def test_c5_only_contractive_reduce_holds_under_conditions():
+    tr, _ = train_frame(quotient={"moelora-code": 0.1, "talklora-official": 0.1})
+    syn = synth_frame({"official": 1.0, "uniform-mix:0.5": 0.6}, noise=0.2)
+    claim = C.claim_c5(syn, tr, PASS)
+    assert claim.verdict == "holds under stated conditions"
+    assert "uniform-mix:0.5" in claim.reason
+
+
+def test_c5_official_increases_is_refuted():
+    tr, _ = train_frame()
+    claim = C.claim_c5(synth_frame({"official": 1.5, "uniform-mix:0.5": 0.6}), tr, PASS)
+    assert claim.verdict == "refuted" and "official" in claim.reason
+
+
+def test_c5_trained_increase_is_refuted_and_single_seed_inconclusive():
+    tr, _ = train_frame(quotient={"moelora-code": 0.1, "talklora-official": 0.2})
+    assert C.claim_c5(synth_frame({"official": 0.7}), tr, PASS).verdict == "refuted"
+    tr1, _ = train_frame(seeds=(0,))
+    assert C.claim_c5(synth_frame({"official": 0.7}, seeds=(0,)), tr1, PASS).verdict == "inconclusive"
+
+
+def test_c5_needs_identity_reference():
+    syn = synth_frame({"official": 0.7})
+    tr, _ = train_frame()
+    with pytest.raises(ValueError, match="identity"):
+        C.claim_c5(syn[syn.talk != "identity"], tr, PASS)
+
+
+# ----------------------------------------------------------------------------- C6
+@pytest.mark.parametrize("gini, verdict", [
+    ({"moelora-code": 0.10, "moelora-input": 0.10, "talklora-official": 0.05}, "holds"),
+    ({"moelora-code": 0.10, "moelora-input": 0.05, "talklora-official": 0.05}, "holds under stated conditions"),
+    ({"moelora-code": 0.05, "moelora-input": 0.05, "talklora-official": 0.10}, "refuted"),
+    ({"moelora-code": 0.05, "moelora-input": 0.05, "talklora-official": 0.05}, "inconclusive"),
+])
+def test_c6_verdicts(gini, verdict):
+    tr, _ = train_frame(gini=gini)
+    assert C.claim_c6(tr).verdict == verdict
+
+
+def test_c6_reports_the_step0_difference():
+    tr, _ = train_frame(gini0={"moelora-code": 0.10, "moelora-input": 0.10, "talklora-official": 0.04})
+    claim = C.claim_c6(tr)
+    assert "-0.06" in claim.reason and "step 0" in claim.reason
+
+
+# ----------------------------------------------------------------------------- C7
+def test_c7_closed_form():
+    # r = 16, E = 4, m = 4, one layer of q/k/v (384 -> 384), up (384 -> 1536), down (1536 -> 384)
+    targets = ["query", "key", "value", "up", "down"]
+    lora = C.closed_form_parameters("lora", 16, 4, 1, targets)
+    assert lora == 16 * (3 * 768 + 2 * 1920)
+    code = C.closed_form_parameters("moelora-code", 16, 4, 1, targets)
+    assert code - lora == 5 * (4 * 16 + 4 * 16)
+    assert C.closed_form_parameters("talklora-official", 16, 4, 1, targets) - code == 5 * 16
+    two = C.closed_form_parameters("talklora-official", 16, 4, 2, targets)
+    shared = C.closed_form_parameters("talklora-official", 16, 4, 2, targets, shared_B=True)
+    assert two - shared == 16 * (3 * 384 + 1536 + 384)           # B counted once per projection type
+
+
+@pytest.mark.parametrize("talk_acc, verdict", [(0.75, "holds"), (0.65, "refuted"), (0.70, "holds under stated conditions")])
+def test_c7_verdicts(talk_acc, verdict):
+    tr, cfg = train_frame(acc={"lora": 0.6, "moelora-code": 0.7, "moelora-input": 0.7, "talklora-official": talk_acc})
+    claim = C.claim_c7(tr, PASS, cfg)
+    assert claim.verdict == verdict
+    assert "160" in claim.key_number        # E² = 16 per layer × 5 targets × 2 layers
+
+
+def test_c7_count_mismatch_is_inconclusive():
+    tr, cfg = train_frame(counts={"lora": 1, "moelora-code": 2, "moelora-input": 3, "talklora-official": 4})
+    claim = C.claim_c7(tr, PASS, cfg)
+    assert claim.verdict == "inconclusive" and "closed form" in claim.reason
+
+
+# ----------------------------------------------------------------------------- C8
+def test_c8_verdicts_and_numbers():
+    claim = C.claim_c8(talk_norms_frame(p_norm=0.25, p_ratio=0.05))
+    assert claim.verdict == "holds"
+    assert "25.0 %" in claim.statement and "5.0 %" in claim.statement
+    assert C.claim_c8(talk_norms_frame(p_norm=0.25, p_ratio=0.0)).verdict == "refuted"
+
+
+# ----------------------------------------------------------------------------- C9
+def test_c9_verdicts():
+    assert C.claim_c9(twins_frame({"adamw": 0.05, "sgd": 0.05})).verdict == "holds"
+    claim = C.claim_c9(twins_frame({"adamw": 0.05, "sgd": 0.0}), twins_cfg={"lr_adamw": 3e-4, "lr_sgd": 1e-2})
+    assert claim.verdict == "holds under stated conditions" and "adamw (lr 0.0003)" in claim.reason
+    assert C.claim_c9(twins_frame({"adamw": -0.05, "sgd": 0.0})).verdict == "refuted"   # sgd: inside ±0.01
+    assert C.claim_c9(twins_frame({"adamw": 0.0, "sgd": 0.0}, noise=0.1)).verdict == "inconclusive"
+    same = C.claim_c9(twins_frame({"sgd": 0.0}, seeds=(0,), divergence=0.0))
+    assert same.verdict == "refuted" and "same function" in same.reason
+
+
+# ----------------------------------------------------------------------------- C10
+def test_c10_verdicts():
+    assert C.claim_c10(routers_frame({"top1": 0.5, "top2": 0.3}, {"top1": 0.2, "top2": 0.2}), PASS).verdict == "holds"
+    claim = C.claim_c10(routers_frame({"top1": 0.5, "top2": 0.3}, {"top1": -0.04, "top2": 0.0}), PASS)
+    assert claim.verdict == "holds under stated conditions"
+    assert "top1: no" in "\n".join(claim.evidence) and "dense: yes" in "\n".join(claim.evidence)
+    assert C.claim_c10(routers_frame({"top1": -0.05, "top2": 0.3}, {}), PASS).verdict == "refuted"
+    assert C.claim_c10(routers_frame({"top1": 0.5, "top2": 0.3}, {}, seeds=(0,)), PASS).verdict == "inconclusive"
+
+
+# ----------------------------------------------------------------------------- tests plumbing
+def test_parse_junit_and_claim_mapping(tmp_path):
+    xml = """<?xml version="1.0"?><testsuites><testsuite name="pytest">
+    <testcase classname="tests.test_properties" name="test_c1_identity_talk_equals_moelora_code[cfg0]"/>
+    <testcase classname="tests.test_properties" name="test_c1_rejects_non_identity_talk"><failure message="x"/></testcase>
+    <testcase classname="tests.test_probes_lipschitz" name="test_wide_layer_d4096"><skipped/></testcase>
+    </testsuite></testsuites>"""
+    out = C.parse_junit(xml)
+    assert out == {"tests/test_properties.py::test_c1_identity_talk_equals_moelora_code[cfg0]": "passed",
+                   "tests/test_properties.py::test_c1_rejects_non_identity_talk": "failed",
+                   "tests/test_probes_lipschitz.py::test_wide_layer_d4096": "skipped"}
+    s = C.tests_for("C1", out)
+    assert s["status"] == "failed" and s["n_pass"] == 1 and s["n_run"] == 2
+    assert C.tests_for("C8", out)["applicable"] is False
+
+
+def test_missing_experiment_names_it_and_the_command(tmp_path):
+    with pytest.raises(C.MissingResultsError, match=r"perturb_synthetic.*python -m analysis perturb"):
+        C.load_results(tmp_path)
+
+
+# ----------------------------------------------------------------------------- report
+def full_data():
+    tr, cfg = train_frame()
+    syn = synth_frame({"official": 0.7, "uniform-mix:0.5": 0.6})
+    real = syn.assign(model="minilm").drop(columns=["E", "r"])
+    data = dict(equivalence=eq_frame(c1=1.234e-14), perturb_synthetic=syn, perturb_real=real, train=tr,
+                perturb_routers=routers_frame({"top1": 0.5, "top2": 0.3}, {"top1": 0.2, "top2": 0.2}),
+                talk_norms=talk_norms_frame(p_norm=0.375, p_ratio=0.05),
+                twins=twins_frame({"adamw": 0.05, "sgd": 0.0}))
+    return data, {"train": cfg, "twins": {"lr_adamw": 3e-4, "lr_sgd": 1e-2}}
+
+
+def test_report_has_all_ids_numbers_and_is_written_atomically(tmp_path):
+    data, cfg = full_data()
+    claims = C.evaluate(data, C.TestRun(PASS, "pytest (fake)", 0, 1.0), cfg)
+    assert [c.id for c in claims] == list(C.CLAIM_IDS)
+    assert all(c.verdict in C.VERDICTS for c in claims)
+    md, csv = tmp_path / "CLAIMS.md", tmp_path / "claims.csv"
+    C.write_report(claims, md, csv, command="python -m analysis claims", results_dir=tmp_path,
+                   commit="deadbeef", dirty=False, tests=C.TestRun(PASS, "pytest (fake)", 0, 1.0))
+    text = md.read_text()
+    assert "Generated file" in text and "deadbeef" in text and "python -m analysis claims" in text
+    for cid in C.CLAIM_IDS:
+        assert f"| {cid} |" in text and f"## {cid} —" in text
+    assert "1.23e-14" in text                    # C1 residual from the frame
+    assert "37.5 %" in text                      # C8 fraction from the frame
+    assert "160" in text                         # C7 overhead computed from the counts
+    frame = pd.read_csv(csv)
+    assert tuple(frame.columns) == C.CSV_COLUMNS and list(frame.id) == list(C.CLAIM_IDS)
+    assert set(frame.verdict) <= set(C.VERDICTS)
+    assert "Rule:" in frame.evidence[0]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_failed_write_keeps_the_previous_report(tmp_path, monkeypatch):
+    data, cfg = full_data()
+    claims = C.evaluate(data, None, cfg)
+    md, csv = tmp_path / "CLAIMS.md", tmp_path / "claims.csv"
+    md.write_text("old report\n")
+    csv.write_text("old,csv\n")
+    with pytest.raises(ValueError, match="exactly the claims"):
+        C.write_report(claims[:-1], md, csv, command="x", results_dir=tmp_path, commit="c", dirty=None)
+
+    def boom(self, *a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(pd.DataFrame, "to_csv", boom)
+    with pytest.raises(OSError, match="disk full"):
+        C.write_report(claims, md, csv, command="x", results_dir=tmp_path, commit="c", dirty=None)
+    assert csv.read_text() == "old,csv\n"        # untouched: the CSV is replaced only when complete
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_verdict_must_be_one_of_the_four():
+    with pytest.raises(ValueError, match="verdict"):
+        C.Claim("C1", "s", "probably", "k", [], "r")

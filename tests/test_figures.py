@@ -1,0 +1,277 @@
+"""Figures F1–F9 (analysis.figures) on small synthetic result tables."""
+from __future__ import annotations
+
+import io
+import itertools
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from analysis import figures as F  # noqa: E402
+
+METHODS = ["lora", "moelora-code", "moelora-input", "talklora-official", "talklora-identity"]
+LAYERS = ["L5.query", "L5.value"]
+SEEDS = [0, 1, 2]
+
+
+# ----------------------------------------------------------------------------- synthetic rows
+def train_rows() -> pd.DataFrame:
+    rows = []
+    for m, s in itertools.product(METHODS, SEEDS):
+        base = dict(method=m, seed=s, domain="all")
+        for step in (0, 5, 10):
+            rows.append(dict(base, step=step, split="val", layer="all", metric="accuracy", value=0.5 + step / 100))
+            if m != "lora":
+                for i, layer in enumerate(LAYERS):
+                    for metric, v in (("gini", 0.1 * (i + 1) + 0.01 * s), ("load_entropy", 0.9),
+                                      ("token_entropy", 0.8)):
+                        rows.append(dict(base, step=step, split="val", layer=layer, metric=metric, value=v))
+        rows.append(dict(base, step=10, split="test", layer="all", metric="accuracy", value=0.6 + 0.01 * s))
+        rows.append(dict(base, step=10, split="test", layer="all", domain="movie", metric="accuracy", value=0.1))
+        rows.append(dict(base, step=10, split="test", layer="all", metric="trainable_parameters",
+                         value=1000.0 * (METHODS.index(m) + 1)))
+        if m != "lora":
+            for i, layer in enumerate(LAYERS):
+                rows += [dict(base, step=10, split="test", layer=layer, metric="gini", value=0.1 * (i + 1) + 0.01 * s),
+                         dict(base, step=10, split="test", layer=layer, metric="load_entropy", value=0.95)]
+                for stat, v in (("certified", 0.4), ("local_max", 0.2), ("empirical", 0.19)):
+                    rows.append(dict(base, step=-1, split="test", layer=layer, kind="lipschitz_input",
+                                     statistic=stat, metric="lipschitz", value=v))
+    return pd.DataFrame(rows)
+
+
+def synthetic_rows() -> pd.DataFrame:
+    rows = []
+    for E, talk, s in itertools.product((4, 8), ("identity", "official", "uniform-mix:0.5"), SEEDS):
+        base = dict(E=E, r=32, talk=talk, seed=s, layer="layer", n_tokens=64)
+        for kind, eps, stat in itertools.product(F.KIND_LABELS, (0.01, 0.1), ("median", "p95", "max")):
+            rows.append(dict(base, kind=kind, eps=eps, metric="routing_quotient", statistic=stat,
+                             value=0.01 * (1 + s) * (2 if stat == "p95" else 1)))
+            rows.append(dict(base, kind=kind, eps=eps, metric="top1_flip_rate", statistic="mean", value=0.1))
+        for wrt, (stat, v) in itertools.product(("code", "input"), (("certified", 0.3), ("local_max", 0.2),
+                                                                     ("empirical", 0.15))):
+            rows.append(dict(base, kind=f"lipschitz_{wrt}", eps=0.0, metric="lipschitz", statistic=stat, value=v))
+        rows.append(dict(base, kind="talk", eps=0.0, metric="talk_norm", statistic="value", value=1.0))
+    return pd.DataFrame(rows)
+
+
+def router_rows() -> pd.DataFrame:
+    rows = []
+    for router, s in itertools.product(("dense", "top2", "top1"), SEEDS):
+        base = dict(router=router, seed=s, layer="layer", n_tokens=64)
+        for eps in (0.01, 0.1):
+            for kind in ("gaussian_input", "adversarial"):
+                rows.append(dict(base, kind=kind, eps=eps, metric="top1_flip_rate", statistic="mean", value=eps * 2))
+            rows.append(dict(base, kind="gaussian_input", eps=eps, metric="topk_set_flip_rate", statistic="mean",
+                             value=0.0 if router == "dense" else eps))
+        rows += [dict(base, kind="lipschitz_code", eps=0.0, metric="lipschitz", statistic="local_median", value=0.1),
+                 dict(base, kind="lipschitz_code", eps=0.0, metric="lipschitz", statistic="local_max", value=0.2),
+                 dict(base, kind="lipschitz_code", eps=0.0, metric="certified_exists", statistic="value",
+                      value=float(router == "dense"))]
+        if router == "dense":
+            rows.append(dict(base, kind="lipschitz_code", eps=0.0, metric="lipschitz", statistic="certified", value=0.3))
+    return pd.DataFrame(rows)
+
+
+def talk_norm_rows() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = []
+    for E in (2, 4, 8):
+        v = rng.uniform(0.5, 0.5 + E / 4, 200)
+        rows += [dict(E=E, seed=0, draw=i, metric="talk_norm", value=x) for i, x in enumerate(v)]
+        rows += [dict(E=E, seed=0, draw=i, metric="certified_ratio", value=x / 2) for i, x in enumerate(v)]
+    return pd.DataFrame(rows)
+
+
+def equivalence_rows() -> pd.DataFrame:
+    rows = []
+    for i, dtype in itertools.product(range(5), ("float32", "float64")):
+        info = dict(seed=0, config=i, E=2, m=2, d_in=8, d_out=4, dtype=dtype)
+        tiny = 1e-7 if dtype == "float32" else 1e-16
+        rows += [dict(info, metric=m, value=0.0 if i == 0 else tiny)
+                 for m in ("C1_identity_talk", "C2_absorption", "C3_inclusion")]
+        if dtype == "float64":
+            rows.append(dict(info, metric="C3_counterexample_rowspace_residual", value=0.7))
+    return pd.DataFrame(rows)
+
+
+def twin_rows() -> pd.DataFrame:
+    rows = []
+    for opt, s, step, model in itertools.product(("adamw", "sgd"), (0, 1), (0, 2, 4), F.TWIN_COLORS):
+        base = dict(optimizer=opt, seed=s, step=step, model=model)
+        d = 0.0 if model == "talklora" else 1e-3 * step
+        rows += [dict(base, layer="all", metric="logit_maxabs_diff", value=d),
+                 dict(base, layer="all", metric="logit_meanabs_diff", value=d / 10),
+                 dict(base, layer="all", metric="accuracy", value=0.5 + (0.01 * step if model == "moelora-twin" else 0)),
+                 dict(base, layer="L5.query", metric="gini", value=0.1),
+                 dict(base, layer="L5.value", metric="gini", value=0.2 + (0.01 if model != "talklora" else 0))]
+    return pd.DataFrame(rows)
+
+
+ROWS = {"train": train_rows, "perturb_synthetic": synthetic_rows, "perturb_routers": router_rows,
+        "talk_norms": talk_norm_rows, "equivalence": equivalence_rows, "twins": twin_rows}
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    F.set_style()
+    yield
+    plt.close("all")
+
+
+def _drawn(fig) -> bool:
+    """Some axes hold lines, collections, patches or images."""
+    return any(ax.lines or ax.collections or ax.patches or ax.images for ax in fig.axes)
+
+
+def _roundtrip(df: pd.DataFrame) -> pd.DataFrame:
+    buf = io.StringIO()
+    df.to_csv(buf, index=False)
+    buf.seek(0)
+    return pd.read_csv(buf)
+
+
+# ----------------------------------------------------------------------------- helpers
+def test_summarise_t_interval():
+    df = pd.DataFrame({"g": ["a"] * 3 + ["b"], "value": [1.0, 2.0, 3.0, 5.0]})
+    out = F.summarise(df, ["g"]).set_index("g")
+    half = F.t975(2) * 1.0 / math.sqrt(3)
+    assert out.loc["a", "mean"] == pytest.approx(2.0)
+    assert out.loc["a", "lo"] == pytest.approx(2.0 - half) and out.loc["a", "hi"] == pytest.approx(2.0 + half)
+    assert out.loc["b", "lo"] == out.loc["b", "hi"] == 5.0 and out.loc["b", "n"] == 1
+    assert F.t975(1) == pytest.approx(12.706) and F.t975(1000) == pytest.approx(1.96, abs=0.01)
+
+
+# ----------------------------------------------------------------------------- each figure
+CASES = {
+    "F1": (["train"], {"metric", "layer", "method", "mean", "lo", "hi", "n"}),
+    "F2": (["perturb_synthetic"], {"E", "kind", "talk", "statistic", "eps", "mean", "lo", "hi", "n"}),
+    "F3": (["perturb_synthetic", "train"], {"panel", "E", "group", "statistic", "mean", "lo", "hi", "n"}),
+    "F4": (["train"], {"metric", "method", "step", "mean", "lo", "hi", "n"}),
+    "F5": (["train"], {"method", "trainable_parameters", "mean", "lo", "hi", "n"}),
+    "F6": (["equivalence"], {"dtype", "metric", "value"}),
+    "F7": (["talk_norms"], {"metric", "E", "median", "q25", "q75", "frac_gt_1", "n"}),
+    "F8": (["twins"], {"panel", "optimizer", "model", "metric", "step", "mean", "lo", "hi", "n"}),
+    "F9": (["perturb_routers"], {"panel", "router", "eps", "statistic", "mean", "lo", "hi", "n"}),
+}
+
+
+@pytest.mark.parametrize("fig_id", sorted(CASES))
+def test_figure_draws_and_redraws_from_its_data(fig_id):
+    experiments, columns = CASES[fig_id]
+    spec = F.FIGURE_BY_ID[fig_id]
+    assert tuple(experiments) == spec.experiments
+    fig, data = spec.make(*(ROWS[e]() for e in experiments))
+    assert isinstance(fig, matplotlib.figure.Figure) and _drawn(fig)
+    assert columns <= set(data.columns), columns - set(data.columns)
+    assert len(data) > 0 and len(data) < 5000
+    again = spec.draw(_roundtrip(data))            # what the notebooks do
+    assert _drawn(again)
+
+
+def test_f1_values_are_seed_means_of_final_test_step():
+    data = F.prepare_f1(train_rows()).set_index(["metric", "layer", "method"])
+    assert set(data.index.get_level_values("method")) == set(F.ROUTED)     # LoRA has no router
+    row = data.loc[("gini", "L5.value", "talklora-official")]
+    assert row["mean"] == pytest.approx(0.21) and row["n"] == 3 and row["lo"] < 0.21 < row["hi"]
+
+
+def test_f2_medians_and_p95_by_talk():
+    data = F.prepare_f2(synthetic_rows())
+    assert set(data["statistic"]) == {"median", "p95"} and set(data["talk"]) == {"identity", "official", "uniform-mix:0.5"}
+    med = data[(data["statistic"] == "median")]["mean"]
+    assert med.to_numpy() == pytest.approx(0.02)       # mean of 0.01, 0.02, 0.03 over seeds
+
+
+def test_f3_orders_alpha_grid_and_includes_trained():
+    data = F.prepare_f3(synthetic_rows(), train_rows())
+    assert set(data["panel"]) == {"synthetic, w.r.t. code", "synthetic, w.r.t. input", "trained routers, w.r.t. input"}
+    assert F._talk_order(["official", "identity", "uniform-mix:0.75", "uniform-mix:0.25"]) == [
+        "uniform-mix:0.25", "uniform-mix:0.75", "identity", "official"]
+    trained = data[data["panel"].str.startswith("trained")]
+    assert set(trained["group"]) == set(F.ROUTED) and (trained["n"] == 6).all()     # 3 seeds x 2 layers
+
+
+def test_f4_averages_layers_then_seeds():
+    data = F.prepare_f4(train_rows()).set_index(["metric", "method", "step"])
+    assert data.loc[("gini", "moelora-code", 5), "mean"] == pytest.approx(0.16)   # (0.1 + 0.2)/2 + 0.01
+    assert data.loc[("gini", "moelora-code", 5), "n"] == 3
+
+
+def test_f5_accuracy_and_parameters():
+    data = F.prepare_f5(train_rows()).set_index("method")
+    assert data.loc["lora", "trainable_parameters"] == 1000 and data.loc["lora", "mean"] == pytest.approx(0.61)
+
+
+def test_f7_fraction_above_one():
+    rows = talk_norm_rows()
+    data = F.prepare_f7(rows).set_index(["metric", "E"])
+    expected = (rows[(rows.metric == "talk_norm") & (rows.E == 8)]["value"] > 1).mean()
+    assert data.loc[("talk_norm", 8), "frac_gt_1"] == pytest.approx(expected)
+    assert data.loc[("talk_norm", 8), "n"] == 200
+
+
+def test_f8_gaps_are_relative_to_talklora():
+    data = F.prepare_f8(twin_rows())
+    assert "talklora" not in set(data["model"])
+    acc = data[(data["metric"] == "accuracy_gap") & (data["step"] == 4)].set_index(["optimizer", "model"])
+    assert acc.loc[("adamw", "moelora-twin"), "mean"] == pytest.approx(0.04)
+    assert acc.loc[("adamw", "talklora-identity"), "mean"] == pytest.approx(0.0)
+    gini = data[(data["metric"] == "gini_gap")]
+    assert gini["mean"].to_numpy() == pytest.approx(0.005)
+
+
+def test_f9_certified_missing_for_topk():
+    data = F.prepare_f9(router_rows())
+    lip = data[data["panel"] == "lipschitz"]
+    assert set(lip[lip["statistic"] == "certified"]["router"]) == {"dense"}
+    assert set(data["panel"]) == set(F.F9_PANELS) | {"lipschitz"}
+
+
+# ----------------------------------------------------------------------------- pipeline
+def _write_results(root):
+    for name, make in ROWS.items():
+        (root / name).mkdir(parents=True)
+        make().to_csv(root / name / "rows.csv", index=False)
+
+
+def test_draw_all_writes_images_data_and_manifest(tmp_path):
+    _write_results(tmp_path / "results")
+    out = tmp_path / "figs"
+    written = F.draw_all(tmp_path / "results", out, log=lambda _: None)
+    assert set(written) == {f.id for f in F.FIGURES}
+    readme = (out / "README.md").read_text()
+    for f in F.FIGURES:
+        for path in (out / f"{f.name}.png", out / f"{f.name}.pdf", out / "data" / f"{f.name}.csv"):
+            assert path.is_file() and path.stat().st_size > 0
+        assert f"{f.name}.png" in readme and f"data/{f.name}.csv" in readme and f.notebook in readme
+    assert not list(out.rglob("*.tmp"))
+    assert plt.get_fignums() == []                     # every figure closed
+
+
+def test_missing_experiment_names_it_and_the_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"'twins'.*python -m analysis twins"):
+        F.load_experiment("twins", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"'talk_norms'.*python -m analysis perturb"):
+        F.draw_all(tmp_path, tmp_path / "figs", only=["F7"])
+
+
+def test_run_ensures_results_with_the_same_arguments(tmp_path, monkeypatch):
+    from analysis import perturb, train, twins
+    calls = []
+    for mod in (perturb, train, twins):
+        monkeypatch.setattr(mod, "run", lambda config, mod=mod, **kw: calls.append((mod.__name__, config, kw)))
+    monkeypatch.setattr(F, "draw_all", lambda results_dir, figures_dir: calls.append(("draw", results_dir,
+                                                                                         figures_dir)))
+    F.run("CFG", results_dir=tmp_path / "results", workers=3, force=True, figures_dir=tmp_path / "figs")
+    assert [c[0] for c in calls] == ["analysis.perturb", "analysis.train", "analysis.twins", "draw"]
+    assert all(c[1] == "CFG" and c[2] == dict(results_dir=tmp_path / "results", workers=3, executor=None,
+                                               force=True) for c in calls[:3])
+    assert calls[3] == ("draw", tmp_path / "results", tmp_path / "figs")

@@ -1,0 +1,48 @@
+"""Execute every jupytext notebook in notebooks/ against the saved figure data (figures/data/).
+
+Set ``TALKLORA_FIGURES_DIR`` to run them against another figures directory (e.g. a scratch run).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9]*.py"))
+FIGURES_DIR = Path(os.environ.get("TALKLORA_FIGURES_DIR", ROOT / "figures"))
+
+pytestmark = pytest.mark.notebooks
+
+
+def test_every_figure_has_a_notebook():
+    from analysis.figures import FIGURES
+    names = {p.name for p in NOTEBOOKS}
+    assert {f.notebook for f in FIGURES} <= names
+    for f in FIGURES:
+        assert f"draw_{f.id.lower()}(" in (ROOT / "notebooks" / f.notebook).read_text()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs(path):
+    if not (FIGURES_DIR / "data").is_dir():
+        pytest.skip(f"{FIGURES_DIR / 'data'} is absent: run `python -m analysis figures` first "
+                    f"(or set TALKLORA_FIGURES_DIR)")
+    jupytext = pytest.importorskip("jupytext")
+    nbclient = pytest.importorskip("nbclient")
+    nb = jupytext.read(path)
+    env_before = os.environ.get("TALKLORA_FIGURES_DIR")
+    os.environ["TALKLORA_FIGURES_DIR"] = str(FIGURES_DIR)     # the kernel inherits the environment
+    try:
+        client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                                         resources={"metadata": {"path": str(path.parent)}})
+        client.execute()
+    finally:
+        if env_before is None:
+            os.environ.pop("TALKLORA_FIGURES_DIR", None)
+        else:
+            os.environ["TALKLORA_FIGURES_DIR"] = env_before
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if "image/png" in o.get("data", {})]
+    assert images, f"{path.name} drew no figure"
