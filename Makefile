@@ -5,6 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 PROFILE ?= quick
+WORKERS ?= 2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export MPLBACKEND := Agg
@@ -24,8 +25,8 @@ $(VENV)/.installed: pyproject.toml requirements/dev.txt requirements/assets.txt
 	touch $@
 
 figures: setup
-	$(BIN)/python -m analysis figures --profile $(PROFILE)
-	$(BIN)/python -m analysis claims --profile $(PROFILE)
+	$(BIN)/python -m analysis figures --profile $(PROFILE) --workers $(WORKERS)
+	$(BIN)/python -m analysis claims --profile $(PROFILE) --workers $(WORKERS)
 
 test: setup
 	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -q -n 2 --durations=15

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from .results import atomic_path, atomic_write_csv, atomic_write_text, read_rows
+from .results import atomic_path, atomic_write_csv, atomic_write_text, read_rows, update_marked_section
 
 # ----------------------------------------------------------------------------- style & helpers
 DPI = 150
@@ -72,13 +72,25 @@ def t975(df: int) -> float:
     return _T975[df - 1] if 1 <= df <= 30 else 1.96 + 2.4 / df
 
 
-def summarise(df: pd.DataFrame, by: list[str], value: str = "value") -> pd.DataFrame:
-    """``mean, lo, hi, n`` per group: 95 % interval ``mean ± t · sd/√n`` (``lo = hi`` for n = 1)."""
+def summarise(df: pd.DataFrame, by: list[str], value: str = "value", *, log_floor: float | None = None,
+              bounds: tuple[float, float] | None = None) -> pd.DataFrame:
+    """``mean, lo, hi, n`` per group: 95 % interval ``mean ± t · sd/√n`` (``lo = hi`` for n = 1).
+
+    ``log_floor``: summarise ``log10(max(v, log_floor))`` and transform back (geometric mean and
+    interval, for positive quantities spanning decades).  ``bounds``: clip the interval to the
+    quantity's feasible range (a t-interval over 3 seeds can leave it, e.g. a Gini below 0)."""
     def one(v: pd.Series) -> pd.Series:
         v = v.dropna().astype(float)
+        if log_floor is not None:
+            v = np.log10(np.maximum(v, log_floor))
         n, mean = len(v), float(v.mean()) if len(v) else math.nan
         half = t975(n - 1) * float(v.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
-        return pd.Series({"mean": mean, "lo": mean - half, "hi": mean + half, "n": n})
+        lo, hi = mean - half, mean + half
+        if log_floor is not None:
+            mean, lo, hi = 10 ** mean, 10 ** lo, 10 ** hi
+        if bounds is not None:
+            lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+        return pd.Series({"mean": mean, "lo": lo, "hi": hi, "n": n})
     out = df.groupby(by, sort=False, dropna=False)[value].apply(one).unstack().reset_index()
     out["n"] = out["n"].astype(int)
     return out
@@ -190,7 +202,8 @@ def prepare_f1(train: pd.DataFrame) -> pd.DataFrame:
     d = _sel(train, split="test", metric=list(F1_METRICS), method=ROUTED)
     d = d[d["layer"] != "all"]
     d = d[d["step"] == d["step"].max()]
-    return summarise(d, ["metric", "layer", "method"])
+    # both metrics live in [0, 1] (Gini at most 1 − 1/E): intervals are clipped to that range
+    return summarise(d, ["metric", "layer", "method"], bounds=(0.0, 1.0))
 
 
 def draw_f1(data: pd.DataFrame):
@@ -508,7 +521,8 @@ def prepare_f8(twins: pd.DataFrame) -> pd.DataFrame:
     parts = []
     diff = _sel(twins, metric=["logit_maxabs_diff", "logit_meanabs_diff"])
     diff = diff[diff["model"] != "talklora"]
-    parts.append(summarise(diff.assign(panel="logit_diff"), ["panel", "optimizer", "model", "metric", "step"]))
+    parts.append(summarise(diff.assign(panel="logit_diff"), ["panel", "optimizer", "model", "metric", "step"],
+                           log_floor=ZERO_FLOOR))        # geometric mean and interval (log axis)
     for metric, panel in (("accuracy", "accuracy_gap"), ("gini", "gini_gap")):
         d = _sel(twins, metric=metric)
         d = d[d["layer"] == "all"] if metric == "accuracy" else d[d["layer"] != "all"]
@@ -555,7 +569,7 @@ def draw_f8(data: pd.DataFrame):
             if i == len(panels) - 1:
                 ax.set_xlabel("training step")
     if "logit_diff" in panels:
-        axes[0, 0].text(0.02, 0.03, "dotted: exact 0 (drawn at 1e-9)", transform=axes[0, 0].transAxes,
+        axes[0, 0].text(0.02, 0.09, "dotted: exact 0 (drawn at 1e-9)", transform=axes[0, 0].transAxes,
                         fontsize=7.5, color="0.4")
     fig.tight_layout()
     _legend_below(fig, *_dedupe(axes), ncol=4, title="model (twin of TalkLoRA; shaded: 95% CI over seeds)")
@@ -684,7 +698,7 @@ FIGURES = [
     Figure("F8", "twin_divergence", ("twins",), f8, draw_f8, "04_twins.py",
            "Function-matched twins (claim C9): models that compute TalkLoRA's function at step 0 "
            "(MoELoRA-code with the absorbed router, TalkLoRA with frozen T, identity-T TalkLoRA) trained "
-           "on the same batches. Top: logit distance to TalkLoRA on a held-out batch (log scale); below: "
+           "on the same batches. Top: logit distance to TalkLoRA on a held-out batch (log scale; geometric mean and interval over seeds); below: "
            "validation-accuracy and Gini gaps to TalkLoRA. Columns: optimizer. Shaded: 95% CI over seeds."),
     Figure("F9", "router_flip_rates", ("perturb_routers",), f9, draw_f9, "02_perturbation.py",
            "Dense softmax vs hard–soft top-k routing (claim C10) on identical weights: top-1 flip rate "
@@ -694,6 +708,19 @@ FIGURES = [
            "ties and the certified bound, which does not exist for top-k (gates jump at ties)."),
 ]
 FIGURE_BY_ID = {f.id: f for f in FIGURES}
+
+
+def default_figures_dir() -> Path:
+    """``$TALKLORA_FIGURES_DIR`` if set, else ``figures/`` at the repository root."""
+    return Path(os.environ.get("TALKLORA_FIGURES_DIR", Path(__file__).resolve().parents[1] / "figures"))
+
+
+def figure_data(fig_id: str, figures_dir=None) -> pd.DataFrame:
+    """The saved data of figure ``fig_id`` (exactly the numbers drawn), for the notebooks."""
+    path = Path(figures_dir or default_figures_dir()) / "data" / f"{FIGURE_BY_ID[fig_id].name}.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run `python -m analysis figures` first")
+    return pd.read_csv(path)
 
 
 def load_experiment(experiment: str, results_dir="results") -> pd.DataFrame:
@@ -755,6 +782,10 @@ def draw_all(results_dir="results", figures_dir="figures", only: list[str] | Non
         log(f"[figures] {f.id} -> {written[f.id]['png']} ({len(data)} data rows)")
     readme = atomic_write_text(Path(figures_dir) / "README.md", manifest(figures, rows))
     os.chmod(readme, 0o644)
+    root = Path(__file__).resolve().parents[1]
+    if Path(figures_dir).resolve() == root / "figures" and only is None:
+        gallery = [f"**{f.id}.** {f.caption}\n\n![{f.id}](figures/{f.name}.png)\n" for f in figures]
+        update_marked_section(root / "README.md", "figures", "\n".join(gallery))
     return written
 
 

@@ -97,6 +97,21 @@ def atomic_write_csv(df: pd.DataFrame, path: str | Path) -> Path:
     return Path(path)
 
 
+def update_marked_section(path: str | Path, name: str, text: str) -> bool:
+    """Replace what stands between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``path``
+    (atomically).  Returns False, changing nothing, when the file or the markers are absent."""
+    path = Path(path)
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if not path.is_file():
+        return False
+    content = path.read_text()
+    i, j = content.find(start), content.find(end)
+    if i < 0 or j < i:
+        return False
+    atomic_write_text(path, content[:i + len(start)] + "\n" + text.strip("\n") + "\n" + content[j:])
+    return True
+
+
 def _json_default(obj):
     if hasattr(obj, "to_dict"):
         return obj.to_dict()

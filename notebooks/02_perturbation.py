@@ -19,34 +19,14 @@
 # W_r and differ only in the Talking Module T, so any difference between talk settings is T's.
 
 # %% [markdown]
-# *Setup: find the repository root from the working directory (notebooks/ or the root), put it on
-# the path, and read the figure data from `figures/data/` (or `$TALKLORA_FIGURES_DIR/data`).*
+# *Setup: the figure data is read from `figures/data/` (or `$TALKLORA_FIGURES_DIR/data`); the
+# drawing functions are the pipeline's own, so notebook and `python -m analysis figures` agree.*
 
 # %%
-import os
-import sys
-from pathlib import Path
-
-import pandas as pd
-
-ROOT = Path.cwd().resolve()
-while not (ROOT / "analysis" / "figures.py").is_file():
-    if ROOT.parent == ROOT:
-        raise RuntimeError("run this notebook from inside the talklora-min repository")
-    ROOT = ROOT.parent
-sys.path.insert(0, str(ROOT))
-DATA = Path(os.environ.get("TALKLORA_FIGURES_DIR", ROOT / "figures")) / "data"
-if not DATA.is_dir():
-    raise FileNotFoundError(f"{DATA} does not exist: run `python -m analysis figures` first")
-
-from analysis import figures as F  # noqa: E402  (the same drawing code as the pipeline)
+from analysis import figures as F
 
 F.set_style()
-
-
-def load(fig_id: str) -> pd.DataFrame:
-    """The saved data of figure ``fig_id`` (exactly the numbers drawn)."""
-    return pd.read_csv(DATA / f"{F.FIGURE_BY_ID[fig_id].name}.csv")
+load = F.figure_data
 # %% [markdown]
 # ## F2 — amplification vs ε
 # Routing quotient ‖Δg‖₂/‖δ‖₂ per token (median and 95th percentile) for Gaussian, expert-block

@@ -89,7 +89,8 @@ def test_profiles_load_and_round_trip(tmp_path):
         path.write_text(cfg.to_toml())
         assert load_config(None, path) == cfg
     quick, paper = load_profile("quick"), load_profile("paper")
-    assert quick.train.lr == 3e-4 and quick.train.weight_decay == 0.01
+    assert paper.train.lr == 3e-4 and quick.train.weight_decay == 0.01   # the official lr in the paper profile
+    assert quick.twins.lr_adamw == 3e-4 and paper.twins.lr_adamw == 3e-4   # twins: official AdamW settings
     assert quick.train.adapt_top_layers == 2 and len(quick.train.seeds) == 3
     assert paper.train.steps > quick.train.steps
     with pytest.raises(ConfigError, match="unknown profile"):
@@ -384,3 +385,14 @@ def test_minilm_cached_prefix_matches_full_model(corpus, tmp_path, one_thread):
     names = [f"encoder.{n}" for n in tl.adapter_layers(model)]
     pats = clf.top_layer_targets(prefix=r"encoder\.")
     assert all(any(re.fullmatch(p, n) for p in pats) for n in names)
+
+
+def test_update_marked_section(tmp_path):
+    from analysis.results import update_marked_section
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- claims:start -->\nold\n<!-- claims:end -->\noutro\n")
+    assert update_marked_section(readme, "claims", "| a | b |\n")
+    assert readme.read_text() == "intro\n<!-- claims:start -->\n| a | b |\n<!-- claims:end -->\noutro\n"
+    assert not update_marked_section(readme, "figures", "x")           # no markers: unchanged
+    assert not update_marked_section(tmp_path / "missing.md", "claims", "x")
+    assert readme.read_text().count("| a | b |") == 1

@@ -16,13 +16,6 @@ from torch import nn
 
 from talklora_min import LoRALinear, MoELoRALinear, TalkLoRALinear, balance_loss, talk_matrix
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 D_IN, D_OUT, RANK, E = 12, 10, 8, 4

@@ -8,13 +8,6 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True)
-def single_intra_op_thread():
-    """Tiny sizes: intra-op threads only add synchronisation cost; nothing here is timed against a target."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "probe_speed.py"

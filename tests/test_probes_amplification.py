@@ -12,36 +12,10 @@ from talklora_min.probes import (KINDS, ROW_KEYS, certified_lipschitz, local_lip
 from talklora_min.probes.amplification import _reduced_mixer
 from talklora_min.probes._util import float64_call
 
-
-@pytest.fixture(autouse=True)
-def single_intra_op_thread():
-    """These tests use tiny tensors, for which intra-op threads only add synchronisation cost (on a
-    busy 2-core machine up to ~30× the run time); the values do not depend on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from helpers import make_layer, tokens
 
 
 EPS = (1e-3, 1e-2, 0.1)
-
-
-def make_layer(kind, d=12, r=8, E=4, seed=0, scale=1.0, dtype=torch.float64, top_k=None, d_out=10):
-    gen = torch.Generator().manual_seed(seed)
-    base = nn.Linear(d, d_out).to(dtype)
-    if kind == "talklora":
-        layer = TalkLoRALinear(base, r, E, top_k=top_k)
-    else:
-        layer = MoELoRALinear(base, r, E, router_input=kind.split("-")[1], top_k=top_k)
-    w = {n: torch.randn(t.shape, generator=gen, dtype=dtype) / math.sqrt(t.shape[-1])
-         for n, t in layer.get_weights().items()}
-    w["W_g" if kind == "moelora-input" else "W_r"] *= scale
-    layer.set_weights(**w)
-    return layer
-
-
-def tokens(n, d, seed, dtype=torch.float64):
-    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 def value(rows, kind, eps, metric, statistic, layer="layer"):

@@ -8,41 +8,14 @@ from hypothesis import given, strategies as st
 from torch import nn
 
 from talklora_min import MoELoRALinear, TalkLoRALinear, talk_matrix
+from helpers import make_layer, tokens
 from talklora_min.probes import (ORDER_RTOL, certified_lipschitz, local_lipschitz, local_lipschitz_generic,
                                  router_lipschitz, softmax_jacobian)
 
 
-@pytest.fixture(autouse=True)
-def single_intra_op_thread():
-    """These tests use tiny tensors, for which intra-op threads only add synchronisation cost (on a
-    busy 2-core machine up to ~30× the run time); the values do not depend on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 KINDS = ("talklora", "moelora-code", "moelora-input")
-
-
-def make_layer(kind, d=12, r=8, E=4, seed=0, scale=1.0, dtype=torch.float64, top_k=None, d_out=6):
-    """A layer with every adapter matrix drawn from a local generator (B non-zero); the router
-    matrix is multiplied by ``scale``."""
-    gen = torch.Generator().manual_seed(seed)
-    base = nn.Linear(d, d_out).to(dtype)
-    if kind == "talklora":
-        layer = TalkLoRALinear(base, r, E, top_k=top_k)
-    else:
-        layer = MoELoRALinear(base, r, E, router_input=kind.split("-")[1], top_k=top_k)
-    w = {n: torch.randn(t.shape, generator=gen, dtype=dtype) / math.sqrt(t.shape[-1])
-         for n, t in layer.get_weights().items()}
-    w["W_g" if kind == "moelora-input" else "W_r"] *= scale
-    layer.set_weights(**w)
-    return layer
-
-
-def tokens(n, d, seed, dtype=torch.float64, scale=1.0):
-    return scale * torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 def wrts(kind):

@@ -10,14 +10,6 @@ from talklora_min.probes import (coefficient_of_variation, dead_experts, gini, h
                                  load_metrics, max_mean_share, soft_load, top1_churn)
 
 
-@pytest.fixture(autouse=True)
-def single_intra_op_thread():
-    """These tests use tiny tensors, for which intra-op threads only add synchronisation cost (on a
-    busy 2-core machine up to ~30× the run time); the values do not depend on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 loads = st.lists(st.floats(0, 1e6, allow_nan=False, allow_infinity=False), min_size=1, max_size=12).filter(

@@ -7,14 +7,6 @@ from talklora_min import AdapterConfig, MoELoRALinear, TalkLoRALinear, adapter_l
 from talklora_min.probes import gini, record_routing, soft_load
 
 
-@pytest.fixture(autouse=True)
-def single_intra_op_thread():
-    """These tests use tiny tensors, for which intra-op threads only add synchronisation cost (on a
-    busy 2-core machine up to ~30× the run time); the values do not depend on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Tiny(nn.Module):

@@ -25,13 +25,6 @@ from talklora_min import (LoRALinear, MoELoRALinear, TalkLoRALinear, absorb_talk
                           rowspace_residual, talklora_from_moelora)
 from talklora_min.reparam import default_tolerance
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
