@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .train import MINILM_DIMS, closed_form_parameters
 from .results import (ResultStore, atomic_write_csv, atomic_write_text, git_commit, git_dirty,
                       update_marked_section)
 
@@ -66,8 +67,6 @@ CONF = 0.95
 Z975 = 1.959963984540054
 
 # MiniLM (all-MiniLM-L6-v2) projection sizes (d_in, d_out) of the train targets (SPEC §7)
-MINILM_DIMS = {"query": (384, 384), "key": (384, 384), "value": (384, 384),
-               "up": (384, 1536), "down": (1536, 384)}
 
 PAPER = {   # SPEC §5, the "claim (paper's wording first)" column
     "C1": "TalkLoRA reduces to MoELoRA when communication is the identity",
@@ -703,27 +702,6 @@ def claim_c6(train: pd.DataFrame, tests=None) -> Claim:
 
 
 # C7 -------------------------------------------------------------------------
-def closed_form_parameters(method: str, rank: int, num_experts: int, layers: int, targets,
-                           dims: dict = MINILM_DIMS, shared_B: bool = False) -> int:
-    """Trainable adapter parameters (head excluded).  Per adapted layer: A r·d_in + C E·m² +
-    B d_out·r + T E² + W_r E·r (MoELoRA-input: W_g E·d_in instead of W_r; LoRA: A and B only).
-    ``shared_B``: one B per projection type across layers (official layout)."""
-    r, E = rank, num_experts
-    m = r // E
-    total = 0
-    for t in targets:
-        d_in, d_out = dims[t]
-        if method == "lora":
-            per, b = r * d_in, d_out * r
-        else:
-            per, b = r * d_in + E * m * m, d_out * r
-            per += E * d_in if method == "moelora-input" else E * r
-            if method.startswith("talklora"):
-                per += E * E
-        total += layers * per + (b if shared_B else layers * b)
-    return total
-
-
 def claim_c7(train: pd.DataFrame, tests=None, train_cfg: dict | None = None) -> Claim:
     tr = _require(train, "train")
     counts = tr[tr.metric == "trainable_parameters"].groupby("method").value.agg(["min", "max"])

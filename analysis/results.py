@@ -32,6 +32,9 @@ Slurm through submitit::
     ex.update_parameters(timeout_min=60, slurm_partition="cpu", cpus_per_task=4)
     run_sweep("perturb", cells, executor=ex)
 
+(``tests/test_analysis_infra.py`` runs a sweep through ``submitit.AutoExecutor(cluster="local")``,
+each cell in its own subprocess, and checks the rows equal the inline run.)
+
 The parent process writes the cell files as results come back, so workers need no access to the
 results directory (with submitit they need the repository on a shared filesystem to import
 ``fn``).  A cell that raises does not stop the others; :class:`SweepError` is raised at the end,

@@ -80,10 +80,48 @@ def split_targets(exp_dir: Path, cfg: dict) -> dict[str, tuple[Tensor, Tensor]]:
 
 
 # ----------------------------------------------------------------------------- model
+MINILM_DIMS = {"query": (384, 384), "key": (384, 384), "value": (384, 384),
+               "up": (384, 1536), "down": (1536, 384)}
+
+
+def closed_form_parameters(method: str, rank: int, num_experts: int, layers: int, targets,
+                           dims: dict = MINILM_DIMS, shared_B: bool = False) -> int:
+    """Trainable adapter parameters (head excluded).  Per adapted layer: A r·d_in + C E·m² +
+    B d_out·r + T E² + W_r E·r (MoELoRA-input: W_g E·d_in instead of W_r; LoRA: A and B only).
+    ``shared_B``: one B per projection type across layers (official layout)."""
+    r, E = rank, num_experts
+    m = r // E
+    total = 0
+    for t in targets:
+        d_in, d_out = dims[t]
+        if method == "lora":
+            per, b = r * d_in, d_out * r
+        else:
+            per, b = r * d_in + E * m * m, d_out * r
+            per += E * d_in if method == "moelora-input" else E * r
+            if method.startswith("talklora"):
+                per += E * E
+        total += layers * per + (b if shared_B else layers * b)
+    return total
+
+
+def method_rank(method: str, cfg: dict) -> int:
+    """The rank a method trains with.  ``matched_budget = "same-rank"``: ``cfg["rank"]`` for all;
+    ``"match-params"``: the rank (a multiple of E for the MoE methods) whose trainable-parameter
+    count is closest to talklora-official's at ``cfg["rank"]``."""
+    if cfg["matched_budget"] == "same-rank":
+        return cfg["rank"]
+    E, layers, targets = cfg["num_experts"], cfg["adapt_top_layers"], cfg["targets"]
+    target = closed_form_parameters("talklora-official", cfg["rank"], E, layers, targets)
+    step = 1 if method == "lora" else E
+    return min(range(step, 4 * cfg["rank"] + 1, step),
+               key=lambda r: abs(closed_form_parameters(method, r, E, layers, targets) - target))
+
+
 def adapter_config(method: str, cfg: dict, num_layers: int) -> AdapterConfig:
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-    return AdapterConfig(rank=cfg["rank"], num_experts=cfg["num_experts"],
+    return AdapterConfig(rank=method_rank(method, cfg), num_experts=cfg["num_experts"],
                          alpha=None if not cfg["alpha"] else cfg["alpha"], dropout=cfg["dropout"],
                          target_modules=[r"encoder\." + p for p in minilm_targets(num_layers, cfg["adapt_top_layers"], cfg["targets"])],
                          target_match="regex", **METHODS[method])

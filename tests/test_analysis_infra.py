@@ -396,3 +396,18 @@ def test_update_marked_section(tmp_path):
     assert not update_marked_section(readme, "figures", "x")           # no markers: unchanged
     assert not update_marked_section(tmp_path / "missing.md", "claims", "x")
     assert readme.read_text().count("| a | b |") == 1
+
+
+def test_real_submitit_local_executor(tmp_path):
+    """The same sweep through submitit's local executor (the Slurm path minus Slurm): each cell runs
+    in its own subprocess, pickled by submitit; rows equal the inline run."""
+    submitit = pytest.importorskip("submitit")
+    from analysis.perturb import talk_norm_cell
+    cells = [Cell(talk_norm_cell, {"E": E, "seed": 0}, {"draws": 20}) for E in (2, 4)]
+    reference = run_sweep("norms", cells, results_dir=tmp_path / "ref", progress=False, log=lambda s: None).rows
+    ex = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="local")
+    ex.update_parameters(timeout_min=5)
+    local = run_sweep("norms", cells, results_dir=tmp_path / "local", executor=ex, progress=False,
+                      log=lambda s: None)
+    assert local.n_run == 2
+    pd.testing.assert_frame_equal(local.rows, reference)

@@ -162,3 +162,17 @@ def test_real_model_perturbation_cell(model):
     assert len(rows.layer.unique()) == (30 if model == "minilm" else 5)
     q = rows[(rows.metric == "routing_quotient") & (rows.statistic == "median")].value
     assert (q > 0).all() and q.map(math.isfinite).all()
+
+
+def test_matched_budget_rules():
+    cfg = tiny_train_cfg(rank=8, num_experts=4, adapt_top_layers=1, targets=["query", "up"])
+    assert {m: train.method_rank(m, cfg) for m in train.METHODS} == {m: 8 for m in train.METHODS}
+    cfg["matched_budget"] = "match-params"
+    count = lambda m, r: train.closed_form_parameters(m, r, 4, 1, ["query", "up"])
+    target = count("talklora-official", 8)
+    for method in train.METHODS:
+        r = train.method_rank(method, cfg)
+        step = 1 if method == "lora" else 4
+        assert r % step == 0
+        best = min(abs(count(method, k) - target) for k in range(step, 33, step))
+        assert abs(count(method, r) - target) == best, method
