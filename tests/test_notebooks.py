@@ -25,24 +25,20 @@ def test_every_figure_has_a_notebook():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs(path):
+def test_notebook_runs(path, monkeypatch):
     # figures/data is committed (the quick profile's results): a missing file is a failure
     assert (FIGURES_DIR / "data").is_dir(), (f"{FIGURES_DIR / 'data'} is absent: run `python -m analysis "
                                              f"figures` first (or set TALKLORA_FIGURES_DIR)")
     jupytext = pytest.importorskip("jupytext")
     nbclient = pytest.importorskip("nbclient")
     nb = jupytext.read(path)
-    env_before = os.environ.get("TALKLORA_FIGURES_DIR")
-    os.environ["TALKLORA_FIGURES_DIR"] = str(FIGURES_DIR)     # the kernel inherits the environment
-    try:
-        client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
-                                         resources={"metadata": {"path": str(path.parent)}})
-        client.execute()
-    finally:
-        if env_before is None:
-            os.environ.pop("TALKLORA_FIGURES_DIR", None)
-        else:
-            os.environ["TALKLORA_FIGURES_DIR"] = env_before
+    # the kernel inherits the environment: point it at the data, and let it use the inline backend
+    # (a headless MPLBACKEND=Agg, as `make` exports, would draw nothing into the notebook)
+    monkeypatch.setenv("TALKLORA_FIGURES_DIR", str(FIGURES_DIR))
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+    client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                                     resources={"metadata": {"path": str(path.parent)}})
+    client.execute()
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]
     assert images, f"{path.name} drew no figure"
