@@ -589,8 +589,10 @@ def claim_c5(synthetic: pd.DataFrame, train: pd.DataFrame, tests=None, real: pd.
     elif contractive and all(settings[t].direction == "below" for t in contractive):
         verdict = "holds under stated conditions"
         others = [k for k in settings if k not in contractive]
-        reason = ("only the contractive uniform-mix settings (" + ", ".join(f"`{t}`" for t in contractive)
-                  + ") resolve a reduction; unresolved or not reducing: "
+        reason = ("the contractive uniform-mix settings (" + ", ".join(f"`{t}`" for t in contractive)
+                  + ") resolve a reduction"
+                  + "".join(f", and so does `{k}` ×{settings[k].text()}" for k in others if k in reducing)
+                  + "; unresolved or not reducing: "
                   + ", ".join(f"`{k}` ×{settings[k].text()}" for k in others if k not in reducing))
     else:
         verdict = "inconclusive"

@@ -230,10 +230,6 @@ def draw_f1(data: pd.DataFrame):
     return fig
 
 
-def f1(train):
-    data = prepare_f1(train)
-    return draw_f1(data), data
-
 
 # ----------------------------------------------------------------------------- F2 amplification vs eps
 def prepare_f2(synthetic: pd.DataFrame) -> pd.DataFrame:
@@ -275,10 +271,6 @@ def draw_f2(data: pd.DataFrame):
     _legend_below(fig, h, lab, ncol=4, title="talk setting T (shaded: 95% CI of the median over seeds)")
     return fig
 
-
-def f2(synthetic):
-    data = prepare_f2(synthetic)
-    return draw_f2(data), data
 
 
 # ----------------------------------------------------------------------------- F3 Lipschitz sandwich
@@ -339,10 +331,6 @@ def draw_f3(data: pd.DataFrame):
     return fig
 
 
-def f3(synthetic, train):
-    data = prepare_f3(synthetic, train)
-    return draw_f3(data), data
-
 
 # ----------------------------------------------------------------------------- F4 balance over training
 F4_METRICS = {"gini": "Gini of expert load", "load_entropy": "load entropy (normalised)",
@@ -371,10 +359,6 @@ def draw_f4(data: pd.DataFrame):
     _legend_below(fig, *_dedupe(axes), ncol=4, title="validation split; shaded: 95% CI over seeds")
     return fig
 
-
-def f4(train):
-    data = prepare_f4(train)
-    return draw_f4(data), data
 
 
 # ----------------------------------------------------------------------------- F5 accuracy vs parameters
@@ -407,10 +391,6 @@ def draw_f5(data: pd.DataFrame):
     fig.tight_layout()
     return fig
 
-
-def f5(train):
-    data = prepare_f5(train)
-    return draw_f5(data), data
 
 
 # ----------------------------------------------------------------------------- F6 equivalence residuals
@@ -461,10 +441,6 @@ def draw_f6(data: pd.DataFrame):
     return fig
 
 
-def f6(equivalence):
-    data = prepare_f6(equivalence)
-    return draw_f6(data), data
-
 
 # ----------------------------------------------------------------------------- F7 ||T||_2 under official init
 F7_METRICS = {"talk_norm": "‖T‖₂ under the official init U(±1/√E)",
@@ -505,10 +481,6 @@ def draw_f7(data: pd.DataFrame):
     fig.tight_layout()
     return fig
 
-
-def f7(talk_norms):
-    data = prepare_f7(talk_norms)
-    return draw_f7(data), data
 
 
 # ----------------------------------------------------------------------------- F8 twin divergence
@@ -576,10 +548,6 @@ def draw_f8(data: pd.DataFrame):
     return fig
 
 
-def f8(twins):
-    data = prepare_f8(twins)
-    return draw_f8(data), data
-
 
 # ----------------------------------------------------------------------------- F9 flip rates dense vs top-k
 F9_PANELS = {"top1_flip_rate/gaussian_input": "top-1 flip rate, Gaussian δ",
@@ -641,10 +609,6 @@ def draw_f9(data: pd.DataFrame):
     return fig
 
 
-def f9(routers):
-    data = prepare_f9(routers)
-    return draw_f9(data), data
-
 
 # ----------------------------------------------------------------------------- registry, manifest
 @dataclass(frozen=True)
@@ -652,8 +616,8 @@ class Figure:
     id: str
     slug: str
     experiments: tuple
-    make: Callable
-    draw: Callable
+    prepare: Callable      # rows of each experiment -> the data frame drawn (saved as the data file)
+    draw: Callable         # data frame -> matplotlib figure (the notebooks call this too)
     notebook: str
     caption: str
 
@@ -661,46 +625,51 @@ class Figure:
     def name(self) -> str:
         return f"{self.id}_{self.slug}"
 
+    def make(self, *rows: pd.DataFrame):
+        """``(figure, data)`` from the experiments' rows."""
+        data = self.prepare(*rows)
+        return self.draw(data), data
+
 
 FIGURES = [
-    Figure("F1", "load_balance_per_layer", ("train",), f1, draw_f1, "01_load_balance.py",
+    Figure("F1", "load_balance_per_layer", ("train",), prepare_f1, draw_f1, "01_load_balance.py",
            "Expert-load balance per adapted layer after training on real text (claim C6): Gini of the soft "
            "expert load (top) and normalised load entropy (bottom) on the test split, for MoELoRA "
            "(code / input router) and TalkLoRA (official / identity T). Mean ± 95% CI over seeds. "
            "Per-expert load shares are not stored; Gini and entropy summarise them."),
-    Figure("F2", "amplification_vs_eps", ("perturb_synthetic",), f2, draw_f2, "02_perturbation.py",
+    Figure("F2", "amplification_vs_eps", ("perturb_synthetic",), prepare_f2, draw_f2, "02_perturbation.py",
            "Perturbation amplification (claim C5): routing quotient ‖Δg‖₂/‖δ‖₂ (median solid, 95th "
            "percentile dotted over tokens) vs relative perturbation size ε, per perturbation kind (columns) "
            "and number of experts (rows), for each talk setting; every setting shares A, C, B, W_r and "
            "differs in T only. Shaded: 95% CI over seeds."),
-    Figure("F3", "lipschitz_sandwich", ("perturb_synthetic", "train"), f3, draw_f3, "02_perturbation.py",
+    Figure("F3", "lipschitz_sandwich", ("perturb_synthetic", "train"), prepare_f3, draw_f3, "02_perturbation.py",
            "Router Lipschitz sandwich (claim C4/C5): certified bound ≥ max local Jacobian norm ≥ empirical "
            "(PGD) quotient, across talk strength α (T = αI + (1−α)J/E; α = 1 is the identity) and the "
            "official init on synthetic layers (w.r.t. the code h and the input x), and for every trained "
            "router (w.r.t. x; mean over seeds and layers)."),
-    Figure("F4", "balance_over_training", ("train",), f4, draw_f4, "01_load_balance.py",
+    Figure("F4", "balance_over_training", ("train",), prepare_f4, draw_f4, "01_load_balance.py",
            "Load balance during training (claim C6): Gini of the expert load, normalised load entropy and "
            "mean per-token gate entropy on the validation split, averaged over adapted layers, vs step. "
            "Shaded: 95% CI over seeds."),
-    Figure("F5", "accuracy_vs_parameters", ("train",), f5, draw_f5, "01_load_balance.py",
+    Figure("F5", "accuracy_vs_parameters", ("train",), prepare_f5, draw_f5, "01_load_balance.py",
            "Parameter efficiency (claim C7): test accuracy vs exact trainable adapter parameters (shared B "
            "and tied tensors counted once, classification head excluded). Mean ± 95% CI over seeds."),
-    Figure("F6", "equivalence_residuals", ("equivalence",), f6, draw_f6, "03_equivalence_and_init.py",
+    Figure("F6", "equivalence_residuals", ("equivalence",), prepare_f6, draw_f6, "03_equivalence_and_init.py",
            "Equivalence maps (claims C1–C3) on random configurations: relative output residual of "
            "identity-T TalkLoRA vs MoELoRA (C1), absorbing T into the router (C2), code router as input "
            "router (C3) in float32/float64, with machine ε for reference (exact zeros drawn at 1e-9). "
            "Right: the C3 counterexample's row-space residual, > 0 means the input router is not "
            "representable by any code router."),
-    Figure("F7", "talk_norm_official_init", ("talk_norms",), f7, draw_f7, "03_equivalence_and_init.py",
+    Figure("F7", "talk_norm_official_init", ("talk_norms",), prepare_f7, draw_f7, "03_equivalence_and_init.py",
            "Claim C8: distribution of ‖T‖₂ under the official init U(±1/√E) (left) and of the ratio of "
            "certified router bounds with that T vs T = I for the same W_r (right), per number of experts E. "
            "Red numbers: share of draws above 1, i.e. where communication raises the bound."),
-    Figure("F8", "twin_divergence", ("twins",), f8, draw_f8, "04_twins.py",
+    Figure("F8", "twin_divergence", ("twins",), prepare_f8, draw_f8, "04_twins.py",
            "Function-matched twins (claim C9): models that compute TalkLoRA's function at step 0 "
            "(MoELoRA-code with the absorbed router, TalkLoRA with frozen T, identity-T TalkLoRA) trained "
            "on the same batches. Top: logit distance to TalkLoRA on a held-out batch (log scale; geometric mean and interval over seeds); below: "
            "validation-accuracy and Gini gaps to TalkLoRA. Columns: optimizer. Shaded: 95% CI over seeds."),
-    Figure("F9", "router_flip_rates", ("perturb_routers",), f9, draw_f9, "02_perturbation.py",
+    Figure("F9", "router_flip_rates", ("perturb_routers",), prepare_f9, draw_f9, "02_perturbation.py",
            "Dense softmax vs hard–soft top-k routing (claim C10) on identical weights: top-1 flip rate "
            "under Gaussian and adversarial perturbations (under the same Gaussian δ all routers share the "
            "logits and hence the top-1 flips; PGD targets each router's own gates) and top-k set flip rate "
