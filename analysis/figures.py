@@ -11,8 +11,8 @@
 
 Every figure is split in two functions so that the pipeline and the notebooks cannot drift:
 ``prepare_f<n>(rows…) -> DataFrame`` (the data drawn) and ``draw_f<n>(data) -> Figure``; the
-notebooks in ``notebooks/`` call ``draw_f<n>`` on the saved CSV.  ``f<n>(rows…)`` returns
-``(fig, data)``.  One style for all figures is set by :func:`set_style`.
+notebooks in ``notebooks/`` call ``draw_f<n>`` on the saved CSV.  ``FIGURE_BY_ID["F<n>"].make(rows…)``
+returns ``(fig, data)``.  One style for all figures is set by :func:`set_style`.
 """
 from __future__ import annotations
 
