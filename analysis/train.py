@@ -283,7 +283,6 @@ def router_rows(model: SentenceClassifier, cache: PrefixCache, seed: int, max_to
 
 def train_cell(method: str, seed: int, cfg: dict, exp_dir: str) -> list[dict]:
     """One training run: returns tidy rows (see module docstring); saves the adapter."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     exp_dir = Path(exp_dir)
     encoder, _ = load_minilm()
     caches = prefix_caches(cfg, exp_dir)
