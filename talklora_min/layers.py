@@ -105,6 +105,20 @@ def talk_matrix(num_experts: int, talk_init="official", *, dtype=None, device=No
     return init * eye + (1.0 - init) * torch.full((E, E), 1.0 / E, dtype=dtype, device=device)
 
 
+def absorbed_router(W_r: Tensor, T: Tensor, m: int) -> Tensor:
+    """Absorb the Talking Module into the router: ``W' = W_r (T ⊗ I_m)``, shape ``(E, r)``.
+
+    Blockwise (column block e of width m): ``W'^{(e)} = Σ_e' T[e', e] W_r^{(e')}``.
+    Because ``h~ = (T ⊗ I_m) h``, ``W_r h~ = W' h`` for every code h (SPEC §3, talk absorption).
+    """
+    E = T.shape[0]
+    if T.shape != (E, E) or W_r.shape != (E, E * m):
+        raise ValueError(f"absorbed_router: need T (E, E) and W_r (E, E·m); got T {tuple(T.shape)}, "
+                         f"W_r {tuple(W_r.shape)}, m={m}")
+    eye = torch.eye(m, dtype=T.dtype, device=T.device)
+    return W_r @ torch.kron(T, eye)
+
+
 # ----------------------------------------------------------------------------- balance losses
 def balance_loss(kind: str, logits: Tensor, gates: Tensor) -> Tensor:
     """Auxiliary load-balance loss over all tokens of one forward (gates ``(..., E)``).
@@ -406,5 +420,4 @@ class TalkLoRALinear(MoELoRALinear):
 
     def effective_router(self) -> Tensor:
         """``W_eff = W_r (T ⊗ I_m)``, shape ``(E, r)`` (SPEC §3, talk absorption)."""
-        eye = torch.eye(self.expert_rank, dtype=self.T.dtype, device=self.T.device)
-        return self.W_r @ torch.kron(self.T, eye)
+        return absorbed_router(self.W_r, self.T, self.expert_rank)

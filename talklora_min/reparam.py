@@ -39,7 +39,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .layers import MoELoRALinear, TalkLoRALinear
+from .layers import MoELoRALinear, TalkLoRALinear, absorbed_router
 
 __all__ = [
     "absorb_talk", "absorbed_router", "code_router_from_input", "code_router_weight",
@@ -90,20 +90,6 @@ def default_tolerance(dtype: torch.dtype) -> float:
 
 
 # ----------------------------------------------------------------------------- tensor maps
-def absorbed_router(W_r: Tensor, T: Tensor, m: int) -> Tensor:
-    """Absorb the Talking Module into the router: ``W' = W_r (T ⊗ I_m)``, shape ``(E, r)``.
-
-    Blockwise (column block e of width m): ``W'^{(e)} = Σ_e' T[e', e] W_r^{(e')}``.
-    Because ``h~ = (T ⊗ I_m) h``, ``W_r h~ = W' h`` for every code h (SPEC §3, talk absorption).
-    """
-    E = T.shape[0]
-    if T.shape != (E, E) or W_r.shape != (E, E * m):
-        raise ValueError(f"absorbed_router: need T (E, E) and W_r (E, E·m); got T {tuple(T.shape)}, "
-                         f"W_r {tuple(W_r.shape)}, m={m}")
-    eye = torch.eye(m, dtype=T.dtype, device=T.device)
-    return W_r @ torch.kron(T, eye)
-
-
 def input_router_weight(W_code: Tensor, A: Tensor) -> Tensor:
     """Inclusion of the code router in the input router: ``W_g = W' A``, shape ``(E, d_in)``,
     so that ``W_g x = W' (A x) = W' h`` for every token x (SPEC §3)."""
