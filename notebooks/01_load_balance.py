@@ -29,6 +29,8 @@ from analysis import figures as F
 
 F.set_style()
 load = F.figure_data
+
+
 # %% [markdown]
 # ## F1 — expert load per layer after training
 # Gini of the soft expert load (0 = perfectly balanced; at most (E−1)/E) and its normalised

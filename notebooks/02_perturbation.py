@@ -27,6 +27,8 @@ from analysis import figures as F
 
 F.set_style()
 load = F.figure_data
+
+
 # %% [markdown]
 # ## F2 — amplification vs ε
 # Routing quotient ‖Δg‖₂/‖δ‖₂ per token (median and 95th percentile) for Gaussian, expert-block

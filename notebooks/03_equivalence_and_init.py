@@ -26,6 +26,8 @@ from analysis import figures as F
 
 F.set_style()
 load = F.figure_data
+
+
 # %% [markdown]
 # ## F6 — residuals of the exact maps
 # Relative max-abs output residuals on random configurations: they should sit at the dtype's

@@ -27,6 +27,8 @@ from analysis import figures as F
 
 F.set_style()
 load = F.figure_data
+
+
 # %% [markdown]
 # ## F8 — divergence and metric gaps over training
 # Under SGD the absorbed twin follows TalkLoRA only to first order; under AdamW the per-parameter
