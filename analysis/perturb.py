@@ -209,6 +209,15 @@ def real_model_cell(model: str, talk: str, seed: int, n_sentences: int, max_leng
     return rows
 
 
+def router_grid_entry(grid: list) -> tuple[int, int]:
+    """The (E, r) of the dense vs top-k comparison: the first grid entry with E >= 3 (with E = 2,
+    top-2 routing *is* the dense router, and top-1 the only sparse one)."""
+    for E, r in grid:
+        if E >= 3:
+            return E, r
+    raise ValueError(f"perturb.grid needs an [E, r] entry with E >= 3 for the dense vs top-k comparison, got {grid}")
+
+
 def run(config, *, results_dir="results", workers: int = 1, executor=None, force: bool = False):
     """All perturbation cells of ``config.perturb`` not done yet (one sweep per cell kind)."""
     from .results import Cell, run_sweep
@@ -216,10 +225,11 @@ def run(config, *, results_dir="results", workers: int = 1, executor=None, force
     p = config.perturb.to_dict()
     common = dict(d_in=p["d_in"], d_out=p["d_out"], n_tokens=p["n_tokens"], eps=p["eps"],
                   adversarial_steps=p["adversarial_steps"])
+    E_k, r_k = router_grid_entry(p["grid"])
     sweeps = {
         "perturb_synthetic": [Cell(synthetic_cell, dict(E=E, r=r, talk=t, seed=s), dict(**common, kinds=p["kinds"]))
                               for E, r in p["grid"] for t in p["talk"] for s in p["seeds"]],
-        "perturb_routers": [Cell(router_cell, dict(router=k, seed=s), dict(**common, E=p["grid"][0][0], r=p["grid"][0][1]))
+        "perturb_routers": [Cell(router_cell, dict(router=k, seed=s), dict(**common, E=E_k, r=r_k))
                             for k in ROUTERS for s in p["seeds"]],
         "talk_norms": [Cell(talk_norm_cell, dict(E=E, seed=0), dict(draws=2000)) for E in (2, 4, 8, 16, 32)],
         "equivalence": [Cell(equivalence_cell, dict(seed=s), dict(n_configs=20)) for s in p["seeds"]],

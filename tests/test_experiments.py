@@ -176,3 +176,9 @@ def test_matched_budget_rules():
         assert r % step == 0
         best = min(abs(count(method, k) - target) for k in range(step, 33, step))
         assert abs(count(method, r) - target) == best, method
+
+
+def test_router_comparison_uses_an_expert_count_where_top2_is_sparse():
+    assert perturb.router_grid_entry([[2, 16], [4, 16], [8, 32]]) == (4, 16)
+    with pytest.raises(ValueError, match="E >= 3"):
+        perturb.router_grid_entry([[2, 16]])
