@@ -715,7 +715,8 @@ def save_figure(fig, data: pd.DataFrame, name: str, figures_dir) -> dict:
     for ext in ("png", "pdf"):
         path = figures_dir / f"{name}.{ext}"
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=ext, dpi=DPI, bbox_inches="tight")
+            fig.savefig(tmp, format=ext, dpi=DPI, bbox_inches="tight",   # no timestamp: reproducible files
+                        metadata={"CreationDate": None} if ext == "pdf" else {"Software": None})
         out[ext] = path
     out["csv"] = atomic_write_csv(data, figures_dir / "data" / f"{name}.csv")
     for path in out.values():
