@@ -251,6 +251,14 @@ class PrefixCache:
             mask[row, :n] = 1
         return out, mask
 
+    def select(self, index) -> "PrefixCache":
+        """The examples ``index`` (in that order) as a new cache."""
+        index = torch.as_tensor(index, dtype=torch.long).reshape(-1).tolist()
+        parts = [self.hidden[self.offsets[i]:self.offsets[i + 1]] for i in index]
+        offsets = torch.zeros(len(parts) + 1, dtype=torch.long)
+        offsets[1:] = torch.cumsum(torch.tensor([len(p) for p in parts], dtype=torch.long), 0)
+        return PrefixCache(torch.cat(parts), offsets, [self.ids[i] for i in index])
+
     def save(self, path: str | Path) -> Path:
         import json
 

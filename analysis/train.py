@@ -34,8 +34,8 @@ from torch import Tensor, nn
 
 from talklora_min import AdapterConfig, adapter_layers, auxiliary_loss, count_parameters, inject
 from talklora_min.io import save_adapter
-from talklora_min.probes import (load_entropy, perturbation_response, record_routing, router_lipschitz,
-                                 gini)
+from talklora_min.probes import (capture_layer_inputs, gini, load_entropy, perturbation_response,
+                                 record_routing, routed_layers, router_lipschitz)
 
 from .data import DOMAINS, experiment_split
 from .models import PrefixCache, SentenceClassifier, compute_prefix, load_minilm, minilm_targets
@@ -186,6 +186,11 @@ def train_step(model: SentenceClassifier, opt, cache: PrefixCache, labels: Tenso
 
 
 # ----------------------------------------------------------------------------- evaluation
+def is_routed(model: nn.Module) -> bool:
+    """Whether any adapter layer of ``model`` has a router (LoRA has none)."""
+    return any(hasattr(m, "add_routing_hook") for m in adapter_layers(model).values())
+
+
 def mutual_information_bits(domain: Tensor, expert: Tensor, num_experts: int) -> float:
     """``I(D; Z) = Σ p(d,z) log2 p(d,z) / (p(d) p(z))`` over tokens (plug-in estimate)."""
     joint = torch.zeros(len(DOMAINS), num_experts, dtype=torch.float64)
@@ -202,7 +207,7 @@ def evaluate(model: SentenceClassifier, cache: PrefixCache, labels: Tensor, doma
     """Model metrics ``{accuracy, loss, accuracy_<domain>}``, per-layer routing metrics, and logits."""
     model.eval()
     logits, token_domain = [], []
-    routed = routing and any(hasattr(m, "router_logits") for m in adapter_layers(model).values())
+    routed = routing and is_routed(model)
     with (record_routing(model) if routed else contextlib.nullcontext()) as rec:
         for start in range(0, len(cache), batch_size):
             index = torch.arange(start, min(start + batch_size, len(cache)))
@@ -242,25 +247,15 @@ def eval_rows(step: int, split: str, metrics: dict, layers: dict) -> list[dict]:
     return rows
 
 
-@torch.no_grad()
 def layer_inputs(model: SentenceClassifier, cache: PrefixCache, max_tokens: int = 1024) -> dict[str, Tensor]:
-    """The (non-padding) input tokens of every adapter layer on the first examples of ``cache``."""
-    captured, handles = {}, []
-    for name, layer in adapter_layers(model).items():
-        handles.append(layer.register_forward_pre_hook(
-            lambda mod, args, name=name: captured.setdefault(name, []).append(args[0])))
-    model.eval()
-    n = 0
-    index = []
+    """The (non-padding) input tokens of every routed adapter layer on the first examples of ``cache``."""
+    n, index = 0, []
     while n < max_tokens and len(index) < len(cache):
         index.append(len(index))
         n += int(cache.lengths[index[-1]])
     hidden, mask = cache.batch(index)
-    try:
-        model.forward_top(hidden, mask)
-    finally:
-        for h in handles:
-            h.remove()
+    model.eval()
+    captured = capture_layer_inputs(routed_layers(model), lambda: model.forward_top(hidden, mask))
     return {name: torch.cat(xs)[mask.bool()][:max_tokens] for name, xs in captured.items()}
 
 
@@ -269,8 +264,6 @@ def router_rows(model: SentenceClassifier, cache: PrefixCache, seed: int, max_to
     rows = []
     for name, x in layer_inputs(model, cache, max_tokens).items():
         layer = model.get_submodule(name)
-        if not hasattr(layer, "router_logits"):
-            continue
         lip = router_lipschitz(layer, x, wrt="input", seed=seed)
         common = dict(step=-1, split="test", layer=short_name(name), domain="all")
         rows += [dict(common, kind="lipschitz_input", statistic=f, metric="lipschitz", value=getattr(lip, f))
@@ -300,7 +293,8 @@ def train_cell(method: str, seed: int, cfg: dict, exp_dir: str) -> list[dict]:
     rows += eval_rows(cfg["steps"], "test", metrics, layers)
     rows.append(dict(step=cfg["steps"], split="test", layer="all", domain="all", metric="trainable_parameters",
                      value=count_parameters(model) - sum(p.numel() for p in model.head.parameters())))
-    rows += router_rows(model, caches["test"], seed)
+    if is_routed(model):
+        rows += router_rows(model, caches["test"], seed)
     rows.append(dict(step=cfg["steps"], split="test", layer="all", domain="all", metric="wall_seconds",
                      value=time.perf_counter() - t0))
     save_adapter(model, exp_dir / "adapters" / f"{method}-seed{seed}",

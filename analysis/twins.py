@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from talklora_min import adapter_layers
 from talklora_min.probes import certified_lipschitz, local_lipschitz
 
-from .models import PrefixCache, load_minilm
+from .models import load_minilm
 from .train import (batch_order, build_model, evaluate, layer_inputs, optimizer_for, prefix_caches,
                     short_name, split_targets, train_step)
 
@@ -35,13 +35,6 @@ MODELS = ("talklora", "moelora-twin", "talklora-frozen-T", "talklora-identity")
 MATCH_ATOL = 1e-5      # float32: the four models agree at step 0 to this absolute tolerance
 HELD_OUT = 140         # examples of the validation split used for every measurement along training
 
-
-def subset(cache: PrefixCache, index: torch.Tensor) -> PrefixCache:
-    """The examples ``index`` of a ragged prefix cache, as a new cache."""
-    parts = [cache.hidden[cache.offsets[i]:cache.offsets[i + 1]] for i in index.tolist()]
-    offsets = torch.zeros(len(parts) + 1, dtype=torch.long)
-    offsets[1:] = torch.cumsum(torch.tensor([len(p) for p in parts]), 0)
-    return PrefixCache(torch.cat(parts), offsets, [cache.ids[i] for i in index.tolist()])
 
 
 def build_twins(seed: int, cfg: dict, encoder, talk_init: str = "official") -> dict:
@@ -95,7 +88,7 @@ def twins_cell(optimizer: str, seed: int, cfg: dict, twins: dict, exp_dir: str) 
                              twins["weight_decay"]) for k, m in models.items()}
     # a fixed held-out batch spread evenly over the (label-ordered) validation split
     held_out = torch.linspace(0, len(caches["val"]) - 1, min(HELD_OUT, len(caches["val"]))).round().long()
-    val = subset(caches["val"], held_out)
+    val = caches["val"].select(held_out)
     val_targets = tuple(t[held_out] for t in targets["val"])
     hidden, mask = val.batch(torch.arange(len(val)))
 

@@ -411,3 +411,16 @@ def test_real_submitit_local_executor(tmp_path):
                       log=lambda s: None)
     assert local.n_run == 2
     pd.testing.assert_frame_equal(local.rows, reference)
+
+
+def test_prefix_cache_select_keeps_the_chosen_examples():
+    import torch
+    from analysis.models import PrefixCache
+    lengths = [3, 1, 2]
+    hidden = torch.arange(6 * 2, dtype=torch.float32).reshape(6, 2)
+    cache = PrefixCache(hidden, torch.tensor([0, 3, 4, 6]), ["a", "b", "c"])
+    sub = cache.select([2, 0])
+    assert sub.ids == ["c", "a"] and sub.lengths.tolist() == [lengths[2], lengths[0]]
+    h, mask = sub.batch([0, 1])
+    ref, ref_mask = cache.batch([2, 0])
+    assert torch.equal(h, ref) and torch.equal(mask, ref_mask)

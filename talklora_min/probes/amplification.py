@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import numbers
 from types import SimpleNamespace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -199,16 +199,23 @@ def _capture_inputs(model: nn.Module, layers: dict, inputs, model_kwargs: dict) 
     else:
         raise TypeError(f"inputs for a model must be a tensor or a dict of forward keyword arguments, "
                         f"got {type(inputs).__name__}")
+    captured = capture_layer_inputs(layers, lambda: model(*args, **kwargs))
+    return captured, _as_mask(kwargs.get("attention_mask"))
+
+
+def capture_layer_inputs(layers: dict[str, nn.Module], run: Callable[[], object]) -> dict[str, list[Tensor]]:
+    """The input ``x`` of every layer in ``layers`` (one tensor per call) during ``run()``, which is
+    executed once under ``no_grad`` with forward pre-hooks (always removed afterwards)."""
     captured = {name: [] for name in layers}
     handles = [layer.register_forward_pre_hook(lambda mod, a, n=name: captured[n].append(a[0].detach()))
                for name, layer in layers.items()]
     try:
         with torch.no_grad():
-            model(*args, **kwargs)
+            run()
     finally:
         for handle in handles:
             handle.remove()
-    return captured, _as_mask(kwargs.get("attention_mask"))
+    return captured
 
 
 def _masked_tokens(xs: list[Tensor], mask: Tensor | None, name: str, d: int, device) -> Tensor:
