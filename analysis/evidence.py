@@ -1,0 +1,252 @@
+"""Declarations shared by the evidence topics (:mod:`analysis.topics`).
+
+* :class:`ClaimSpec` — a claim declared once: id, the paper's wording, our statement, the verdict
+  rule in words, the figures that show it, the backing property tests (regexes on pytest node
+  ids), the experiments it reads and the ``evaluate`` function that applies the rule in code;
+* :class:`Outcome` — what ``evaluate`` returns (verdict, reason, key number, evidence lines, and
+  optionally :class:`analysis.stats.Comparison` rows for paired comparisons);
+* :func:`judge` — the one place that turns a spec, the data and the backing-test outcomes into a
+  reported :class:`Claim`; it applies the backing-test gate: **a failed backing test makes the
+  verdict inconclusive** (the measuring code is then suspect); tests that were not run leave the
+  numeric rule in charge and the evidence says "not run";
+* :class:`FigureSpec` — a figure: ``prepare(rows…) -> DataFrame`` (the data drawn and saved) and
+  ``draw(data) -> Figure``; its caption takes its claim ids from the claim declarations;
+* :class:`Topic` — one evidence topic: its claims, its figures and its notebook.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import pandas as pd
+
+from .experiments import EXPERIMENTS, MissingResultsError
+from .stats import Comparison
+
+VERDICTS = ("holds", "holds under stated conditions", "refuted", "inconclusive")
+
+
+# ----------------------------------------------------------------------------- claims
+@dataclass
+class Outcome:
+    """The numeric rule's result for one claim (before the backing-test gate)."""
+    verdict: str
+    reason: str
+    key_number: str
+    evidence: list[str]
+    statement: str | None = None            # overrides the declared statement (e.g. with numbers)
+    comparisons: list[Comparison] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
+
+
+@dataclass(frozen=True)
+class ClaimSpec:
+    """One claim, declared once (SPEC §5).  ``evaluate(data, config, verdicts) -> Outcome`` where
+    ``data`` maps experiment names to their rows, ``config`` is the experiment config as a dict and
+    ``verdicts`` holds the verdicts of the claims named in ``uses_verdicts``.  ``gate``: the claims
+    whose backing tests gate this one (default: its own)."""
+    id: str
+    paper: str
+    statement: str
+    rule: str
+    figures: tuple[str, ...]
+    tests: tuple[str, ...]
+    experiments: tuple[str, ...]
+    evaluate: Callable[..., Outcome]
+    optional: tuple[str, ...] = ()
+    uses_verdicts: tuple[str, ...] = ()
+    gate: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not re.fullmatch(r"C\d+", self.id):
+            raise ValueError(f"claim id must look like 'C<n>', got {self.id!r}")
+        unknown = [e for e in (*self.experiments, *self.optional) if e not in EXPERIMENTS]
+        if unknown:
+            raise ValueError(f"{self.id}: experiments must be among {sorted(EXPERIMENTS)}, got {unknown}")
+        if not self.gate:
+            object.__setattr__(self, "gate", (self.id,))
+
+
+@dataclass
+class Claim:
+    """A claim as reported: the declaration's texts plus the verdict and its evidence."""
+    id: str
+    statement: str
+    verdict: str
+    key_number: str
+    evidence: list[str]          # markdown paragraphs / bullet lines / tables
+    reason: str                  # why the rule gave this verdict, with the numbers
+    paper_wording: str = ""
+    figure: str = ""
+    rule: str = ""
+    comparisons: list[Comparison] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"{self.id}: verdict must be one of {VERDICTS}, got {self.verdict!r}")
+
+    def evidence_text(self) -> str:
+        return "\n".join([f"Rule: {self.rule}", f"Outcome: {self.reason}", f"Key number: {self.key_number}",
+                          *self.evidence])
+
+
+# ----------------------------------------------------------------------------- backing tests
+@dataclass
+class TestRun:
+    """Outcomes of the backing property tests (node id -> passed/failed/error/skipped)."""
+    __test__ = False             # not a pytest test class
+    outcomes: dict
+    command: str = "(injected)"
+    returncode: int | None = None
+    wall_s: float | None = None
+
+
+def tests_for(patterns, tests: TestRun | dict | None) -> dict:
+    """Backing-test summary for node-id regexes ``patterns`` (or a claim id): ``status`` (passed /
+    failed / not run), per-function pass/run counts, failed node ids."""
+    if isinstance(patterns, str):
+        from .topics import claim_spec
+        patterns = claim_spec(patterns).tests
+    outcomes = (tests.outcomes if isinstance(tests, TestRun) else tests) or {}
+    compiled = [re.compile(p) for p in patterns]
+    picked = {nid: o for nid, o in outcomes.items() if any(p.search(nid) for p in compiled)}
+    per_fn: dict[str, list[int]] = {}
+    failed = []
+    for nid, outcome in sorted(picked.items()):
+        counts = per_fn.setdefault(nid.split("[", 1)[0], [0, 0])
+        counts[1] += outcome != "skipped"
+        counts[0] += outcome == "passed"
+        if outcome in ("failed", "error"):
+            failed.append(nid)
+    n_pass = sum(c[0] for c in per_fn.values())
+    n_run = sum(c[1] for c in per_fn.values())
+    status = "failed" if failed else "passed" if n_pass else "not run"
+    return dict(status=status, per_fn=per_fn, failed=failed, n_pass=n_pass, n_run=n_run,
+                applicable=bool(compiled))
+
+
+def test_lines(summary: dict, tests) -> list[str]:
+    """Evidence lines listing the backing tests of a claim (none when it has no backing tests)."""
+    if not summary["applicable"]:
+        return []
+    if summary["status"] == "not run":
+        why = "run_tests=False" if tests is None else "no matching test node ids in the run"
+        return [f"- Backing property tests: **not run** ({why})."]
+    lines = [f"- Backing property tests: **{summary['n_pass']}/{summary['n_run']} test cases passed** "
+             f"({len(summary['per_fn'])} test functions; a case is one parametrisation, and a Hypothesis "
+             f"property test is one case that runs many generated examples):"]
+    lines += [f"  - `{fn}`: {p}/{n}" for fn, (p, n) in summary["per_fn"].items()]
+    lines += [f"  - FAILED: `{nid}`" for nid in summary["failed"]]
+    return lines
+
+
+test_lines.__test__ = False       # a helper, not a pytest test
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    """A markdown table (the report puts blank lines around it)."""
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- judging
+def judge(spec: ClaimSpec, data: dict, tests: TestRun | dict | None = None, config: dict | None = None,
+          verdicts: dict | None = None, *, results_dir="results") -> Claim:
+    """Evaluate ``spec`` on ``data`` and apply the backing-test gate (the only place it is applied)."""
+    from .topics import claim_spec
+
+    for name in spec.experiments:
+        if data.get(name) is None:
+            raise MissingResultsError(name, results_dir)
+    outcome = spec.evaluate(data, config or {}, verdicts or {})
+    verdict, reason, key = outcome.verdict, outcome.reason, outcome.key_number
+    gates = [tests_for(claim_spec(c).tests if c != spec.id else spec.tests, tests) for c in spec.gate]
+    failed = [nid for g in gates for nid in g["failed"]]
+    if failed:
+        verdict, reason = "inconclusive", f"backing tests failed: {failed}"
+    own = tests_for(spec.tests, tests)
+    if own["applicable"]:
+        key += f"; tests {own['n_pass']}/{own['n_run']} passed" if own["status"] != "not run" else "; tests not run"
+    return Claim(spec.id, outcome.statement or spec.statement, verdict, key,
+                 [*outcome.evidence, *test_lines(own, tests)], reason, paper_wording=spec.paper,
+                 figure=", ".join(spec.figures), rule=spec.rule, comparisons=list(outcome.comparisons))
+
+
+def judge_all(specs, data: dict, tests=None, config: dict | None = None, *, results_dir="results") -> list[Claim]:
+    """Every claim in ``specs`` (claims that use other verdicts are judged after those), in ``specs`` order."""
+    done: dict[str, Claim] = {}
+    pending = list(specs)
+    while pending:
+        ready = [s for s in pending if all(u in done for u in s.uses_verdicts)]
+        if not ready:
+            raise ValueError(f"circular uses_verdicts among {[s.id for s in pending]}")
+        for s in ready:
+            done[s.id] = judge(s, data, tests, config, {u: done[u].verdict for u in s.uses_verdicts},
+                               results_dir=results_dir)
+            pending.remove(s)
+    return [done[s.id] for s in specs]
+
+
+# ----------------------------------------------------------------------------- figures and topics
+@dataclass(frozen=True)
+class FigureSpec:
+    """A figure ``F<n>_<slug>``: ``prepare(*rows of experiments) -> DataFrame`` and ``draw(data)``.
+    ``caption`` may contain ``{claims}``, filled from the claims that cite the figure."""
+    id: str
+    slug: str
+    experiments: tuple[str, ...]
+    prepare: Callable[..., pd.DataFrame]
+    draw: Callable
+    caption_text: str
+    claims: tuple[str, ...] = ()
+    notebook: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.id}_{self.slug}"
+
+    @property
+    def caption(self) -> str:
+        return self.caption_text.format(claims=claim_ref(self.claims))
+
+    def make(self, *rows: pd.DataFrame):
+        """``(figure, data)`` from the experiments' rows."""
+        data = self.prepare(*rows)
+        return self.draw(data), data
+
+
+def claim_ref(ids) -> str:
+    """``claim C6`` / ``claims C1–C3`` / ``claims C4, C6``: consecutive runs of ≥ 3 ids as a range."""
+    nums = sorted(int(i[1:]) for i in ids)
+    if not nums:
+        return "no claim"
+    parts, start = [], 0
+    for k in range(1, len(nums) + 1):
+        if k == len(nums) or nums[k] != nums[k - 1] + 1:
+            run = nums[start:k]
+            parts += [f"C{run[0]}–C{run[-1]}"] if len(run) >= 3 else [f"C{n}" for n in run]
+            start = k
+    return ("claim " if len(nums) == 1 else "claims ") + ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Topic:
+    """One evidence topic: claims, the figures they cite, one notebook."""
+    name: str
+    notebook: str
+    claims: tuple[ClaimSpec, ...]
+    figures: tuple[FigureSpec, ...]
+
+    def __post_init__(self):
+        ids = {f.id for f in self.figures}
+        cited = {fid for c in self.claims for fid in c.figures}
+        if cited != ids:
+            raise ValueError(f"topic {self.name!r}: its claims cite {sorted(cited)} but it draws {sorted(ids)}")
+        figs = tuple(replace(f, notebook=self.notebook, claims=tuple(c.id for c in self.claims if f.id in c.figures))
+                     for f in self.figures)
+        object.__setattr__(self, "figures", figs)

@@ -1,0 +1,200 @@
+"""Statistics of the claims and figures, on ``scipy.stats`` (no hand-written quantile tables).
+
+* :func:`t_quantile` / :func:`estimate` / :func:`paired` — mean over replicates (seeds) with a
+  two-sided Student-t interval ``mean ± t_{1−α/2, n−1} · s / √n`` (on the log scale for ratios);
+* :func:`wilson` — a binomial fraction with its Wilson score interval;
+* :func:`holm` — Holm's step-down correction of a family of p-values;
+* :func:`tost` — equivalence by two one-sided t-tests against ``±margin``;
+* :func:`mde` — minimum detectable effect of a paired t-test;
+* :func:`verdict_from_interval` — the SPEC §5 verdict of one comparison from its interval;
+* :class:`Comparison` — one paired comparison as a claim reports it (n, effect, interval, margin, MDE).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+CONF = 0.95
+SIDES = ("greater", "less")            # the claimed side of a difference: above or below 0
+
+
+def t_quantile(df: int, conf: float = CONF) -> float:
+    """Two-sided ``conf`` Student-t quantile ``t_{(1+conf)/2, df}``; NaN for ``df < 1``."""
+    if not 0 < conf < 1:
+        raise ValueError(f"conf must be in (0, 1), got {conf!r}")
+    return float(stats.t.ppf((1 + conf) / 2, df)) if df >= 1 else math.nan
+
+
+def t_interval(values, conf: float = CONF) -> tuple[float, float, float, int]:
+    """``(mean, lo, hi, n)`` of the finite ``values``: ``mean ± t_{n−1} · sd/√n`` (lo = hi = NaN for n < 2)."""
+    v = np.asarray(list(values), dtype=float)
+    v = v[np.isfinite(v)]
+    n = len(v)
+    if n == 0:
+        return math.nan, math.nan, math.nan, 0
+    mean = float(v.mean())
+    if n < 2:
+        return mean, math.nan, math.nan, 1
+    half = t_quantile(n - 1, conf) * float(v.std(ddof=1)) / math.sqrt(n)
+    return mean, mean - half, mean + half, n
+
+
+@dataclass
+class Est:
+    """Mean over replicates (seeds) with a 95 % t-interval; ``log=True``: geometric (ratio) scale."""
+    mean: float
+    lo: float
+    hi: float
+    n: int
+    log: bool = False
+
+    @property
+    def null(self) -> float:
+        return 1.0 if self.log else 0.0
+
+    @property
+    def direction(self) -> str:
+        """``above`` / ``below`` when the interval excludes the null value, else ``unresolved``."""
+        if not (math.isfinite(self.lo) and math.isfinite(self.hi)):
+            return "unresolved"
+        if self.lo > self.null:
+            return "above"
+        if self.hi < self.null:
+            return "below"
+        return "unresolved"
+
+    def text(self, digits: int = 3, unit: str = "seed") -> str:
+        if self.n == 0 or not math.isfinite(self.mean):
+            return "n/a (no data)"
+        if self.n < 2 or not math.isfinite(self.lo):
+            return f"{fmt(self.mean, digits)} (n = {self.n} {unit}, no interval)"
+        return f"{fmt(self.mean, digits)} [{fmt(self.lo, digits)}, {fmt(self.hi, digits)}] (n = {self.n} {unit}s)"
+
+
+def estimate(values, log: bool = False) -> Est:
+    """Mean and 95 % t-interval of ``values`` (one per replicate); ``log``: of log(values), back-transformed."""
+    v = np.asarray(list(values), dtype=float)
+    if log:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            v = np.log(v)
+    mean, lo, hi, n = t_interval(v)
+    if log:
+        mean, lo, hi = (math.exp(x) if math.isfinite(x) else math.nan for x in (mean, lo, hi))
+    return Est(mean, lo, hi, n, log)
+
+
+def paired(wide, a: str, b: str) -> Est:
+    """Paired difference ``wide[a] − wide[b]`` (rows: replicates, e.g. seeds) with its t-interval."""
+    if a not in wide or b not in wide:
+        return Est(math.nan, math.nan, math.nan, 0)
+    return estimate((wide[a] - wide[b]).dropna().to_numpy())
+
+
+def wilson(k: int, n: int, conf: float = CONF) -> tuple[float, float, float]:
+    """Fraction ``k/n`` with its Wilson score interval (``scipy.stats.binomtest(...).proportion_ci``)."""
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in 0..n = {n}, got {k}")
+    ci = stats.binomtest(k, n).proportion_ci(confidence_level=conf, method="wilson")
+    lo = 0.0 if k == 0 else max(0.0, float(ci.low))
+    hi = 1.0 if k == n else min(1.0, float(ci.high))
+    return k / n, lo, hi
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm step-down adjusted p-values: sort ascending, ``p_(i) · (m − i + 1)``, running max, cap at 1."""
+    p = np.asarray(list(pvalues), dtype=float)
+    if np.any(~np.isfinite(p)) or np.any((p < 0) | (p > 1)):
+        raise ValueError(f"pvalues must be finite and in [0, 1], got {p.tolist()}")
+    order = np.argsort(p, kind="stable")
+    m = len(p)
+    adj = np.maximum.accumulate(p[order] * (m - np.arange(m)))
+    out = np.empty(m)
+    out[order] = np.minimum(adj, 1.0)
+    return out
+
+
+def tost(values, margin: float) -> float:
+    """p-value of equivalence within ``±margin`` (two one-sided t-tests; the larger of the two p)."""
+    if not margin > 0:
+        raise ValueError(f"margin must be > 0, got {margin!r}")
+    v = np.asarray(list(values), dtype=float)
+    v = v[np.isfinite(v)]
+    if len(v) < 2:
+        return math.nan
+    p_low = stats.ttest_1samp(v, -margin, alternative="greater").pvalue
+    p_high = stats.ttest_1samp(v, margin, alternative="less").pvalue
+    return float(max(p_low, p_high))
+
+
+def mde(sd: float, n: int, conf: float = CONF, power: float = 0.8) -> float:
+    """Minimum detectable effect of a two-sided paired t-test: ``(t_{1−α/2} + t_{power}) · sd / √n``, df = n − 1."""
+    if not 0 < power < 1:
+        raise ValueError(f"power must be in (0, 1), got {power!r}")
+    if n < 2 or not math.isfinite(sd):
+        return math.nan
+    return (t_quantile(n - 1, conf) + float(stats.t.ppf(power, n - 1))) * sd / math.sqrt(n)
+
+
+def verdict_from_interval(ci_low: float, ci_high: float, margin: float, claimed_side: str) -> str:
+    """SPEC §5 verdict of one difference: ``holds`` if the interval lies entirely on the claimed side
+    of 0, ``refuted`` if it lies entirely inside ``±margin`` or entirely on the wrong side, else
+    ``inconclusive`` (also for a missing interval)."""
+    if claimed_side not in SIDES:
+        raise ValueError(f"claimed_side must be one of {SIDES}, got {claimed_side!r}")
+    if not margin >= 0:
+        raise ValueError(f"margin must be >= 0, got {margin!r}")
+    if not (math.isfinite(ci_low) and math.isfinite(ci_high)):
+        return "inconclusive"
+    if ci_low > ci_high:
+        raise ValueError(f"ci_low must be <= ci_high, got {ci_low} > {ci_high}")
+    sign = 1.0 if claimed_side == "greater" else -1.0
+    lo, hi = sorted((sign * ci_low, sign * ci_high))          # claimed side is now "> 0"
+    if lo > 0:
+        return "holds"
+    if hi < 0 or (-margin < lo and hi < margin):
+        return "refuted"
+    return "inconclusive"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One paired comparison of a claim (SPEC §5): ``effect`` with its interval, ``margin``, ``mde``."""
+    name: str
+    n: int
+    effect: float
+    ci_low: float
+    ci_high: float
+    margin: float
+    mde: float
+    claimed_side: str = "greater"
+
+    def __post_init__(self):
+        if self.claimed_side not in SIDES:
+            raise ValueError(f"claimed_side must be one of {SIDES}, got {self.claimed_side!r}")
+
+    @property
+    def verdict(self) -> str:
+        return verdict_from_interval(self.ci_low, self.ci_high, self.margin, self.claimed_side)
+
+
+def fmt(x, digits: int = 3) -> str:
+    """A number for the report: thousands separators for integers, scientific when tiny or huge."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    x = float(x)
+    if x == 0:
+        return "0"
+    if x.is_integer() and abs(x) < 1e15:
+        return f"{int(x):,}"
+    if abs(x) < 1e-3 or abs(x) >= 1e6:
+        return f"{x:.{max(digits - 1, 1)}e}"
+    return f"{x:.{digits}g}"
+
+
+def pct(p: float) -> str:
+    return "n/a" if not math.isfinite(p) else f"{100 * p:.1f} %"
