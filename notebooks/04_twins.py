@@ -12,21 +12,22 @@
 # ---
 
 # %% [markdown]
-# # Function-matched twins (F8)
+# # Evidence topic: twins (F8)
 #
 # Claim C9: does any TalkLoRA advantage over MoELoRA-code persist from a function-matched start?
 # Four models compute the same function at step 0 and train on identical batches (AdamW with the
 # official settings, and SGD); we follow their logit distance to TalkLoRA and their metric gaps.
+# Claim, rule and figure: `analysis/topics/twins.py`.
 
 # %% [markdown]
 # *Setup: the figure data is read from `figures/data/` (or `$TALKLORA_FIGURES_DIR/data`); the
-# drawing functions are the pipeline's own, so notebook and `python -m analysis figures` agree.*
+# drawing functions are the topic module's own, so notebook and `python -m analysis figures` agree.*
 
 # %%
-from analysis import figures as F
+from analysis.figures import figure_data as load, set_style
+from analysis.topics import twins as T
 
-F.set_style()
-load = F.figure_data
+set_style()
 
 
 # %% [markdown]
@@ -39,4 +40,4 @@ f8 = load("F8")
 f8[f8["step"] == f8["step"].max()].pivot_table(index=["optimizer", "model"], columns="metric", values="mean")
 
 # %%
-fig = F.draw_f8(f8)
+fig = T.draw_f8(f8)

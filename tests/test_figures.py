@@ -1,4 +1,4 @@
-"""Figures F1–F9 (analysis.figures) on small synthetic result tables."""
+"""Figures F1–F9 (declared in analysis.topics, drawn by analysis.figures) on small synthetic result tables."""
 from __future__ import annotations
 
 import io
@@ -15,6 +15,9 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from analysis import figures as F  # noqa: E402
+from analysis import plotting as P  # noqa: E402
+from analysis import stats as S  # noqa: E402
+from analysis.topics import balance, equivalence, smoothness, twins  # noqa: E402
 
 METHODS = ["lora", "moelora-code", "moelora-input", "talklora-official", "talklora-identity"]
 LAYERS = ["L5.query", "L5.value"]
@@ -51,7 +54,7 @@ def synthetic_rows() -> pd.DataFrame:
     rows = []
     for E, talk, s in itertools.product((4, 8), ("identity", "official", "uniform-mix:0.5"), SEEDS):
         base = dict(E=E, r=32, talk=talk, seed=s, layer="layer", n_tokens=64)
-        for kind, eps, stat in itertools.product(F.KIND_LABELS, (0.01, 0.1), ("median", "p95", "max")):
+        for kind, eps, stat in itertools.product(P.KIND_LABELS, (0.01, 0.1), ("median", "p95", "max")):
             rows.append(dict(base, kind=kind, eps=eps, metric="routing_quotient", statistic=stat,
                              value=0.01 * (1 + s) * (2 if stat == "p95" else 1)))
             rows.append(dict(base, kind=kind, eps=eps, metric="top1_flip_rate", statistic="mean", value=0.1))
@@ -104,7 +107,7 @@ def equivalence_rows() -> pd.DataFrame:
 
 def twin_rows() -> pd.DataFrame:
     rows = []
-    for opt, s, step, model in itertools.product(("adamw", "sgd"), (0, 1), (0, 2, 4), F.TWIN_COLORS):
+    for opt, s, step, model in itertools.product(("adamw", "sgd"), (0, 1), (0, 2, 4), P.TWIN_COLORS):
         base = dict(optimizer=opt, seed=s, step=step, model=model)
         d = 0.0 if model == "talklora" else 1e-3 * step
         rows += [dict(base, layer="all", metric="logit_maxabs_diff", value=d),
@@ -141,12 +144,12 @@ def _roundtrip(df: pd.DataFrame) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- helpers
 def test_summarise_t_interval():
     df = pd.DataFrame({"g": ["a"] * 3 + ["b"], "value": [1.0, 2.0, 3.0, 5.0]})
-    out = F.summarise(df, ["g"]).set_index("g")
-    half = F.t975(2) * 1.0 / math.sqrt(3)
+    out = P.summarise(df, ["g"]).set_index("g")
+    half = S.t_quantile(2) * 1.0 / math.sqrt(3)
     assert out.loc["a", "mean"] == pytest.approx(2.0)
     assert out.loc["a", "lo"] == pytest.approx(2.0 - half) and out.loc["a", "hi"] == pytest.approx(2.0 + half)
     assert out.loc["b", "lo"] == out.loc["b", "hi"] == 5.0 and out.loc["b", "n"] == 1
-    assert F.t975(1) == pytest.approx(12.706) and F.t975(1000) == pytest.approx(1.96, abs=0.01)
+    assert S.t_quantile(1) == pytest.approx(12.7062, abs=1e-4) and S.t_quantile(1000) == pytest.approx(1.9623, abs=1e-4)
 
 
 # ----------------------------------------------------------------------------- each figure
@@ -176,50 +179,61 @@ def test_figure_draws_and_redraws_from_its_data(fig_id):
     assert _drawn(again)
 
 
-def test_f1_values_are_seed_means_of_final_test_step():
-    data = F.prepare_f1(train_rows()).set_index(["metric", "layer", "method"])
-    assert set(data.index.get_level_values("method")) == set(F.ROUTED)     # LoRA has no router
+def test_f1_values_are_seed_means_of_the_final_validation_step():
+    rows = train_rows()
+    rows.loc[(rows["split"] == "test") & (rows["metric"] == "gini"), "value"] = 0.9      # must not be drawn
+    data = balance.prepare_f1(rows).set_index(["metric", "layer", "method"])
+    assert set(data.index.get_level_values("method")) == set(balance.ROUTED)     # LoRA has no router
     row = data.loc[("gini", "L5.value", "talklora-official")]
     assert row["mean"] == pytest.approx(0.21) and row["n"] == 3 and row["lo"] < 0.21 < row["hi"]
 
 
+def test_f1_draws_what_the_c6_verdict_reads():
+    rows = train_rows()
+    rows.loc[(rows["split"] == "val") & (rows["step"] == 5) & (rows["metric"] == "gini"), "value"] = 0.9
+    drawn = balance.prepare_f1(rows)
+    drawn = drawn[drawn["metric"] == "gini"].groupby("method")["mean"].mean()      # mean over layers
+    verdict_input = balance._final_layer_mean(rows, "gini").mean()                  # per seed, then over seeds
+    assert drawn.to_dict() == pytest.approx(verdict_input[drawn.index].to_dict())
+
+
 def test_f2_medians_and_p95_by_talk():
-    data = F.prepare_f2(synthetic_rows())
+    data = smoothness.prepare_f2(synthetic_rows())
     assert set(data["statistic"]) == {"median", "p95"} and set(data["talk"]) == {"identity", "official", "uniform-mix:0.5"}
     med = data[(data["statistic"] == "median")]["mean"]
     assert med.to_numpy() == pytest.approx(0.02)       # mean of 0.01, 0.02, 0.03 over seeds
 
 
 def test_f3_orders_alpha_grid_and_includes_trained():
-    data = F.prepare_f3(synthetic_rows(), train_rows())
+    data = smoothness.prepare_f3(synthetic_rows(), train_rows())
     assert set(data["panel"]) == {"synthetic, w.r.t. code", "synthetic, w.r.t. input", "trained routers, w.r.t. input"}
-    assert F._talk_order(["official", "identity", "uniform-mix:0.75", "uniform-mix:0.25"]) == [
+    assert P.talk_order(["official", "identity", "uniform-mix:0.75", "uniform-mix:0.25"]) == [
         "uniform-mix:0.25", "uniform-mix:0.75", "identity", "official"]
     trained = data[data["panel"].str.startswith("trained")]
-    assert set(trained["group"]) == set(F.ROUTED) and (trained["n"] == 6).all()     # 3 seeds x 2 layers
+    assert set(trained["group"]) == set(balance.ROUTED) and (trained["n"] == 6).all()     # 3 seeds x 2 layers
 
 
 def test_f4_averages_layers_then_seeds():
-    data = F.prepare_f4(train_rows()).set_index(["metric", "method", "step"])
+    data = balance.prepare_f4(train_rows()).set_index(["metric", "method", "step"])
     assert data.loc[("gini", "moelora-code", 5), "mean"] == pytest.approx(0.16)   # (0.1 + 0.2)/2 + 0.01
     assert data.loc[("gini", "moelora-code", 5), "n"] == 3
 
 
 def test_f5_accuracy_and_parameters():
-    data = F.prepare_f5(train_rows()).set_index("method")
+    data = balance.prepare_f5(train_rows()).set_index("method")
     assert data.loc["lora", "trainable_parameters"] == 1000 and data.loc["lora", "mean"] == pytest.approx(0.61)
 
 
 def test_f7_fraction_above_one():
     rows = talk_norm_rows()
-    data = F.prepare_f7(rows).set_index(["metric", "E"])
+    data = smoothness.prepare_f7(rows).set_index(["metric", "E"])
     expected = (rows[(rows.metric == "talk_norm") & (rows.E == 8)]["value"] > 1).mean()
     assert data.loc[("talk_norm", 8), "frac_gt_1"] == pytest.approx(expected)
     assert data.loc[("talk_norm", 8), "n"] == 200
 
 
 def test_f8_gaps_are_relative_to_talklora():
-    data = F.prepare_f8(twin_rows())
+    data = twins.prepare_f8(twin_rows())
     assert "talklora" not in set(data["model"])
     acc = data[(data["metric"] == "accuracy_gap") & (data["step"] == 4)].set_index(["optimizer", "model"])
     assert acc.loc[("adamw", "moelora-twin"), "mean"] == pytest.approx(0.04)
@@ -229,10 +243,10 @@ def test_f8_gaps_are_relative_to_talklora():
 
 
 def test_f9_certified_missing_for_topk():
-    data = F.prepare_f9(router_rows())
+    data = smoothness.prepare_f9(router_rows())
     lip = data[data["panel"] == "lipschitz"]
     assert set(lip[lip["statistic"] == "certified"]["router"]) == {"dense"}
-    assert set(data["panel"]) == set(F.F9_PANELS) | {"lipschitz"}
+    assert set(data["panel"]) == set(smoothness.F9_PANELS) | {"lipschitz"}
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -257,7 +271,7 @@ def test_draw_all_writes_images_data_and_manifest(tmp_path):
 
 
 def test_missing_experiment_names_it_and_the_command(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"'twins'.*python -m analysis twins"):
+    with pytest.raises(FileNotFoundError, match=rf"'twins'.*python -m analysis twins --results-dir {tmp_path}"):
         F.load_experiment("twins", tmp_path)
     with pytest.raises(FileNotFoundError, match=r"'talk_norms'.*python -m analysis perturb"):
         F.draw_all(tmp_path, tmp_path / "figs", only=["F7"])

@@ -12,29 +12,30 @@
 # ---
 
 # %% [markdown]
-# # Load balance and parameter efficiency (F1, F4, F5)
+# # Evidence topic: balance and efficiency (F1, F4, F5)
 #
 # Claims C6 (communication gives more balanced expert load) and C7 (parameter efficiency), on
 # MiniLM adapters trained for two-domain classification of real text (movie-review snippets and
 # news headlines), several seeds per method.  Every figure is redrawn from its saved data file
-# with the pipeline's own drawing function, so this notebook and `figures/` cannot drift.
-# Intervals are 95% t-intervals over seeds.
+# with the topic's own drawing function, so this notebook and `figures/` cannot drift.
+# Intervals are 95% t-intervals over seeds.  Claims, rules and figures: `analysis/topics/balance.py`.
 
 # %% [markdown]
 # *Setup: the figure data is read from `figures/data/` (or `$TALKLORA_FIGURES_DIR/data`); the
-# drawing functions are the pipeline's own, so notebook and `python -m analysis figures` agree.*
+# drawing functions are the topic module's own, so notebook and `python -m analysis figures` agree.*
 
 # %%
-from analysis import figures as F
+from analysis.figures import figure_data as load, set_style
+from analysis.topics import balance as T
 
-F.set_style()
-load = F.figure_data
+set_style()
 
 
 # %% [markdown]
 # ## F1 — expert load per layer after training
 # Gini of the soft expert load (0 = perfectly balanced; at most (E−1)/E) and its normalised
-# entropy (1 = uniform) on the test split, for the routed methods.  If TalkLoRA balanced load
+# entropy (1 = uniform) on the validation split at the final step — the split and step the C6
+# verdict uses — for the routed methods.  If TalkLoRA balanced load
 # better, its points would sit lower in Gini and higher in entropy than MoELoRA's.
 
 # %%
@@ -42,7 +43,7 @@ f1 = load("F1")
 f1.pivot_table(index="layer", columns=["metric", "method"], values="mean", sort=False).round(3)
 
 # %%
-fig = F.draw_f1(f1)
+fig = T.draw_f1(f1)
 
 # %% [markdown]
 # ## F4 — balance over training
@@ -51,7 +52,7 @@ fig = F.draw_f1(f1)
 
 # %%
 f4 = load("F4")
-fig = F.draw_f4(f4)
+fig = T.draw_f4(f4)
 
 # %% [markdown]
 # ## F5 — accuracy vs trainable parameters
@@ -62,4 +63,4 @@ f5 = load("F5")
 f5[["method", "trainable_parameters", "mean", "lo", "hi", "n"]]
 
 # %%
-fig = F.draw_f5(f5)
+fig = T.draw_f5(f5)

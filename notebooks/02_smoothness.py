@@ -12,21 +12,23 @@
 # ---
 
 # %% [markdown]
-# # Perturbation amplification, Lipschitz sandwich, routers (F2, F3, F9)
+# # Evidence topic: smoothness (F2, F3, F7, F9)
 #
-# Claims C4/C5 (router Lipschitz bounds; communication mitigates perturbation amplification) and
-# C10 (dense softmax vs hard–soft top-k routing).  The synthetic layers of a seed share A, C, B and
+# Claims C4 (router Lipschitz bounds), C5 (communication mitigates perturbation amplification),
+# C8 (how often the official init has ‖T‖₂ > 1 and raises the router bound) and C10 (dense softmax
+# vs hard–soft top-k routing).  Claims, rules and figures: `analysis/topics/smoothness.py` (C8 and
+# F7: `analysis/topics/smoothness_init.py`).  The synthetic layers of a seed share A, C, B and
 # W_r and differ only in the Talking Module T, so any difference between talk settings is T's.
 
 # %% [markdown]
 # *Setup: the figure data is read from `figures/data/` (or `$TALKLORA_FIGURES_DIR/data`); the
-# drawing functions are the pipeline's own, so notebook and `python -m analysis figures` agree.*
+# drawing functions are the topic module's own, so notebook and `python -m analysis figures` agree.*
 
 # %%
-from analysis import figures as F
+from analysis.figures import figure_data as load, set_style
+from analysis.topics import smoothness as T
 
-F.set_style()
-load = F.figure_data
+set_style()
 
 
 # %% [markdown]
@@ -39,7 +41,7 @@ f2 = load("F2")
 f2[f2["statistic"] == "median"].pivot_table(index=["E", "kind", "eps"], columns="talk", values="mean").round(4)
 
 # %%
-fig = F.draw_f2(f2)
+fig = T.draw_f2(f2)
 
 # %% [markdown]
 # ## F3 — Lipschitz sandwich
@@ -48,7 +50,7 @@ fig = F.draw_f2(f2)
 
 # %%
 f3 = load("F3")
-fig = F.draw_f3(f3)
+fig = T.draw_f3(f3)
 
 # %% [markdown]
 # ## F9 — dense vs top-k routing
@@ -57,4 +59,16 @@ fig = F.draw_f3(f3)
 
 # %%
 f9 = load("F9")
-fig = F.draw_f9(f9)
+fig = T.draw_f9(f9)
+
+# %% [markdown]
+# ## F7 — ‖T‖₂ under the official initialisation
+# Monte Carlo over E: box statistics of ‖T‖₂ and of the certified-bound ratio (official T vs
+# T = I with the same W_r), and the share of draws above 1.
+
+# %%
+f7 = load("F7")
+f7[["metric", "E", "median", "mean", "frac_gt_1", "n"]]
+
+# %%
+fig = T.draw_f7(f7)

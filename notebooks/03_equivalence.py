@@ -12,20 +12,20 @@
 # ---
 
 # %% [markdown]
-# # Equivalence maps and the official init (F6, F7)
+# # Evidence topic: equivalence (F6)
 #
 # Claims C1–C3 (TalkLoRA with T = I is MoELoRA; a linear T is absorbed by the router; a code router
-# is an input router, not conversely) and C8 (how often the official init has ‖T‖₂ > 1).
+# is an input router, not conversely).  Claims, rules and figures: `analysis/topics/equivalence.py`.
 
 # %% [markdown]
 # *Setup: the figure data is read from `figures/data/` (or `$TALKLORA_FIGURES_DIR/data`); the
-# drawing functions are the pipeline's own, so notebook and `python -m analysis figures` agree.*
+# drawing functions are the topic module's own, so notebook and `python -m analysis figures` agree.*
 
 # %%
-from analysis import figures as F
+from analysis.figures import figure_data as load, set_style
+from analysis.topics import equivalence as T
 
-F.set_style()
-load = F.figure_data
+set_style()
 
 
 # %% [markdown]
@@ -38,16 +38,4 @@ f6 = load("F6")
 f6.groupby(["metric", "dtype"])["value"].agg(["count", "median", "max"])
 
 # %%
-fig = F.draw_f6(f6)
-
-# %% [markdown]
-# ## F7 — ‖T‖₂ under the official initialisation
-# Monte Carlo over E: box statistics of ‖T‖₂ and of the certified-bound ratio (official T vs
-# T = I with the same W_r), and the share of draws above 1.
-
-# %%
-f7 = load("F7")
-f7[["metric", "E", "median", "mean", "frac_gt_1", "n"]]
-
-# %%
-fig = F.draw_f7(f7)
+fig = T.draw_f6(f6)
