@@ -1,4 +1,5 @@
-"""Execute every jupytext notebook in notebooks/ against the saved figure data (figures/data/).
+"""Execute every jupytext notebook in notebooks/ (one per evidence topic) against the saved figure data
+(figures/data/).
 
 Set ``TALKLORA_FIGURES_DIR`` to run them against another figures directory (e.g. a scratch run).
 """
@@ -17,9 +18,9 @@ pytestmark = pytest.mark.notebooks
 
 
 def test_every_figure_has_a_notebook():
-    from analysis.figures import FIGURES
+    from analysis.topics import FIGURES, TOPICS
     names = {p.name for p in NOTEBOOKS}
-    assert {f.notebook for f in FIGURES} <= names
+    assert {f.notebook for f in FIGURES} == names == {t.notebook for t in TOPICS}
     for f in FIGURES:
         assert f"draw_{f.id.lower()}(" in (ROOT / "notebooks" / f.notebook).read_text()
 

@@ -282,7 +282,7 @@ F1 = FigureSpec(
     "F1", "load_balance_per_layer", ("train",), prepare_f1, draw_f1,
     "Expert-load balance per adapted layer after training on real text ({claims}): Gini of the soft "
     "expert load (top) and normalised load entropy (bottom) on the validation split at the final step "
-    "(the split and step of the C6 verdict), for MoELoRA (code / input router) and TalkLoRA "
+    "(the split and step of its verdict), for MoELoRA (code / input router) and TalkLoRA "
     "(official / identity T). Mean ± 95% CI over seeds. Per-expert load shares are not stored; Gini "
     "and entropy summarise them.")
 F4 = FigureSpec(

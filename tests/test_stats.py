@@ -1,0 +1,146 @@
+"""analysis.stats: intervals, binomial intervals, Holm, TOST, MDE and the SPEC §5 verdict rule."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from analysis import stats as S
+
+
+# ----------------------------------------------------------------------------- t-intervals
+@pytest.mark.parametrize("df, expected", [(1, 12.7062047), (2, 4.3026527), (4, 2.7764451), (30, 2.0422725),
+                                          (31, 2.0395134), (60, 2.0002978), (1000, 1.9623391)])
+def test_t_quantile_matches_reference_values(df, expected):
+    # above 30 degrees of freedom the old hand-written tables disagreed (Cornish–Fisher vs 1.96 + 2.4/df)
+    assert S.t_quantile(df) == pytest.approx(expected, abs=1e-6)
+
+
+def test_t_quantile_rejects_bad_conf_and_has_no_value_below_one_df():
+    assert math.isnan(S.t_quantile(0))
+    with pytest.raises(ValueError, match="conf"):
+        S.t_quantile(3, conf=1.5)
+
+
+def test_estimate_t_interval_and_direction():
+    e = S.estimate([1.0, 2.0, 3.0])
+    assert e.mean == 2.0 and e.n == 3
+    assert e.hi - e.mean == pytest.approx(4.3026527 / math.sqrt(3))
+    assert e.direction == "unresolved"                   # 2 ± 2.48 includes 0
+    assert S.estimate([1.0, 1.1, 1.2]).direction == "above"
+    assert S.estimate([-1.0, -1.1, -1.2]).direction == "below"
+    one = S.estimate([5.0, math.nan])
+    assert one.n == 1 and one.direction == "unresolved" and math.isnan(one.lo)
+    assert "no interval" in one.text() and S.estimate([]).text() == "n/a (no data)"
+
+
+def test_estimate_on_the_log_scale_is_a_geometric_mean():
+    r = S.estimate([0.25, 1.0, 4.0], log=True)
+    assert r.mean == pytest.approx(1.0) and r.null == 1.0
+    half = 4.3026527 * math.log(4) / math.sqrt(3)
+    assert (r.lo, r.hi) == pytest.approx((math.exp(-half), math.exp(half)))
+    assert S.estimate([0.5, 0.5, 0.5], log=True).direction == "below"
+
+
+def test_paired_difference_by_replicate():
+    wide = pd.DataFrame({"a": [1.0, 2.0, 3.0], "b": [0.5, 1.4, 2.6]})
+    d = S.paired(wide, "a", "b")
+    assert d.mean == pytest.approx(0.5) and d.n == 3 and d.direction == "above"
+    assert S.paired(wide, "a", "missing").n == 0
+
+
+@given(st.lists(st.floats(-1e3, 1e3), min_size=2, max_size=30))
+def test_interval_contains_the_mean_and_matches_scipy(values):
+    from scipy import stats
+    mean, lo, hi, n = S.t_interval(values)
+    assert n == len(values) and lo <= mean + 1e-9 and mean - 1e-9 <= hi
+    v = np.asarray(values)
+    if v.std(ddof=1) > 1e-9:
+        ref = stats.t.interval(0.95, n - 1, loc=v.mean(), scale=stats.sem(v))
+        assert (lo, hi) == pytest.approx(ref, rel=1e-9, abs=1e-9)
+
+
+# ----------------------------------------------------------------------------- binomial
+@pytest.mark.parametrize("k, n", [(0, 100), (50, 100), (3, 20), (20, 20)])
+def test_wilson_matches_the_closed_form(k, n):
+    z = 1.959963984540054
+    p, lo, hi = S.wilson(k, n)
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert p == k / n
+    assert lo == pytest.approx(0.0 if k == 0 else centre - half, abs=1e-12)
+    assert hi == pytest.approx(1.0 if k == n else centre + half, abs=1e-12)
+
+
+def test_wilson_edges():
+    assert all(math.isnan(x) for x in S.wilson(0, 0))
+    with pytest.raises(ValueError, match="k must be"):
+        S.wilson(5, 4)
+
+
+# ----------------------------------------------------------------------------- multiple comparisons
+def test_holm_step_down():
+    adj = S.holm([0.01, 0.04, 0.03, 0.2])
+    # sorted 0.01, 0.03, 0.04, 0.2 times 4, 3, 2, 1 -> 0.04, 0.09, 0.08 -> running max 0.09, 0.2
+    assert adj == pytest.approx([0.04, 0.09, 0.09, 0.2])
+    assert S.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
+    with pytest.raises(ValueError, match="pvalues"):
+        S.holm([0.1, 1.5])
+
+
+def test_tost_equivalence_within_margin():
+    tight = [0.001, -0.002, 0.0005, 0.0015, -0.001]
+    assert S.tost(tight, margin=0.01) < 0.05           # clearly inside ±0.01
+    assert S.tost([0.05, 0.06, 0.055, 0.052], margin=0.01) > 0.5
+    assert math.isnan(S.tost([0.0], margin=0.01))
+    with pytest.raises(ValueError, match="margin"):
+        S.tost(tight, margin=0)
+
+
+def test_mde_shrinks_with_n_and_matches_the_formula():
+    from scipy import stats
+    assert S.mde(1.0, 10) == pytest.approx((stats.t.ppf(0.975, 9) + stats.t.ppf(0.8, 9)) / math.sqrt(10))
+    assert S.mde(1.0, 40) < S.mde(1.0, 10)
+    assert math.isnan(S.mde(1.0, 1))
+
+
+# ----------------------------------------------------------------------------- SPEC §5 verdict rule
+VERDICT_RULE = [
+    # ci_low, ci_high, margin, claimed side -> verdict
+    (0.02, 0.05, 0.01, "greater", "holds"),            # entirely on the claimed side
+    (-0.05, -0.02, 0.01, "greater", "refuted"),        # entirely on the wrong side
+    (-0.005, 0.008, 0.01, "greater", "refuted"),       # entirely inside ±margin: no relevant effect
+    (-0.005, 0.03, 0.01, "greater", "inconclusive"),   # straddles 0 and leaves the margin
+    (0.0, 0.03, 0.01, "greater", "inconclusive"),      # touches 0: not entirely on the side
+    (-0.05, -0.02, 0.01, "less", "holds"),
+    (0.02, 0.05, 0.01, "less", "refuted"),
+    (-0.03, 0.005, 0.01, "less", "inconclusive"),
+    (math.nan, math.nan, 0.01, "greater", "inconclusive"),   # no interval (one seed)
+    (-0.005, 0.008, 0.0, "greater", "inconclusive"),   # no margin: only the sign decides
+]
+
+
+@pytest.mark.parametrize("lo, hi, margin, side, expected", VERDICT_RULE)
+def test_verdict_from_interval(lo, hi, margin, side, expected):
+    assert S.verdict_from_interval(lo, hi, margin, side) == expected
+    c = S.Comparison("x", 5, (lo + hi) / 2, lo, hi, margin, mde=0.01, claimed_side=side)
+    assert c.verdict == expected
+
+
+def test_verdict_from_interval_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="claimed_side"):
+        S.verdict_from_interval(0.1, 0.2, 0.01, "up")
+    with pytest.raises(ValueError, match="margin"):
+        S.verdict_from_interval(0.1, 0.2, -1, "greater")
+    with pytest.raises(ValueError, match="ci_low"):
+        S.verdict_from_interval(0.2, 0.1, 0.01, "greater")
+
+
+@pytest.mark.parametrize("x, text", [(0, "0"), (1234.0, "1,234"), (1.234e-14, "1.23e-14"), (0.12345, "0.123"),
+                                     (math.nan, "n/a")])
+def test_fmt(x, text):
+    assert S.fmt(x) == text
