@@ -24,11 +24,12 @@ from pathlib import Path
 from .config import ConfigError, available_profiles, load_config
 
 EXPERIMENTS = {
-    "perturb": "perturbation-amplification sweep on synthetic and real-model layers (C5, C10; F2, F3, F9)",
-    "train": "two-domain MiniLM training of LoRA / MoELoRA / TalkLoRA (C6, C7; F1, F4, F5)",
+    "perturb": "perturbation sweep, equivalence maps and official-init Monte Carlo on synthetic and real-model "
+               "layers (C1-C5, C8, C10; F2, F3, F6, F7, F9)",
+    "train": "two-domain MiniLM training of LoRA / MoELoRA / TalkLoRA (C4-C7; F1, F3, F4, F5)",
     "twins": "function-matched TalkLoRA / MoELoRA-code twin runs, AdamW and SGD (C9; F8)",
-    "figures": "redraw every figure from saved results into figures/",
-    "claims": "evaluate the claims C1-C10 and write the claims report",
+    "figures": "draw every figure of the evidence topics (analysis/topics/) from saved results into figures/",
+    "claims": "judge every claim of the evidence topics (analysis/topics/) and write CLAIMS.md / claims.csv",
 }
 
 
