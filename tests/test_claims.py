@@ -437,3 +437,23 @@ def test_failed_write_keeps_the_previous_report(tmp_path, monkeypatch):
 def test_verdict_must_be_one_of_the_four():
     with pytest.raises(ValueError, match="verdict"):
         C.Claim("C1", "s", "probably", "k", [], "r")
+
+
+def test_run_reads_saved_results_and_reports_the_same_verdicts(tmp_path, monkeypatch):
+    """End to end from a results directory (the experiments themselves are stubbed out)."""
+    data, cfg = full_data()
+    for name, frame in data.items():
+        (tmp_path / "results" / name).mkdir(parents=True)
+        frame.to_csv(tmp_path / "results" / name / "rows.csv", index=False)
+    calls = []
+    monkeypatch.setattr(C, "ensure_results", lambda config, **kw: calls.append(kw))
+    md, csv = tmp_path / "CLAIMS.md", tmp_path / "claims.csv"
+    claims = C.run({**cfg, "profile": "test"}, results_dir=tmp_path / "results", workers=2, out_md=md, out_csv=csv,
+                   run_tests=False)
+    assert calls == [dict(results_dir=tmp_path / "results", workers=2, executor=None, force=False)]
+    expected = [c.verdict for c in C.evaluate(data, None, cfg)]
+    assert [c.verdict for c in claims] == expected == list(pd.read_csv(csv).verdict)
+    assert expected[:3] == ["holds", "refuted", "holds"] and "holds" in expected[3:]
+    (tmp_path / "results" / "twins" / "rows.csv").unlink()
+    with pytest.raises(C.MissingResultsError, match=rf"'twins'.*--results-dir {tmp_path / 'results'}"):
+        C.run(cfg, results_dir=tmp_path / "results", out_md=md, out_csv=csv, run_tests=False)
