@@ -142,8 +142,8 @@ def render_markdown(claims: list[Claim], *, command: str, results_dir, commit: s
                 "95 % Student-t intervals over seeds unless stated otherwise.", "",
             "## Summary", "",
             md_table(["id", "claim", "verdict", "key number", "figure"],
-                   [[c.id, _one_line(c.paper_wording), f"**{c.verdict}**", _one_line(c.key_number), c.figure]
-                    for c in claims])]
+                     [[c.id, _one_line(c.paper_wording), f"**{c.verdict}**", _one_line(c.key_number), c.figure]
+                      for c in claims])]
     for c in claims:
         out += ["", f"## {c.id} — {c.paper_wording}", "",
                 f"**Paper's wording** (as summarised in SPEC §5): {c.paper_wording}", "",

@@ -3,9 +3,6 @@ small synthetic frames in -> expected verdict; plus the claims report (analysis.
 no pytest subprocess."""
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import pandas as pd
 import pytest
 

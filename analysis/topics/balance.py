@@ -35,6 +35,7 @@ def _final_layer_mean(train: pd.DataFrame, metric: str, step: str = "final") -> 
 
 
 def evaluate_c6(data: dict, config: dict, verdicts: dict) -> Outcome:
+    """Apply the rule declared in ``C6.rule`` (below) to the saved rows."""
     tr = data["train"]
     talk = "talklora-official"
     g_end = _final_layer_mean(tr, "gini")
@@ -83,6 +84,7 @@ def evaluate_c6(data: dict, config: dict, verdicts: dict) -> Outcome:
 
 # C7 -------------------------------------------------------------------------
 def evaluate_c7(data: dict, config: dict, verdicts: dict) -> Outcome:
+    """Apply the rule declared in ``C7.rule`` (below) to the saved rows."""
     tr = data["train"]
     counts = tr[tr.metric == "trainable_parameters"].groupby("method").value.agg(["min", "max"])
     acc = tr[(tr.split == "test") & (tr.metric == "accuracy") & (tr.domain == "all")]
@@ -145,7 +147,7 @@ def evaluate_c7(data: dict, config: dict, verdicts: dict) -> Outcome:
     ev = ["- Trainable adapter parameters (classifier head excluded; tied tensors counted once) and test "
           "accuracy (mean over seeds, 95 % t-interval):",
           md_table(["method", "measured", "closed form (untied B)", "closed form (B shared per projection type)",
-                  "match", "test accuracy"], rows),
+                    "match", "test accuracy"], rows),
           "- Closed form per adapted layer: A r·d_in + C E·m² + B d_out·r + T E² + W_r E·r "
           "(MoELoRA-input: W_g E·d_in instead of W_r; LoRA: A + B). Shared-B accounting (official "
           "code): B counted once per projection type instead of once per layer.",

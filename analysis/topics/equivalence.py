@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ..evidence import ClaimSpec, FigureSpec, Outcome, Topic, md_table
+from ..evidence import ClaimSpec, FigureSpec, Outcome, Topic
 from ..plotting import WIDTH, empty, legend_below, sel
 from ..stats import fmt
 
@@ -27,6 +27,7 @@ def _residuals(equivalence: pd.DataFrame, metric: str) -> dict[str, float]:
 
 
 def evaluate_c1(data: dict, config: dict, verdicts: dict) -> Outcome:
+    """Apply the rule declared in ``C1.rule`` (below) to the saved rows."""
     eq = data["equivalence"]
     res = _residuals(eq, "C1_identity_talk")
     n_cfg = eq[eq.metric == "C1_identity_talk"].groupby("dtype").size().to_dict()
@@ -50,6 +51,7 @@ def evaluate_c1(data: dict, config: dict, verdicts: dict) -> Outcome:
 
 # C2 -------------------------------------------------------------------------
 def evaluate_c2(data: dict, config: dict, verdicts: dict) -> Outcome:
+    """Apply the rule declared in ``C2.rule`` (below) to the saved rows."""
     eq = data["equivalence"]
     absorb = _residuals(eq, "C2_absorption")
     ident = _residuals(eq, "C1_identity_talk")
@@ -84,6 +86,7 @@ def evaluate_c2(data: dict, config: dict, verdicts: dict) -> Outcome:
 
 # C3 -------------------------------------------------------------------------
 def evaluate_c3(data: dict, config: dict, verdicts: dict) -> Outcome:
+    """Apply the rule declared in ``C3.rule`` (below) to the saved rows."""
     eq = data["equivalence"]
     incl = _residuals(eq, "C3_inclusion")
     counter = eq[eq.metric == "C3_counterexample_rowspace_residual"].value

@@ -38,6 +38,7 @@ def _sandwich_ratios(df: pd.DataFrame, keys: list[str], certified: str, local: s
 
 
 def evaluate_c4(data: dict, config: dict, verdicts: dict) -> Outcome:
+    """Apply the rule declared in ``C4.rule`` (below) to the saved rows."""
     syn = data["perturb_synthetic"]
     routers, train, twins = (data.get(k) for k in ("perturb_routers", "train", "twins"))
     parts = []
@@ -105,6 +106,7 @@ def _est_from_logs(per_seed: pd.Series) -> Est:
 
 
 def evaluate_c5(data: dict, config: dict, verdicts: dict) -> Outcome:
+    """Apply the rule declared in ``C5.rule`` (below) to the saved rows."""
     syn = data["perturb_synthetic"]
     tr = data["train"]
     real = data.get("perturb_real")
@@ -194,6 +196,7 @@ def evaluate_c5(data: dict, config: dict, verdicts: dict) -> Outcome:
 
 
 def evaluate_c10(data: dict, config: dict, verdicts: dict) -> Outcome:
+    """Apply the rule declared in ``C10.rule`` (below) to the saved rows."""
     ro = data["perturb_routers"]
     q = ro[(ro.metric == "routing_quotient") & (ro.eps > 0)]
     piv = q.pivot_table(index=["seed", "kind", "eps", "statistic"], columns="router", values="value", aggfunc="first")

@@ -17,6 +17,7 @@ from ..stats import fmt, pct, wilson
 
 # C8 -------------------------------------------------------------------------
 def evaluate_c8(data: dict, config: dict, verdicts: dict) -> Outcome:
+    """Apply the rule declared in ``C8.rule`` (below) to the saved rows."""
     tn = data["talk_norms"]
     rows, fr = [], {}
     for E, g in tn.groupby("E"):
@@ -54,7 +55,7 @@ def evaluate_c8(data: dict, config: dict, verdicts: dict) -> Outcome:
                  "random T shrinks most directions.")
     ev = ["- Monte Carlo over independent draws per E (Wilson 95 % intervals):",
           md_table(["E", "draws", "P(‖T‖₂ > 1)", "median ‖T‖₂", "P(certified ratio > 1)",
-                  "median ratio", "max ratio"], rows)]
+                    "median ratio", "max ratio"], rows)]
     return Outcome(verdict, reason, key, ev, statement=statement)
 
 

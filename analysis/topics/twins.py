@@ -22,6 +22,7 @@ TWIN_IDENTICAL_ATOL = 1e-5                  # = analysis.twins.MATCH_ATOL: twins
 
 # C9 -------------------------------------------------------------------------
 def evaluate_c9(data: dict, config: dict, verdicts: dict) -> Outcome:
+    """Apply the rule declared in ``C9.rule`` (below) to the saved rows."""
     tw = data["twins"]
     cfg = config.get("twins") or {}
     per_opt, rows, div_rows = {}, [], []
@@ -70,7 +71,7 @@ def evaluate_c9(data: dict, config: dict, verdicts: dict) -> Outcome:
           "models compute the same function at step 0 and see the same batches; only the "
           "parameterisation differs" + (f" (weight decay {wd:g} for AdamW)" if wd is not None else "") + ":",
           md_table(["optimiser", "last step", "TalkLoRA − MoELoRA-twin", "TalkLoRA − TalkLoRA(frozen T)",
-                  "TalkLoRA − TalkLoRA(T=I, W_r=W')", "verdict"], rows),
+                    "TalkLoRA − TalkLoRA(T=I, W_r=W')", "verdict"], rows),
           "- Divergence of the MoELoRA twin from TalkLoRA at the last step (max |Δlogit| on a fixed "
           "held-out batch):",
           md_table(["optimiser", "mean over seeds", "max over seeds"], div_rows)]
