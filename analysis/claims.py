@@ -150,9 +150,18 @@ def render_markdown(claims: list[Claim], *, command: str, results_dir, commit: s
                 f"**Our statement.** {c.statement}", "",
                 f"**Verdict: {c.verdict}.** {c.reason}.", "",
                 f"**Rule.** {c.rule}", "",
-                "**Evidence.**", "", *_spaced(c.evidence), "",
+                "**Evidence.**", "", *_spaced(c.evidence + _comparison_lines(c)), "",
                 f"**Figure:** {c.figure}."]
     return "\n".join(out) + "\n"
+
+
+def _comparison_lines(claim: Claim) -> list[str]:
+    """The claim's paired comparisons (SPEC §5: n, effect, 95 % interval, margin, MDE), if it has any."""
+    if not claim.comparisons:
+        return []
+    return ["- Paired comparisons (95 % t-interval over seeds; MDE at 80 % power):",
+            md_table(["comparison", "n", "effect", "95 % interval", "margin", "MDE", "verdict"],
+                     [cmp.row() for cmp in claim.comparisons])]
 
 
 def _spaced(lines: list[str]) -> list[str]:

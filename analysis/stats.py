@@ -132,7 +132,8 @@ def tost(values, margin: float) -> float:
 
 
 def mde(sd: float, n: int, conf: float = CONF, power: float = 0.8) -> float:
-    """Minimum detectable effect of a two-sided paired t-test: ``(t_{1−α/2} + t_{power}) · sd / √n``, df = n − 1."""
+    """Minimum detectable effect of a two-sided paired t-test, ``(t_{1−α/2} + t_{power}) · sd / √n``
+    with df = n − 1 (NaN for n < 2)."""
     if not 0 < power < 1:
         raise ValueError(f"power must be in (0, 1), got {power!r}")
     if n < 2 or not math.isfinite(sd):
@@ -180,6 +181,22 @@ class Comparison:
     @property
     def verdict(self) -> str:
         return verdict_from_interval(self.ci_low, self.ci_high, self.margin, self.claimed_side)
+
+    @classmethod
+    def from_differences(cls, name: str, differences, margin: float, claimed_side: str = "greater",
+                         power: float = 0.8) -> "Comparison":
+        """From per-replicate paired differences (one per seed): mean, 95 % t-interval and the MDE at ``power``."""
+        v = np.asarray(list(differences), dtype=float)
+        v = v[np.isfinite(v)]
+        mean, lo, hi, n = t_interval(v)
+        sd = float(v.std(ddof=1)) if n > 1 else math.nan
+        return cls(name, n, mean, lo, hi, margin, mde(sd, n, power=power), claimed_side)
+
+    def row(self, digits: int = 3) -> list[str]:
+        """``name, n, effect, interval, ±margin, MDE, verdict`` as report cells."""
+        interval = f"[{fmt(self.ci_low, digits)}, {fmt(self.ci_high, digits)}]"
+        return [self.name, str(self.n), fmt(self.effect, digits), interval, f"±{fmt(self.margin, digits)}",
+                fmt(self.mde, digits), self.verdict]
 
 
 def fmt(x, digits: int = 3) -> str:

@@ -454,3 +454,15 @@ def test_run_reads_saved_results_and_reports_the_same_verdicts(tmp_path, monkeyp
     (tmp_path / "results" / "twins" / "rows.csv").unlink()
     with pytest.raises(C.MissingResultsError, match=rf"'twins'.*--results-dir {tmp_path / 'results'}"):
         C.run(cfg, results_dir=tmp_path / "results", out_md=md, out_csv=csv, run_tests=False)
+
+
+def test_report_lists_comparisons_when_a_claim_has_them(tmp_path):
+    from analysis.stats import Comparison
+    data, cfg = full_data()
+    claims = C.evaluate(data, None, cfg)
+    assert all(not c.comparisons for c in claims)          # the current rules carry none
+    claims[5].comparisons = [Comparison.from_differences("TalkLoRA − MoELoRA-code", [0.03, 0.05, 0.04], margin=0.01)]
+    md, csv = tmp_path / "CLAIMS.md", tmp_path / "claims.csv"
+    C.write_report(claims, md, csv, command="x", results_dir=tmp_path, commit="c", dirty=False)
+    text = md.read_text()
+    assert text.count("| comparison | n | effect |") == 1 and "| TalkLoRA − MoELoRA-code | 3 | 0.04 |" in text

@@ -131,6 +131,17 @@ def test_verdict_from_interval(lo, hi, margin, side, expected):
     assert c.verdict == expected
 
 
+def test_comparison_from_paired_differences():
+    c = S.Comparison.from_differences("talk − code", [0.03, 0.05, 0.04, math.nan], margin=0.01)
+    half = 4.3026527 * 0.01 / math.sqrt(3)
+    assert (c.n, c.effect) == (3, pytest.approx(0.04))
+    assert (c.ci_low, c.ci_high) == pytest.approx((0.04 - half, 0.04 + half))
+    assert c.mde == pytest.approx(S.mde(0.01, 3)) and c.verdict == "holds"
+    assert c.row()[-1] == "holds" and c.row()[4] == "±0.01"
+    one = S.Comparison.from_differences("x", [0.5], margin=0.01, claimed_side="less")
+    assert one.n == 1 and math.isnan(one.mde) and one.verdict == "inconclusive"
+
+
 def test_verdict_from_interval_rejects_bad_arguments():
     with pytest.raises(ValueError, match="claimed_side"):
         S.verdict_from_interval(0.1, 0.2, 0.01, "up")
