@@ -193,7 +193,7 @@ def test_f1_draws_what_the_c6_verdict_reads():
     rows.loc[(rows["split"] == "val") & (rows["step"] == 5) & (rows["metric"] == "gini"), "value"] = 0.9
     drawn = balance.prepare_f1(rows)
     drawn = drawn[drawn["metric"] == "gini"].groupby("method")["mean"].mean()      # mean over layers
-    verdict_input = balance._final_layer_mean(rows, "gini").mean()                  # per seed, then over seeds
+    verdict_input = balance.final_layer_mean(rows, "gini").mean()                  # per seed, then over seeds
     assert drawn.to_dict() == pytest.approx(verdict_input[drawn.index].to_dict())
 
 

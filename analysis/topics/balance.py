@@ -24,7 +24,9 @@ C7_OVERHEAD_NEGLIGIBLE = 0.01               # TalkLoRA's extra parameters / MoEL
 
 
 # C6 -------------------------------------------------------------------------
-def _final_layer_mean(train: pd.DataFrame, metric: str, step: str = "final") -> pd.DataFrame:
+def final_layer_mean(train: pd.DataFrame, metric: str, step: str = "final") -> pd.DataFrame:
+    """``metric`` on the C6 split at the final step of each (method, seed) (or at ``step``), averaged
+    over adapted layers: one row per seed, one column per method."""
     v = train[(train.split == C6_SPLIT) & (train.metric == metric) & (train.layer != "all")]
     if step == "final":
         last = v.groupby(["method", "seed"]).step.transform("max")
@@ -38,9 +40,9 @@ def evaluate_c6(data: dict, config: dict, verdicts: dict) -> Outcome:
     """Apply the rule declared in ``C6.rule`` (below) to the saved rows."""
     tr = data["train"]
     talk = "talklora-official"
-    g_end = _final_layer_mean(tr, "gini")
-    g_start = _final_layer_mean(tr, "gini", step=0)
-    h_end = _final_layer_mean(tr, "load_entropy")
+    g_end = final_layer_mean(tr, "gini")
+    g_start = final_layer_mean(tr, "gini", step=0)
+    h_end = final_layer_mean(tr, "load_entropy")
     diffs = {b: paired(g_end, talk, b) for b in ("moelora-code", "moelora-input")}
     dirs = {b: e.direction for b, e in diffs.items() if e.n}
     better = [b for b, d in dirs.items() if d == "below"]
