@@ -140,17 +140,19 @@ class _Draws:
 
 
 def _draw(layer, x: Tensor, kinds: list[str], seed: int, block, dtype: torch.dtype) -> _Draws:
-    """Phase 1: every random draw (one local ``torch.Generator``; the global RNG is untouched)."""
+    """Phase 1: every random draw (one local ``torch.Generator``; the global RNG is untouched).
+    Drawn in float64 whatever ``dtype``, so all dtypes probe the same directions."""
     N, d = x.shape
     E, m = layer.num_experts, layer.expert_rank
     gen = torch.Generator().manual_seed(seed)
-    draws = _Draws(_unit(torch.randn(N, d, generator=gen, dtype=dtype)).to(x.device),
-                   _unit(torch.randn(N, m, generator=gen, dtype=dtype)).to(x.device),
+    f64 = torch.float64
+    draws = _Draws(_unit(torch.randn(N, d, generator=gen, dtype=f64)).to(x.device, dtype),
+                   _unit(torch.randn(N, m, generator=gen, dtype=f64)).to(x.device, dtype),
                    torch.randint(E, (N,), generator=gen).to(x.device) if block is None else
                    torch.full((N,), block, dtype=torch.long, device=x.device))
     if "adversarial" in kinds:
         draws.US, draws.Vh = reduced_map(_router_map(layer, "input", dtype))
-        draws.rand_q = torch.randn(N, draws.Vh.shape[0], generator=gen, dtype=dtype).to(x.device)
+        draws.rand_q = torch.randn(N, draws.Vh.shape[0], generator=gen, dtype=f64).to(x.device, dtype)
     return draws
 
 

@@ -279,7 +279,7 @@ def router_lipschitz(layer, inputs: Tensor, wrt: str = "code", *, steps: int = 8
     else:
         rho = radius / norm_M
         gen = torch.Generator().manual_seed(seed)
-        rand = torch.randn(q.shape, generator=gen, dtype=q.dtype).to(q.device)
+        rand = torch.randn(q.shape, generator=gen, dtype=torch.float64).to(q.device, q.dtype)
         q = torch.where((local <= 1e-12 * norm_M).unsqueeze(-1), rand, q)
         q = q / q.norm(dim=-1, keepdim=True)
         c, _ = ascend_logits(layer.gates_from_logits, logits, US, torch.stack([q, -q]),
