@@ -268,7 +268,7 @@ def save_adapter(model: nn.Module, directory, config: AdapterConfig) -> None:
     directory = _check_path(directory, "directory")
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_tensors(model).items()}
     if not tensors:
-        raise ValueError(f"{type(model).__name__} has no adapter layers to save: inject() first")
+        raise ValueError(f"model ({type(model).__name__}) has no adapter layers to save: inject() first")
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"directory {directory} exists and is not a folder")
     if _is_peft_folder(directory):
@@ -326,7 +326,11 @@ def load_adapter(model: nn.Module, directory) -> InjectionReport:
     config, tensors = read_adapter(directory)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
-        report = inject(model, config)
+        try:
+            report = inject(model, config)
+        except ValueError as err:
+            raise ValueError(f"cannot load the adapter {directory} into model ({type(model).__name__}): "
+                             f"{err}") from err
         _copy_plan(_plan_adapter(adapter_tensors(model), tensors, directory))
     except BaseException:
         for path, layer in adapter_layers(model).items():
@@ -342,14 +346,14 @@ def load_adapter(model: nn.Module, directory) -> InjectionReport:
 def _official_layers(model: nn.Module) -> dict[str, TalkLoRALinear]:
     layers = adapter_layers(_check_model(model))
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no adapter layers: inject an "
+        raise ValueError(f"model ({type(model).__name__}) has no adapter layers: inject an "
                          f"AdapterConfig(kind='talklora') first")
     for path, layer in layers.items():
         if not isinstance(layer, TalkLoRALinear):
-            raise ValueError(f"layer {path!r} is a {type(layer).__name__}; the official layout "
+            raise ValueError(f"model layer {path!r} is a {type(layer).__name__}; the official layout "
                              f"needs TalkLoRALinear layers (AdapterConfig kind='talklora')")
         if layer.scaling != 1.0 or layer.top_k is not None:
-            raise ValueError(f"layer {path!r} has scaling {layer.scaling:g}, top_k {layer.top_k}; the "
+            raise ValueError(f"model layer {path!r} has scaling {layer.scaling:g}, top_k {layer.top_k}; the "
                              f"official forward needs alpha=None (s = 1) and dense routing (top_k=None)")
     return layers
 

@@ -91,15 +91,14 @@ def check_finite(t: Tensor, name: str, detail: str = "the probes need finite inp
         raise ValueError(f"{name} contains NaN or Inf; {detail}")
 
 
-def check_result(values: dict[str, Tensor], what: str) -> None:
-    """Raise ``ValueError`` if a computed quantity overflowed (NaN/Inf) — inputs, weights or
-    perturbation sizes beyond what the computation dtype can represent."""
+def check_result(values: dict[str, Tensor], what: str, cause: str = "the inputs or the layer's weights") -> None:
+    """Raise ``ValueError`` if a computed quantity overflowed (NaN/Inf): ``cause`` (e.g. the inputs,
+    the weights, a perturbation size) lies beyond what the computation dtype can represent."""
     for name, t in values.items():
         t = torch.as_tensor(t)
         if not torch.isfinite(t).all():
-            raise ValueError(f"{what}: {name} is not finite (overflow in {t.dtype}); the inputs, the "
-                             f"layer's weights or the perturbation size are too large for this dtype — "
-                             f"rescale them or use dtype=torch.float64")
+            raise ValueError(f"{what}: {name} is not finite (overflow in {t.dtype}); {cause} are too "
+                             f"extreme for this dtype: rescale them (or use dtype=torch.float64)")
 
 
 class _Call(nn.Module):

@@ -240,7 +240,8 @@ def _layer_rows(layer, name: str, x: Tensor, eps_list: list[float], kinds: list[
     draws = _draw(layer, x, kinds, seed, block, dtype)
     measured = dtype_call(layer, _responses, x, draws, eps_list, kinds, pgd_steps, dtype=dtype)
     for kind, eps, per in measured:
-        check_result(per, f"perturbation_response (layer {name!r}, kind {kind!r}, eps {eps:g})")
+        check_result(per, f"perturbation_response (layer {name!r}, kind {kind!r}, eps {eps:g})",
+                     "the inputs, the layer's weights or eps")
     return [row for kind, eps, per in measured for row in _rows(name, kind, eps, per)]
 
 
@@ -276,9 +277,10 @@ def capture_layer_inputs(layers: dict[str, nn.Module], run: Callable[[], object]
 
 def _masked_tokens(xs: list[Tensor], mask: Tensor | None, name: str, d: int, device,
                    dtype: torch.dtype = torch.float64) -> Tensor:
+    label = "inputs" if name == SINGLE_LAYER_NAME else f"input of layer {name!r}"
     parts = []
     for x in xs:
-        t = flat_tokens(x, d, f"input of layer {name!r}", device=device, dtype=dtype)
+        t = flat_tokens(x, d, label, device=device, dtype=dtype)
         if mask is not None:
             if tuple(mask.shape) != tuple(x.shape[:-1]):
                 raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but layer {name!r} received "
@@ -316,8 +318,14 @@ def perturbation_response(layer_or_model: nn.Module, inputs, eps, kind, *, seed:
         raise TypeError(f"model_kwargs must be None or a dict, got {type(model_kwargs).__name__}")
     if mask is not None and not isinstance(mask, (Tensor, np.ndarray, list, tuple)):
         raise TypeError(f"mask must be None or a boolean / 0-1 tensor, array or list, got {type(mask).__name__}")
-    if isinstance(layer_or_model, nn.Module) and hasattr(layer_or_model, "gates_from_logits"):
-        layers = {SINGLE_LAYER_NAME: check_router_layer(layer_or_model)}
+    if not isinstance(layer_or_model, nn.Module):
+        raise TypeError(f"layer_or_model must be a MoE adapter layer or a torch.nn.Module holding some, "
+                        f"got {type(layer_or_model).__name__}")
+    if not any(hasattr(m, "add_routing_hook") for m in layer_or_model.modules()):
+        raise ValueError(f"layer_or_model ({type(layer_or_model).__name__}) has no routed adapter layer "
+                         f"(MoELoRALinear / TalkLoRALinear); inject one first")
+    if hasattr(layer_or_model, "gates_from_logits"):
+        layers = {SINGLE_LAYER_NAME: check_router_layer(layer_or_model, "layer_or_model")}
         if not isinstance(inputs, Tensor):
             raise TypeError(f"inputs for a layer must be a tensor (..., d_in), got {type(inputs).__name__}")
         captured, token_mask = {SINGLE_LAYER_NAME: [inputs]}, _as_mask(mask)

@@ -285,11 +285,14 @@ def router_lipschitz(layer, inputs: Tensor, wrt: str = "code", *, steps: int = 8
         c, _ = ascend_logits(layer.gates_from_logits, logits, US, torch.stack([q, -q]),
                              torch.full_like(local, rho), steps, step_size, sphere=True)
         delta = c @ Vh
+        if not math.isfinite(rho) or not (delta.norm(dim=-1) > 0).all():
+            raise ValueError(f"radius={radius:g} is too extreme for this layer in {dtype}: the search "
+                             f"perturbation (ρ = radius / ‖M‖₂ = {rho:g}) under- or overflows")
         route = gates_of_code if wrt == "code" else gates_of_input
         g1 = dtype_call(layer, lambda L: route(L, z + delta), dtype=dtype)
         empirical_t = (g1 - g0).norm(dim=-1) / delta.norm(dim=-1)
-    check_result({"the local constants": local, "the empirical quotients": empirical_t,
-                  "the search radius": torch.tensor(rho)}, "router_lipschitz")
+    check_result({"the local constants": local, "the empirical quotients": empirical_t},
+                 "router_lipschitz", "the inputs, the layer's weights or radius")
     i = int(local.argmax())
     return LipschitzResult(certified=math.inf if _is_topk(layer) else 0.5 * norm_M,
                            local_max=float(local[i]), empirical=float(empirical_t.max()),
