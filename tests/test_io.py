@@ -476,3 +476,167 @@ def test_loop_moelora_matches_batched_layer():
     batched.set_weights(A=loop.A, C=loop.C, B=loop.B, W_r=loop.W_r)
     x = torch.randn(4, 10, dtype=torch.float64)
     assert (loop(x) - batched(x)).abs().max().item() <= 1e-12
+
+
+# ----------------------------------------------------------------------------- format, integrity, atomicity
+def test_integrity_refuses_a_changed_byte_and_changes_nothing(tmp_path):
+    config = CONFIGS["talklora"]
+    save_adapter(injected(config, seed=1), tmp_path, config)
+    path = weights_file(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40
+    path.write_bytes(bytes(data))
+    target = injected(config, seed=2)
+    before = {k: v.clone() for k, v in export_adapter(target).items()}
+    with pytest.raises(AdapterIntegrityError, match=rf"{path.name} do not match the SHA-256 recorded in {MANIFEST_NAME}"):
+        load_adapter_weights(target, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in export_adapter(target).items())
+
+
+def export_adapter(model):
+    from talklora_min.io import adapter_tensors
+    return {k: v.detach() for k, v in adapter_tensors(model).items()}
+
+
+@pytest.mark.parametrize("dtype, message", [
+    (torch.int64, "'blocks.0.q_proj.A' has dtype torch.int64; it must be a floating-point tensor"),
+    (torch.bool, "'blocks.0.q_proj.A' has dtype torch.bool"),
+    (torch.complex64, "'blocks.0.q_proj.A' has dtype torch.complex64"),
+])
+def test_integer_bool_complex_tensors_are_refused_by_name(tmp_path, dtype, message):
+    tensors = saved(tmp_path)
+    tensors["blocks.0.q_proj.A"] = tensors["blocks.0.q_proj.A"].to(dtype)
+    rewrite_weights(tmp_path, tensors)
+    model = Tiny()
+    with pytest.raises(ValueError, match=message):
+        load_adapter(model, tmp_path)
+    assert not adapter_layers(model)
+
+
+def test_values_the_model_dtype_cannot_hold_are_refused(tmp_path):
+    tensors = saved(tmp_path)
+    tensors = {k: v.double() for k, v in tensors.items()}
+    tensors["blocks.1.up_proj.W_r"] = tensors["blocks.1.up_proj.W_r"] * 1e300     # float32 max is 3.4e38
+    rewrite_weights(tmp_path, tensors)
+    target = injected(CONFIGS["talklora"], seed=3)
+    before = {k: v.clone() for k, v in export_adapter(target).items()}
+    with pytest.raises(ValueError, match=r"'blocks.1.up_proj.W_r' holds values up to .*e\+300 that overflow "
+                                         r"the model's torch.float32"):
+        load_adapter_weights(target, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in export_adapter(target).items())
+    # float64 values that float32 can hold load (rounded), as Tensor.copy_ does
+    tensors["blocks.1.up_proj.W_r"] = tensors["blocks.1.up_proj.W_r"] / 1e300
+    rewrite_weights(tmp_path, tensors)
+    load_adapter_weights(target, tmp_path)
+    assert torch.equal(target.blocks[1].up_proj.W_r, tensors["blocks.1.up_proj.W_r"].float())
+
+
+def test_legacy_folder_loads_read_only_with_a_note_and_converts_on_save(tmp_path):
+    """Folders of earlier versions: adapter_config.json (our AdapterConfig JSON) + adapter_model.safetensors."""
+    from safetensors.torch import save_file
+    config = CONFIGS["talklora-tied"]
+    model = injected(config)
+    (tmp_path / "adapter_config.json").write_text(config.to_json())
+    save_file({k: v.detach().contiguous() for k, v in export_adapter(model).items()},
+              tmp_path / "adapter_model.safetensors")
+    fresh = Tiny()
+    with pytest.warns(UserWarning, match="old format .*without an integrity check"):
+        load_adapter(fresh, tmp_path)
+    x = torch.randn(3, 16)
+    assert torch.equal(fresh.eval()(x), model(x))
+    save_adapter(model, tmp_path, config)                      # converts: the old pair is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([MANIFEST_NAME, weights_file(tmp_path).name])
+
+
+def peft_folder(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(Tiny(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_our_loader_given_a_peft_folder_names_the_converter(tmp_path):
+    directory = peft_folder(tmp_path / "peft")
+    model = Tiny()
+    with pytest.raises(AdapterFormatError, match=r"PEFT adapter folder .*peft.PeftModel.from_pretrained.*"
+                                                 r"talklora_min\.hf\.from_peft\(peft_model\)"):
+        load_adapter(model, directory)
+    assert not adapter_layers(model)
+    with pytest.raises(AdapterFormatError, match="talklora_min.hf.from_peft"):
+        load_adapter_weights(injected(CONFIGS["lora"]), directory)
+    with pytest.raises(AdapterFormatError, match="holds a PEFT adapter"):
+        save_adapter(injected(CONFIGS["lora"]), directory, CONFIGS["lora"])
+
+
+def test_peft_given_our_folder_says_it_finds_no_adapter_config(tmp_path):
+    peft = pytest.importorskip("peft")
+    config = CONFIGS["lora"]
+    save_adapter(injected(config), tmp_path, config)
+    with pytest.raises(ValueError, match="Can't find 'adapter_config.json'"):
+        peft.PeftModel.from_pretrained(Tiny(), str(tmp_path))
+
+
+def test_files_get_the_users_umask_and_keep_an_existing_mode(tmp_path):
+    import os
+    from talklora_min import _atomic
+    old = os.umask(0o022)
+    try:
+        config = CONFIGS["lora"]
+        save_adapter(injected(config), tmp_path / "a", config)
+        modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "a").iterdir()}
+        assert set(modes.values()) == {0o644}, modes
+        os.umask(0o077)
+        save_adapter(injected(config), tmp_path / "b", config)
+        assert {p.stat().st_mode & 0o777 for p in (tmp_path / "b").iterdir()} == {0o600}
+        readme = tmp_path / "README.md"
+        readme.write_text("old")
+        readme.chmod(0o644)
+        _atomic.write_text(readme, "regenerated")                # under umask 077 it stays 0644
+        assert readme.read_text() == "regenerated" and readme.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_replace_dir_swaps_whole_folders(tmp_path, monkeypatch, exchange):
+    from talklora_min import _atomic
+    if not exchange:
+        monkeypatch.setattr(_atomic, "_exchange", lambda a, b: False)    # the two-rename fallback
+    target = tmp_path / "cells"
+    _atomic.replace_dir(target, lambda d: (d / "a.json").write_text("1"))
+    _atomic.replace_dir(target, lambda d: (d / "b.json").write_text("2"))
+    assert [p.name for p in target.iterdir()] == ["b.json"]
+
+    def half(d):
+        (d / "c.json").write_text("3")
+        raise RuntimeError("writer died")
+    with pytest.raises(RuntimeError):
+        _atomic.replace_dir(target, half)
+    assert [p.name for p in target.iterdir()] == ["b.json"] and [p.name for p in tmp_path.iterdir()] == ["cells"]
+    # a fallback swap killed between its two renames: the old folder is moved back, then replaced
+    target.rename(tmp_path / ".cells.0a1b2c.old")
+    _atomic.replace_dir(target, lambda d: (d / "d.json").write_text("4"))
+    assert [p.name for p in target.iterdir()] == ["d.json"] and [p.name for p in tmp_path.iterdir()] == ["cells"]
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: save_adapter(None, "x", CONFIGS["lora"]), TypeError, "model must be a torch.nn.Module"),
+    (lambda: save_adapter(injected(CONFIGS["lora"]), None, CONFIGS["lora"]), TypeError, "directory must be"),
+    (lambda: save_adapter(injected(CONFIGS["lora"]), 3, CONFIGS["lora"]), TypeError, "directory must be"),
+    (lambda: load_adapter([1, 2], "x"), TypeError, "model must be a torch.nn.Module"),
+    (lambda: load_adapter(Tiny(), ["x"]), TypeError, "directory must be"),
+    (lambda: load_adapter_weights(None, "x"), TypeError, "model must be"),
+    (lambda: load_official_state_dict(None, {}), TypeError, "model must be"),
+    (lambda: export_official_state_dict("model"), TypeError, "model must be"),
+    (lambda: load_official_state_dict(official_pair(Tiny)[0], None), TypeError, "state_dict must be a mapping"),
+    (lambda: load_official_state_dict(official_pair(Tiny)[0], {}, strict="yes"), TypeError, "strict must be a bool"),
+])
+def test_io_arguments_are_checked_by_name(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_save_into_a_file_path_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is not a folder"):
+        save_adapter(injected(CONFIGS["lora"]), tmp_path / "file", CONFIGS["lora"])
