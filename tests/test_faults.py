@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -392,18 +393,28 @@ def test_official_import_checks_everything_before_the_first_copy(which):
 
 
 # ----------------------------------------------------------------------------- Hypothesis over the table
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(data=st.data())
 def test_any_combination_of_bad_arguments_is_handled(data):
-    """Several arguments replaced at once (any of the probe functions): the error names one of them."""
-    name = data.draw(st.sampled_from(sorted(PROBE_CASES)), label="function")
-    fn, base = PROBE_CASES[name]
-    args = data.draw(st.lists(st.sampled_from(sorted(base)), min_size=1, max_size=3, unique=True), label="args")
-    bad = {a: BAD[data.draw(st.sampled_from(sorted(BAD)), label=a)] for a in args}
-    numbers = st.one_of(st.integers(-2**70, 2**70), st.floats(allow_nan=True, allow_infinity=True),
-                        st.floats(1e300, 1.7e308), st.floats(0, 1e-300))
-    for a in list(bad):
-        if data.draw(st.booleans(), label=f"{a} is a drawn number"):
-            bad[a] = data.draw(numbers, label=f"{a} value")
-    problem = outcome(fn, {**base, **bad}, bad)
+    """Up to three arguments of any public io / probe function replaced at once (by table values or
+    drawn numbers, NaN/Inf and the ends of the float range included): a valid result, or an error of a
+    documented type naming one of them."""
+    name = data.draw(st.sampled_from(sorted(PROBE_CASES) + list(IO_CASES)), label="function")
+    with tempfile.TemporaryDirectory() as tmp:
+        cwd = os.getcwd()
+        os.chdir(tmp)                                             # "abc" is a valid relative folder
+        try:
+            fn, base = PROBE_CASES[name] if name in PROBE_CASES else _io_case(name)(Path(tmp))
+            args = data.draw(st.lists(st.sampled_from(sorted(base)), min_size=1, max_size=3, unique=True),
+                             label="args")
+            pool = BAD if name in PROBE_CASES else IO_BAD
+            bad = {a: pool[data.draw(st.sampled_from(sorted(pool)), label=a)] for a in args}
+            numbers = st.one_of(st.integers(-2**70, 2**70), st.floats(allow_nan=True, allow_infinity=True),
+                                st.floats(1e300, 1.7e308), st.floats(0, 1e-300))
+            for a in list(bad):
+                if data.draw(st.booleans(), label=f"{a} is a drawn number"):
+                    bad[a] = data.draw(numbers, label=f"{a} value")
+            problem = outcome(fn, {**base, **bad}, bad)
+        finally:
+            os.chdir(cwd)
     assert problem is None, f"{name}({bad}): {problem}"
