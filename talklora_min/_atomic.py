@@ -78,9 +78,13 @@ def clean_leftovers(path) -> list[Path]:
         return []
     removed = []
     for p in path.parent.glob(f".{path.name}.*"):
-        if p.name.endswith((TMP_SUFFIX, ".tmpdir", ".old")):
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
-            removed.append(p)
+        if not p.name.endswith((TMP_SUFFIX, ".tmpdir", ".old")):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
     return removed
 
 

