@@ -1,15 +1,17 @@
 """save_adapter / load_adapter round trips and errors; official TalkLoRA layout import/export (SPEC §2)."""
 import copy
+import hashlib
+import json
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from talklora_min import (AdapterConfig, adapter_layers, export_official_state_dict, inject, load_adapter,
                           load_adapter_weights, load_official_state_dict, save_adapter)
-from talklora_min.io import CONFIG_NAME, WEIGHTS_NAME
+from talklora_min.io import (MANIFEST_NAME, AdapterFormatError, AdapterIntegrityError, read_adapter)
 from talklora_min.reference import LoopMoELoRALinear, OfficialTalkLoRALinear, wrap_official
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
@@ -52,6 +54,21 @@ def tiny_llama(seed: int = 0):
     return transformers.LlamaForCausalLM(config).eval()
 
 
+def weights_file(directory):
+    """The weights file the folder's manifest names."""
+    return directory / json.loads((directory / MANIFEST_NAME).read_text())["weights"]["file"]
+
+
+def rewrite_weights(directory, tensors=None, data=None):
+    """Replace the weights by ``tensors`` (or raw ``data``) and record their hash in the manifest: a
+    folder that passes the integrity check but holds wrong content."""
+    data = save(tensors) if data is None else data
+    weights_file(directory).write_bytes(data)
+    manifest = json.loads((directory / MANIFEST_NAME).read_text())
+    manifest["weights"]["sha256"] = hashlib.sha256(data).hexdigest()
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
 @torch.no_grad()
 def randomise_adapters(model, seed=1):
     """Random values for every adapter tensor (B included; a tied B is drawn once)."""
@@ -90,7 +107,7 @@ def test_save_load_exact_round_trip(tmp_path, name):
     model = injected(config)
     x = torch.randn(2, 7, 16)
     save_adapter(model, tmp_path, config)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]   # no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([MANIFEST_NAME, weights_file(tmp_path).name])
 
     fresh = Tiny()
     report = load_adapter(fresh, tmp_path)
@@ -102,14 +119,17 @@ def test_save_load_exact_round_trip(tmp_path, name):
         for key, value in layer.get_weights().items():
             assert torch.equal(other.get_weights()[key], value), (path, key)
     assert torch.equal(fresh(x), model(x))
-    assert AdapterConfig.from_json((tmp_path / CONFIG_NAME).read_text()) == config
+    assert read_adapter(tmp_path)[0] == config
+    manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    assert manifest["format"] == "talklora-min-adapter" and manifest["format_version"] == 1
+    assert manifest["weights"]["sha256"] == hashlib.sha256(weights_file(tmp_path).read_bytes()).hexdigest()
 
 
 def test_tied_B_saved_once_and_still_tied_after_load(tmp_path):
     config = CONFIGS["talklora-tied"]
     model = injected(config)
     save_adapter(model, tmp_path, config)
-    stored = load_file(tmp_path / WEIGHTS_NAME)
+    stored = load_file(weights_file(tmp_path))
     assert sorted(k for k in stored if k.startswith("shared_B.")) == [f"shared_B.blocks.*.{t}" for t in sorted(TARGETS)]
     assert not any(k.endswith(".B") for k in stored)
     assert torch.equal(stored["shared_B.blocks.*.q_proj"], model.blocks[2].q_proj.B)
@@ -123,7 +143,7 @@ def test_tied_B_saved_once_and_still_tied_after_load(tmp_path):
 def test_untied_keys_use_module_path_and_spec_names(tmp_path):
     config = CONFIGS["moelora-input"]
     save_adapter(injected(config), tmp_path, config)
-    keys = set(load_file(tmp_path / WEIGHTS_NAME))
+    keys = set(load_file(weights_file(tmp_path)))
     expected = {f"{p}.{n}" for p in ["blocks.0.up_proj", "blocks.1.up_proj", "blocks.2.up_proj", "head"]
                 for n in ("A", "C", "B", "W_g")}
     assert keys == expected
@@ -150,30 +170,35 @@ def test_load_adapter_weights_into_injected_model(tmp_path):
     save_adapter(model, tmp_path, config)
     target = injected(config, seed=7)
     assert not torch.equal(target.blocks[0].q_proj.A, model.blocks[0].q_proj.A)
-    keys = load_adapter_weights(target, tmp_path / WEIGHTS_NAME)
+    keys = load_adapter_weights(target, weights_file(tmp_path))
     assert len(keys) == 3 * 5 * 5
     assert torch.equal(target.blocks[0].q_proj.A, model.blocks[0].q_proj.A)
+    target = injected(config, seed=7)
+    assert load_adapter_weights(target, tmp_path) == keys                  # a folder works too
+    assert torch.equal(target.blocks[2].down_proj.T, model.blocks[2].down_proj.T)
 
 
 def saved(tmp_path, name="talklora"):
     config = CONFIGS[name]
     save_adapter(injected(config), tmp_path, config)
-    return load_file(tmp_path / WEIGHTS_NAME)
+    return load_file(weights_file(tmp_path))
 
 
 def test_missing_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
+    with pytest.raises(FileNotFoundError, match=MANIFEST_NAME):
         load_adapter(Tiny(), tmp_path)
+    with pytest.raises(FileNotFoundError, match="adapter folder not found"):
+        load_adapter(Tiny(), tmp_path / "nowhere")
     saved(tmp_path)
-    (tmp_path / WEIGHTS_NAME).unlink()
-    with pytest.raises(FileNotFoundError, match=WEIGHTS_NAME):
+    weights_file(tmp_path).unlink()
+    with pytest.raises(FileNotFoundError, match="talklora_weights"):
         load_adapter(Tiny(), tmp_path)
 
 
 def test_shape_mismatch_names_key_and_shapes(tmp_path):
     tensors = saved(tmp_path)
     tensors["blocks.1.k_proj.W_r"] = torch.zeros(4, 9)
-    save_file(tensors, tmp_path / WEIGHTS_NAME)
+    rewrite_weights(tmp_path, tensors)
     model = Tiny()
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match=r"shape mismatch for 'blocks.1.k_proj.W_r': expected \(4, 8\), got \(4, 9\)"):
@@ -186,7 +211,7 @@ def test_shape_mismatch_names_key_and_shapes(tmp_path):
 def test_unknown_key(tmp_path):
     tensors = saved(tmp_path)
     tensors["blocks.0.o.A"] = torch.zeros(8, 8)
-    save_file(tensors, tmp_path / WEIGHTS_NAME)
+    rewrite_weights(tmp_path, tensors)
     with pytest.raises(ValueError, match=r"unknown adapter key\(s\) \['blocks.0.o.A'\]"):
         load_adapter(Tiny(), tmp_path)
 
@@ -194,39 +219,52 @@ def test_unknown_key(tmp_path):
 def test_missing_key(tmp_path):
     tensors = saved(tmp_path)
     del tensors["blocks.2.down_proj.T"]
-    save_file(tensors, tmp_path / WEIGHTS_NAME)
+    rewrite_weights(tmp_path, tensors)
     with pytest.raises(ValueError, match=r"missing adapter key\(s\) \['blocks.2.down_proj.T'\]"):
         load_adapter(Tiny(), tmp_path)
 
 
 def test_truncated_safetensors(tmp_path):
     saved(tmp_path)
-    data = (tmp_path / WEIGHTS_NAME).read_bytes()
-    (tmp_path / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=f"cannot read adapter weights .*{WEIGHTS_NAME}.*corrupted or truncated"):
+    path = weights_file(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(AdapterIntegrityError, match=f"{path.name} do not match the SHA-256"):
         load_adapter(Tiny(), tmp_path)
-    (tmp_path / WEIGHTS_NAME).write_bytes(b"\x00" * 3)
+    rewrite_weights(tmp_path, data=data[: len(data) // 2])        # hash fits, content unreadable
+    with pytest.raises(AdapterIntegrityError, match=f"cannot read adapter weights .*{path.name}.*corrupted"):
+        load_adapter(Tiny(), tmp_path)
+    path.write_bytes(b"\x00" * 3)
     with pytest.raises(ValueError, match="corrupted or truncated"):
-        load_adapter_weights(Tiny(), tmp_path)
+        load_adapter_weights(injected(CONFIGS["talklora"]), path)
 
 
 def test_pickle_file_is_rejected(tmp_path):
     saved(tmp_path)
-    torch.save({"blocks.0.q_proj.A": torch.zeros(8, 16)}, tmp_path / WEIGHTS_NAME)
+    torch.save({"blocks.0.q_proj.A": torch.zeros(8, 16)}, tmp_path / "pickled")
+    rewrite_weights(tmp_path, data=(tmp_path / "pickled").read_bytes())
     with pytest.raises(ValueError, match="corrupted or truncated"):
         load_adapter(Tiny(), tmp_path)
 
 
-@pytest.mark.parametrize("text, message", [
-    ('{"kind": "talklora", "rank": 8', "invalid adapter config .*adapter_config.json.*Expecting"),
-    ('{"kind": "talklora", "ranks": 8}', r"invalid adapter config .*unknown AdapterConfig field\(s\) \['ranks'\]"),
-    ('{"kind": "talklora", "rank": 6}', "invalid adapter config .*rank \\(6\\) must be divisible"),
+@pytest.mark.parametrize("edit, message", [
+    (lambda text: text[:-5], "invalid adapter config .*talklora_adapter.json.*not valid JSON"),
+    (lambda text: "[1, 2]", "invalid adapter config .*expected a JSON object, got list"),
+    (lambda text: text.replace('"rank": 8', '"ranks": 8'),
+     r"invalid adapter config .*unknown AdapterConfig field\(s\) \['ranks'\]"),
+    (lambda text: text.replace('"rank": 8', '"rank": 6'), "invalid adapter config .*rank \\(6\\) must be divisible"),
+    (lambda text: text.replace('"format_version": 1', '"format_version": 7'), "format_version 7 is not supported"),
+    (lambda text: text.replace('"talklora-min-adapter"', '"other"'), "'format' is 'other'"),
+    (lambda text: text.replace('"file": "', '"file": "../'), "'weights' must be"),
 ])
-def test_bad_config_json(tmp_path, text, message):
+def test_bad_manifest(tmp_path, edit, message):
     saved(tmp_path)
-    (tmp_path / CONFIG_NAME).write_text(text)
-    with pytest.raises(ValueError, match=message):
-        load_adapter(Tiny(), tmp_path)
+    path = tmp_path / MANIFEST_NAME
+    path.write_text(edit(path.read_text()))
+    model = Tiny()
+    with pytest.raises(AdapterFormatError, match=message):
+        load_adapter(model, tmp_path)
+    assert not adapter_layers(model)
 
 
 def test_load_adapter_into_injected_model_raises(tmp_path):
@@ -249,8 +287,8 @@ def test_save_overwrites_atomically(tmp_path):
     save_adapter(injected(config, seed=1), tmp_path, config)
     model = injected(config, seed=2)
     save_adapter(model, tmp_path, config)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
-    assert torch.equal(load_file(tmp_path / WEIGHTS_NAME)["blocks.0.q_proj.A"], model.blocks[0].q_proj.A)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([MANIFEST_NAME, weights_file(tmp_path).name])
+    assert torch.equal(load_file(weights_file(tmp_path))["blocks.0.q_proj.A"], model.blocks[0].q_proj.A)
 
 
 # ----------------------------------------------------------------------------- official layout
@@ -438,3 +476,167 @@ def test_loop_moelora_matches_batched_layer():
     batched.set_weights(A=loop.A, C=loop.C, B=loop.B, W_r=loop.W_r)
     x = torch.randn(4, 10, dtype=torch.float64)
     assert (loop(x) - batched(x)).abs().max().item() <= 1e-12
+
+
+# ----------------------------------------------------------------------------- format, integrity, atomicity
+def test_integrity_refuses_a_changed_byte_and_changes_nothing(tmp_path):
+    config = CONFIGS["talklora"]
+    save_adapter(injected(config, seed=1), tmp_path, config)
+    path = weights_file(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40
+    path.write_bytes(bytes(data))
+    target = injected(config, seed=2)
+    before = {k: v.clone() for k, v in export_adapter(target).items()}
+    with pytest.raises(AdapterIntegrityError, match=rf"{path.name} do not match the SHA-256 recorded in "):
+        load_adapter_weights(target, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in export_adapter(target).items())
+
+
+def export_adapter(model):
+    from talklora_min.io import adapter_tensors
+    return {k: v.detach() for k, v in adapter_tensors(model).items()}
+
+
+@pytest.mark.parametrize("dtype, message", [
+    (torch.int64, "'blocks.0.q_proj.A' has dtype torch.int64; it must be a floating-point tensor"),
+    (torch.bool, "'blocks.0.q_proj.A' has dtype torch.bool"),
+    (torch.complex64, "'blocks.0.q_proj.A' has dtype torch.complex64"),
+])
+def test_integer_bool_complex_tensors_are_refused_by_name(tmp_path, dtype, message):
+    tensors = saved(tmp_path)
+    tensors["blocks.0.q_proj.A"] = tensors["blocks.0.q_proj.A"].to(dtype)
+    rewrite_weights(tmp_path, tensors)
+    model = Tiny()
+    with pytest.raises(ValueError, match=message):
+        load_adapter(model, tmp_path)
+    assert not adapter_layers(model)
+
+
+def test_values_the_model_dtype_cannot_hold_are_refused(tmp_path):
+    tensors = saved(tmp_path)
+    tensors = {k: v.double() for k, v in tensors.items()}
+    tensors["blocks.1.up_proj.W_r"] = tensors["blocks.1.up_proj.W_r"] * 1e300     # float32 max is 3.4e38
+    rewrite_weights(tmp_path, tensors)
+    target = injected(CONFIGS["talklora"], seed=3)
+    before = {k: v.clone() for k, v in export_adapter(target).items()}
+    with pytest.raises(ValueError, match=r"'blocks.1.up_proj.W_r' holds values up to .*e\+300 that overflow "
+                                         r"the model's torch.float32"):
+        load_adapter_weights(target, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in export_adapter(target).items())
+    # float64 values that float32 can hold load (rounded), as Tensor.copy_ does
+    tensors["blocks.1.up_proj.W_r"] = tensors["blocks.1.up_proj.W_r"] / 1e300
+    rewrite_weights(tmp_path, tensors)
+    load_adapter_weights(target, tmp_path)
+    assert torch.equal(target.blocks[1].up_proj.W_r, tensors["blocks.1.up_proj.W_r"].float())
+
+
+def test_legacy_folder_loads_read_only_with_a_note_and_converts_on_save(tmp_path):
+    """Folders of earlier versions: adapter_config.json (our AdapterConfig JSON) + adapter_model.safetensors."""
+    from safetensors.torch import save_file
+    config = CONFIGS["talklora-tied"]
+    model = injected(config)
+    (tmp_path / "adapter_config.json").write_text(config.to_json())
+    save_file({k: v.detach().contiguous() for k, v in export_adapter(model).items()},
+              tmp_path / "adapter_model.safetensors")
+    fresh = Tiny()
+    with pytest.warns(UserWarning, match="old format .*without an integrity check"):
+        load_adapter(fresh, tmp_path)
+    x = torch.randn(3, 16)
+    assert torch.equal(fresh.eval()(x), model(x))
+    save_adapter(model, tmp_path, config)                      # converts: the old pair is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([MANIFEST_NAME, weights_file(tmp_path).name])
+
+
+def peft_folder(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(Tiny(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_our_loader_given_a_peft_folder_names_the_converter(tmp_path):
+    directory = peft_folder(tmp_path / "peft")
+    model = Tiny()
+    with pytest.raises(AdapterFormatError, match=r"PEFT adapter folder .*peft.PeftModel.from_pretrained.*"
+                                                 r"talklora_min\.hf\.from_peft\(peft_model\)"):
+        load_adapter(model, directory)
+    assert not adapter_layers(model)
+    with pytest.raises(AdapterFormatError, match="talklora_min.hf.from_peft"):
+        load_adapter_weights(injected(CONFIGS["lora"]), directory)
+    with pytest.raises(AdapterFormatError, match="holds a PEFT adapter"):
+        save_adapter(injected(CONFIGS["lora"]), directory, CONFIGS["lora"])
+
+
+def test_peft_given_our_folder_says_it_finds_no_adapter_config(tmp_path):
+    peft = pytest.importorskip("peft")
+    config = CONFIGS["lora"]
+    save_adapter(injected(config), tmp_path, config)
+    with pytest.raises(ValueError, match="Can't find 'adapter_config.json'"):
+        peft.PeftModel.from_pretrained(Tiny(), str(tmp_path))
+
+
+def test_files_get_the_users_umask_and_keep_an_existing_mode(tmp_path):
+    import os
+    from talklora_min import _atomic
+    old = os.umask(0o022)
+    try:
+        config = CONFIGS["lora"]
+        save_adapter(injected(config), tmp_path / "a", config)
+        modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "a").iterdir()}
+        assert set(modes.values()) == {0o644}, modes
+        os.umask(0o077)
+        save_adapter(injected(config), tmp_path / "b", config)
+        assert {p.stat().st_mode & 0o777 for p in (tmp_path / "b").iterdir()} == {0o600}
+        readme = tmp_path / "README.md"
+        readme.write_text("old")
+        readme.chmod(0o644)
+        _atomic.write_text(readme, "regenerated")                # under umask 077 it stays 0644
+        assert readme.read_text() == "regenerated" and readme.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_replace_dir_swaps_whole_folders(tmp_path, monkeypatch, exchange):
+    from talklora_min import _atomic
+    if not exchange:
+        monkeypatch.setattr(_atomic, "_exchange", lambda a, b: False)    # the two-rename fallback
+    target = tmp_path / "cells"
+    _atomic.replace_dir(target, lambda d: (d / "a.json").write_text("1"))
+    _atomic.replace_dir(target, lambda d: (d / "b.json").write_text("2"))
+    assert [p.name for p in target.iterdir()] == ["b.json"]
+
+    def half(d):
+        (d / "c.json").write_text("3")
+        raise RuntimeError("writer died")
+    with pytest.raises(RuntimeError):
+        _atomic.replace_dir(target, half)
+    assert [p.name for p in target.iterdir()] == ["b.json"] and [p.name for p in tmp_path.iterdir()] == ["cells"]
+    # a fallback swap killed between its two renames: the old folder is moved back, then replaced
+    target.rename(tmp_path / ".cells.0a1b2c.old")
+    _atomic.replace_dir(target, lambda d: (d / "d.json").write_text("4"))
+    assert [p.name for p in target.iterdir()] == ["d.json"] and [p.name for p in tmp_path.iterdir()] == ["cells"]
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: save_adapter(None, "x", CONFIGS["lora"]), TypeError, "model must be a torch.nn.Module"),
+    (lambda: save_adapter(injected(CONFIGS["lora"]), None, CONFIGS["lora"]), TypeError, "directory must be"),
+    (lambda: save_adapter(injected(CONFIGS["lora"]), 3, CONFIGS["lora"]), TypeError, "directory must be"),
+    (lambda: load_adapter([1, 2], "x"), TypeError, "model must be a torch.nn.Module"),
+    (lambda: load_adapter(Tiny(), ["x"]), TypeError, "directory must be"),
+    (lambda: load_adapter_weights(None, "x"), TypeError, "model must be"),
+    (lambda: load_official_state_dict(None, {}), TypeError, "model must be"),
+    (lambda: export_official_state_dict("model"), TypeError, "model must be"),
+    (lambda: load_official_state_dict(official_pair(Tiny)[0], None), TypeError, "state_dict must be a mapping"),
+    (lambda: load_official_state_dict(official_pair(Tiny)[0], {}, strict="yes"), TypeError, "strict must be a bool"),
+])
+def test_io_arguments_are_checked_by_name(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_save_into_a_file_path_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is not a folder"):
+        save_adapter(injected(CONFIGS["lora"]), tmp_path / "file", CONFIGS["lora"])

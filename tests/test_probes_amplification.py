@@ -1,6 +1,7 @@
 """Perturbation amplification (SPEC §4, claims C5/C10): grid, determinism, bounds, masking."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -196,3 +197,52 @@ def test_model_path_captures_layer_inputs_and_excludes_padding():
     assert [dict(r, layer="q_proj") for r in layer_rows] == [r for r in rows if r["layer"] == "q_proj"]
     with pytest.raises(ValueError, match="attention_mask has shape"):
         perturbation_response(model, ids, 0.1, "gaussian_input", model_kwargs={"attention_mask": mask[:2]})
+
+
+def test_dtype_argument_and_numpy_numbers():
+    layer, x = make_layer("talklora", seed=2), tokens(12, 12, 1)
+    rows64 = perturbation_response(layer, x, [1e-2, 0.1], list(KINDS), seed=3)
+    rows32 = perturbation_response(layer, x, [1e-2, 0.1], list(KINDS), seed=3, dtype=torch.float32)
+    assert [(r["kind"], r["eps"], r["metric"], r["statistic"]) for r in rows32] == \
+        [(r["kind"], r["eps"], r["metric"], r["statistic"]) for r in rows64]
+    close = [abs(a["value"] - b["value"]) <= 1e-3 * max(abs(b["value"]), 1e-3) for a, b in zip(rows32, rows64)]
+    assert sum(close) >= 0.9 * len(close)              # float32 agrees (a few argmax near-ties may flip)
+    assert rows32 != rows64                             # and was really computed in float32
+    numpy_args = perturbation_response(layer, x, np.array([1e-2, 0.1]), list(KINDS), seed=np.int64(3),
+                                       pgd_steps=np.int32(10))
+    assert numpy_args == rows64
+    assert perturbation_response(layer, x, np.float32(0.1), "gaussian_block", seed=3, block=np.int64(1)) == \
+        perturbation_response(layer, x, float(np.float32(0.1)), "gaussian_block", seed=3, block=1)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        perturbation_response(layer, x, 0.1, "gaussian_input", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(kind=None), TypeError, "kind must be one of"),
+    (dict(kind=["gaussian_input", 3]), TypeError, "kind must be one of"),
+    (dict(eps=None), TypeError, "eps must be a positive finite number"),
+    (dict(eps="0.1"), TypeError, "eps must be a positive finite number"),
+    (dict(eps=[0.1, None]), TypeError, "eps must be a positive finite number"),
+    (dict(seed=1.5), TypeError, "seed must be an integer"),
+    (dict(seed=None), TypeError, "seed must be an integer"),
+    (dict(pgd_steps="10"), TypeError, "pgd_steps must be an integer"),
+    (dict(block="1"), TypeError, "block must be an integer"),
+    (dict(mask="all"), TypeError, "mask must be None"),
+    (dict(inputs=[[0.0] * 12]), TypeError, "inputs for a layer must be a tensor"),
+    (dict(inputs=None), TypeError, "inputs for a layer must be a tensor"),
+])
+def test_wrong_types_are_named(kwargs, error, message):
+    args = dict(layer_or_model=make_layer("talklora"), inputs=tokens(4, 12, 0), eps=0.1, kind="gaussian_input")
+    with pytest.raises(error, match=message):
+        perturbation_response(**{**args, **kwargs})
+
+
+def test_overflowing_perturbations_raise_instead_of_nan():
+    layer = make_layer("talklora", seed=2)
+    x = tokens(6, 12, 1)
+    rows = perturbation_response(layer, x, 1e100, list(KINDS), seed=0)        # huge but representable
+    assert all(math.isfinite(r["value"]) for r in rows)
+    with pytest.raises(ValueError, match="perturbation_response .*kind 'gaussian_input', eps 1e\\+308.*not finite"):
+        perturbation_response(layer, x, 1e308, "gaussian_input", seed=0)
+    with pytest.raises(ValueError, match="not finite"):
+        perturbation_response(layer, tokens(6, 12, 1, scale=1e306), 10.0, "gaussian_block", seed=0)

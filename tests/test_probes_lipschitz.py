@@ -2,6 +2,7 @@
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -251,3 +252,71 @@ def test_doubly_stochastic_talk_can_raise_the_bound_wrt_input():
     layer.set_weights(T=torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64))
     assert certified_lipschitz(layer, "input") == pytest.approx(0.5)            # raised 10×
     assert certified_lipschitz(layer, "code") == pytest.approx(code_identity)   # code bound not raised
+
+
+@pytest.mark.parametrize("kind", ["talklora", "moelora-input"])
+def test_dtype_argument_computes_in_that_dtype(kind):
+    layer, x = make_layer(kind, seed=4), tokens(16, 12, 5)
+    wrt = "input"
+    r64 = router_lipschitz(layer, x, wrt)
+    r32 = router_lipschitz(layer, x, wrt, dtype=torch.float32)
+    assert r64.local.dtype == torch.float64 and r32.local.dtype == torch.float32
+    assert r32.local_max == pytest.approx(r64.local_max, rel=1e-5)
+    assert r32.certified == pytest.approx(r64.certified, rel=1e-6) and r32.ordered(rtol=1e-4)
+    assert r32.local_max != r64.local_max                             # really computed in float32
+    loc32 = local_lipschitz(layer, x, wrt, dtype=torch.float32)
+    assert loc32.dtype == torch.float32 and torch.allclose(loc32.double(), r64.local, rtol=1e-5)
+    assert certified_lipschitz(layer, wrt, dtype=torch.float32) == pytest.approx(r64.certified, rel=1e-6)
+    # float32 inputs are evaluated in float64 by default (not in the inputs' precision)
+    assert local_lipschitz(layer, x.float(), wrt).dtype == torch.float64
+    with pytest.raises(ValueError, match=r"dtype must be one of \(torch.float32, torch.float64\)"):
+        router_lipschitz(layer, x, wrt, dtype=torch.float16)
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+        local_lipschitz(layer, x, wrt, dtype="float64")
+
+
+def test_numpy_numbers_accepted_and_wrong_types_named():
+    layer, x = make_layer("talklora"), tokens(6, 12, 0)
+    ref = router_lipschitz(layer, x, steps=4, step_size=0.5, radius=1e-3, seed=2)
+    got = router_lipschitz(layer, x, steps=np.int64(4), step_size=np.float32(0.5), radius=np.float64(1e-3),
+                           seed=np.uint8(2))
+    assert got.empirical == ref.empirical and got.local_max == ref.local_max
+    for kwargs, error, message in [({"steps": 2.0}, TypeError, "steps must be an integer"),
+                                   ({"steps": None}, TypeError, "steps must be an integer"),
+                                   ({"radius": "1e-3"}, TypeError, "radius must be a positive finite number"),
+                                   ({"radius": float("inf")}, ValueError, "radius must be a positive finite"),
+                                   ({"seed": -1}, ValueError, "seed must be an integer in"),
+                                   ({"wrt": None}, TypeError, "wrt must be one of")]:
+        with pytest.raises(error, match=message):
+            router_lipschitz(layer, x, **kwargs)
+    for bad in (None, [[0.0] * 12], "x"):
+        with pytest.raises(TypeError, match="inputs must be a torch.Tensor"):
+            router_lipschitz(layer, bad)
+    with pytest.raises(ValueError, match="floating-point"):
+        local_lipschitz(layer, torch.ones(3, 12, dtype=torch.int64))
+    with pytest.raises(TypeError, match="p must be a tensor"):
+        softmax_jacobian(None)
+    with pytest.raises(TypeError, match="router_fn must be a callable"):
+        local_lipschitz_generic(None, x)
+
+
+def test_extreme_magnitudes_give_a_value_or_a_clear_error():
+    layer = make_layer("talklora", seed=1)
+    # saturated but finite logits: a correct (tiny) value, not NaN
+    res = router_lipschitz(layer, tokens(8, 12, 1, scale=1e150))
+    assert math.isfinite(res.local_max) and math.isfinite(res.empirical) and res.ordered()
+    # logits beyond float64: a clear error instead of NaN
+    steep = make_layer("talklora", seed=1, scale=1e20)
+    with pytest.raises(ValueError, match="router logits is not finite .*overflow in torch.float64"):
+        router_lipschitz(steep, tokens(8, 12, 1, scale=1e300))
+    with pytest.raises(ValueError, match="router logits is not finite"):
+        local_lipschitz(steep, tokens(8, 12, 1, scale=1e300))
+    # float64 inputs that float32 cannot hold
+    with pytest.raises(ValueError, match="inputs contains NaN or Inf; its values .* overflow torch.float32"):
+        local_lipschitz(layer, tokens(8, 12, 1, scale=1e39), dtype=torch.float32)
+    huge = make_layer("talklora", seed=1)
+    huge.set_weights(W_r=torch.full((4, 8), 1e308, dtype=torch.float64), T=torch.eye(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="‖M‖₂ is not finite"):             # ‖W_r‖₂ = 1e308·√32
+        certified_lipschitz(huge, "code")
+    with pytest.raises(ValueError, match="overflow"):
+        certified_lipschitz(make_layer("talklora", seed=1, scale=1e100), dtype=torch.float32)

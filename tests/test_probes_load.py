@@ -72,11 +72,13 @@ def test_pigou_dalton_transfer_to_richer_increases_gini(v, data):
 @pytest.mark.parametrize("bad, message", [
     ([], "empty"), ([1.0, -0.5], "non-negative"), ([1.0, float("nan")], "NaN or Inf"),
     ([1.0, float("inf")], "NaN or Inf"), ([0.0, 0.0], "all zero"), ([[1.0, 2.0]], "1-dimensional"),
-    ("abc", "tensor, numpy array or list"),
+    ("abc", "tensor, numpy array or list"), (None, "tensor, numpy array or list"),
+    (["a", "b"], "tensor, numpy array or list"), (torch.ones(3, dtype=torch.complex64), "complex64"),
 ])
 def test_load_validation_errors_name_argument_and_problem(bad, message):
+    error = ValueError if isinstance(bad, list) and all(isinstance(v, (float, list)) for v in bad) else TypeError
     for fn in (gini, load_entropy, coefficient_of_variation, max_mean_share, dead_experts, load_metrics):
-        with pytest.raises(ValueError, match=message) as err:
+        with pytest.raises(error, match=message) as err:
             fn(bad)
         assert "load" in str(err.value)
 
@@ -115,3 +117,37 @@ def test_soft_hard_load_and_churn():
         top1_churn(g, g[:2])
     with pytest.raises(ValueError, match="gates must be non-negative"):
         soft_load(-g)
+
+
+@pytest.mark.parametrize("scale", [1e-320, 1e-200, 1e200, 1e307])
+def test_metrics_near_the_ends_of_the_float_range_equal_the_unit_scale_values(scale):
+    """Scale invariance must survive float64's range: no NaN/Inf from overflowing sums or squares."""
+    v = [1.0, 3.0, 0.5, 0.0]
+    big = [scale * x for x in v]
+    for fn in (gini, load_entropy, coefficient_of_variation, max_mean_share):
+        assert fn(big) == pytest.approx(fn(v), rel=1e-12), fn.__name__
+    assert gini(big, normalized=True) == pytest.approx(gini(v, normalized=True), rel=1e-12)
+    assert dead_experts(big) == dead_experts(v) == [3]
+    if scale < 1e300:
+        assert load_metrics(big)["total"] == pytest.approx(4.5 * scale, rel=1e-12)
+
+
+def test_overflowing_totals_raise_instead_of_inf():
+    with pytest.raises(ValueError, match="total overflows float64"):
+        load_metrics([1.7e308, 1.7e308])
+    assert gini([1.7e308, 1.7e308]) == 0.0                       # the scale-free metrics still work
+    with pytest.raises(ValueError, match="overflows float64"):
+        soft_load(torch.full((3, 2), 1e308, dtype=torch.float64))
+
+
+def test_numpy_numbers_and_argument_types():
+    assert dead_experts([1.0, 1e-5, 1.0], threshold=np.float32(0.01)) == [1]
+    assert gini(np.array([1, 3], dtype=np.int64), normalized=np.bool_(True)) == pytest.approx(0.5)
+    with pytest.raises(TypeError, match="normalized must be a bool"):
+        gini([1.0, 2.0], normalized="yes")
+    with pytest.raises(TypeError, match="threshold must be a number"):
+        dead_experts([1.0, 2.0], threshold=None)
+    with pytest.raises(ValueError, match="threshold must be a number in"):
+        dead_experts([1.0, 2.0], threshold=float("nan"))
+    with pytest.raises(TypeError, match="gates_a must be"):
+        top1_churn(None, [[1.0, 0.0]])

@@ -17,30 +17,40 @@ Scalar summaries (all return Python floats, computed in float64):
 * dead experts: indices with share ``< 1e-3 / n``.
 * top-1 churn between two records of the same tokens: fraction whose argmax expert differs.
 
-Every function accepts a torch tensor, a numpy array or a (nested) list, and rejects empty,
-non-finite, negative or all-zero loads with a ``ValueError`` that names the argument.
+Every function accepts a torch tensor, a numpy array or a (nested) list of numbers; it rejects a
+wrong type (``None``, a string, a complex tensor …) with ``TypeError`` and empty, non-finite,
+negative or all-zero loads with ``ValueError``, both naming the argument.  Loads near the ends of
+the float64 range are rescaled by their maximum first (every metric but the total is scale
+invariant), so they give correct values, not NaN/Inf; a total that overflows float64 raises.
 """
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
 from torch import Tensor
 
 DEAD_SHARE = 1e-3  # an expert is dead when its share is below DEAD_SHARE / n
+SAFE_RANGE = (1e-150, 1e150)  # loads with a maximum outside are rescaled (squares stay finite)
 
 
 def _as_tensor(value, name: str, ndim: int | None = None) -> Tensor:
     """Convert to a float64 CPU tensor and reject empty / non-finite values."""
+    accepted = f"{name} must be a tensor, numpy array or list of numbers"
+    if value is None or isinstance(value, (str, bytes, dict, set)) or (
+            isinstance(value, (Tensor, np.ndarray)) and value.dtype in (torch.complex64, torch.complex128,
+                                                                         np.complex64, np.complex128)):
+        raise TypeError(f"{accepted}, got {type(value).__name__}"
+                        + (f" of dtype {value.dtype}" if hasattr(value, "dtype") else ""))
     try:
         if isinstance(value, Tensor):
             t = value.detach().to("cpu", torch.float64)
         else:
             t = torch.as_tensor(np.asarray(value, dtype=np.float64))
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be a tensor, numpy array or list of numbers, got "
-                         f"{type(value).__name__} ({err})") from None
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{accepted}, got {type(value).__name__} ({err})") from None
     if ndim is not None and t.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-dimensional, got shape {tuple(t.shape)}")
     if t.numel() == 0:
@@ -50,13 +60,18 @@ def _as_tensor(value, name: str, ndim: int | None = None) -> Tensor:
     return t
 
 
-def _check_load(load, name: str = "load") -> Tensor:
-    """A 1-D, non-empty, finite, non-negative load with a positive total."""
+def _check_load(load, name: str = "load", rescale: bool = True) -> Tensor:
+    """A 1-D, non-empty, finite, non-negative load with a positive total; with ``rescale`` a load
+    whose maximum lies outside ``SAFE_RANGE`` is divided by that maximum (the metrics are scale
+    invariant; this keeps sums and squares finite and away from subnormals)."""
     t = _as_tensor(load, name, ndim=1)
     if (t < 0).any():
         raise ValueError(f"{name} must be non-negative, got minimum {t.min().item():g}")
-    if t.sum() <= 0:
+    top = t.max()
+    if top <= 0:
         raise ValueError(f"{name} is all zero: shares (and every load metric) are undefined")
+    if rescale and not SAFE_RANGE[0] <= top <= SAFE_RANGE[1]:
+        t = t / top
     return t
 
 
@@ -71,7 +86,10 @@ def _check_gates(gates, name: str = "gates") -> Tensor:
 
 def soft_load(gates) -> Tensor:
     """Soft load ``L_e = Σ_t g_e(t)`` of gates ``(..., E)`` (all leading axes are tokens); float64 ``(E,)``."""
-    return _check_gates(gates).sum(0)
+    load = _check_gates(gates).sum(0)
+    if not torch.isfinite(load).all():
+        raise ValueError("gates are too large: their sum over tokens overflows float64")
+    return load
 
 
 def hard_load(gates) -> Tensor:
@@ -87,6 +105,8 @@ def gini(load, normalized: bool = False) -> float:
     ``normalized=True`` returns ``G · n / (n − 1)`` ∈ [0, 1] (0 when ``n = 1``).
     Invariant under permutations and positive rescaling of ``load``.
     """
+    if not isinstance(normalized, (bool, np.bool_)):
+        raise TypeError(f"normalized must be a bool, got {normalized!r}")
     L = _check_load(load)
     n = L.numel()
     if n == 1:
@@ -123,9 +143,13 @@ def max_mean_share(load) -> float:
 
 def dead_experts(load, threshold: float = DEAD_SHARE) -> list[int]:
     """Indices ``e`` whose share ``L_e / Σ L`` is below ``threshold / n`` (default ``1e-3 / n``)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"threshold must be a number in (0, 1], got {threshold!r}")
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
     L = _check_load(load)
     share = L / L.sum()
-    return torch.nonzero(share < threshold / L.numel()).flatten().tolist()
+    return torch.nonzero(share < float(threshold) / L.numel()).flatten().tolist()
 
 
 def top1_churn(gates_a, gates_b) -> float:
@@ -143,8 +167,12 @@ def top1_churn(gates_a, gates_b) -> float:
 def load_metrics(load) -> dict[str, float]:
     """All scalar load metrics of one load vector, as a flat dict:
     ``n_experts, total, gini, gini_normalized, entropy, cv, max_mean_share, n_dead_experts``."""
+    total = float(_check_load(load, rescale=False).sum())
+    if not math.isfinite(total):
+        raise ValueError("load: its total overflows float64 (the other metrics are defined; call them "
+                         "one by one, e.g. gini(load))")
     L = _check_load(load)
-    return {"n_experts": L.numel(), "total": float(L.sum()), "gini": gini(L),
+    return {"n_experts": L.numel(), "total": total, "gini": gini(L),
             "gini_normalized": gini(L, normalized=True), "entropy": load_entropy(L),
             "cv": coefficient_of_variation(L), "max_mean_share": max_mean_share(L),
             "n_dead_experts": len(dead_experts(L))}

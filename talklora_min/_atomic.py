@@ -1,0 +1,147 @@
+"""Crash-safe file writes: a reader sees the complete old or the complete new content, never a mix.
+
+* :func:`write_bytes` / :func:`write_text` — write a temporary file next to the target
+  (``.<name>.<random>.tmp``), ``fsync`` it, ``os.replace`` it over the target, ``fsync`` the folder.
+  A new file gets the permissions of a plain ``open(path, "w")`` (``0o666`` minus the user's umask,
+  applied by the kernel); an existing file keeps its mode.
+* :func:`replace_dir` — build a folder's new content in a temporary sibling, then swap it in with one
+  ``rename`` (Linux ``renameat2(RENAME_EXCHANGE)``; elsewhere two renames with a recovery step).
+* :func:`clean_leftovers` — remove the temporaries a killed writer left behind.
+
+A process killed at any point leaves at most a ``*.tmp`` file (or a ``.<name>.*.tmpdir`` /
+``.<name>.*.old`` folder); the next write to the same place removes it.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Callable
+
+TMP_SUFFIX = ".tmp"
+
+
+def _tmp_name(path: Path, suffix: str) -> Path:
+    return path.parent / f".{path.name}.{secrets.token_hex(6)}{suffix}"
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:           # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:           # pragma: no cover - some file systems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes(path, data: bytes) -> None:
+    """Atomically replace ``path`` by ``data`` (see the module doc)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes, got {type(data).__name__}")
+    path = Path(path)
+    tmp = _tmp_name(path, TMP_SUFFIX)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # the kernel applies the umask
+    try:
+        with os.fdopen(fd, "wb") as f:
+            try:
+                os.chmod(f.fileno(), os.stat(path).st_mode & 0o7777)   # keep an existing file's mode
+            except FileNotFoundError:
+                pass
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_text(path, text: str, encoding: str = "utf-8") -> None:
+    """Atomically replace ``path`` by ``text`` encoded with ``encoding``."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    write_bytes(path, text.encode(encoding))
+
+
+def clean_leftovers(path) -> list[Path]:
+    """Remove the temporaries of earlier writes to ``path`` (a file or folder name); returns them."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    removed = []
+    for p in path.parent.glob(f".{path.name}.*"):
+        if not p.name.endswith((TMP_SUFFIX, ".tmpdir", ".old")):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux ``renameat2(RENAME_EXCHANGE)``; False if unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def recover_dir(path) -> None:
+    """Finish a :func:`replace_dir` that was killed between its two renames (non-Linux fallback):
+    if ``path`` is missing but its moved-away old version exists, move that back."""
+    path = Path(path)
+    if not path.exists():
+        old = sorted(path.parent.glob(f".{path.name}.*.old"), key=lambda p: p.stat().st_mtime)
+        if old:
+            os.rename(old[-1], path)
+
+
+def replace_dir(path, fill: Callable[[Path], None]) -> None:
+    """Replace the folder ``path`` by a new one that ``fill(tmp_dir)`` writes, in one step.
+
+    ``fill`` gets an empty temporary folder next to ``path``; if it raises, ``path`` is untouched and
+    the temporary folder removed.  Readers see the complete old or the complete new folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(path)
+    clean_leftovers(path)
+    tmp = _tmp_name(path, ".tmpdir")
+    os.mkdir(tmp, 0o777)                                     # the kernel applies the umask
+    try:
+        fill(tmp)
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+        if not path.exists():
+            os.rename(tmp, path)
+        elif _exchange(tmp, path):
+            shutil.rmtree(tmp)                               # tmp now holds the old content
+        else:
+            old = _tmp_name(path, ".old")
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+    except BaseException:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(path.parent)
