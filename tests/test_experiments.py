@@ -143,7 +143,7 @@ def test_train_cell_end_to_end_is_deterministic(tmp_path):
     assert params == sum(r * d_in + E * m * m + d_out * r + E * E + E * r for d_in, d_out in dims)
     lip = df[df.metric == "lipschitz"].pivot_table(index="layer", columns="statistic", values="value")
     assert (lip["local_max"] <= lip["certified"] * (1 + 1e-9)).all()
-    assert (tmp_path / "adapters" / "talklora-official-seed0" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "adapters" / "talklora-official-seed0" / "talklora_adapter.json").is_file()
 
 
 @pytest.mark.real_models
