@@ -291,11 +291,15 @@ class ResultStore:
         if not self.rows_path.is_file():
             raise FileNotFoundError(f"{self.rows_path} does not exist: run the experiment first "
                                     f"(python -m analysis {self.experiment})")
+        rerun = f"re-run `python -m analysis {self.experiment}` to rebuild it"
         try:
-            return pd.read_csv(self.rows_path)
+            rows = pd.read_csv(self.rows_path)
         except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-            raise DamagedResultsError(self.rows_path, f"{str(err).splitlines()[0]}; re-run "
-                                      f"`python -m analysis {self.experiment}` to rebuild it") from None
+            raise DamagedResultsError(self.rows_path, f"{str(err).splitlines()[0]}; {rerun}") from None
+        missing = [c for c in (*REQUIRED_COLUMNS, "cell") if c not in rows.columns]
+        if missing:
+            raise DamagedResultsError(self.rows_path, f"no column(s) {missing}; {rerun}")
+        return rows
 
     def write_meta(self, meta: dict) -> Path:
         return atomic_write_json(self.meta_path, meta)
