@@ -296,7 +296,7 @@ class ResultStore:
             rows = pd.read_csv(self.rows_path)
         except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
             raise DamagedResultsError(self.rows_path, f"{str(err).splitlines()[0]}; {rerun}") from None
-        missing = [c for c in (*REQUIRED_COLUMNS, "cell") if c not in rows.columns]
+        missing = [c for c in REQUIRED_COLUMNS if c not in rows.columns]
         if missing:
             raise DamagedResultsError(self.rows_path, f"no column(s) {missing}; {rerun}")
         return rows
