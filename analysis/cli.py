@@ -24,6 +24,7 @@ Exit status (every error is one line on stderr, never a traceback):
     1  the experiment ran and some cells failed (the finished ones are saved; re-run to resume)
     2  usage, config, device, data-pack or file-system error (nothing was computed)
     3  the results directory is locked by another run of the same experiment
+    130  interrupted (Ctrl-C); the finished cells are saved
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from pathlib import Path
 
 from .config import ConfigError, available_profiles, load_config
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 EXPERIMENTS = {
     "perturb": "perturbation-amplification sweep on synthetic and real-model layers (C5, C10; F2, F3, F9)",
@@ -239,6 +240,9 @@ def _run(module, config, args, executor, device) -> int:
         kwargs["device"] = device
     try:
         module.run(config, **kwargs)
+    except KeyboardInterrupt:
+        print("interrupted: the finished cells are saved; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except SweepError as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return EXIT_FAILED

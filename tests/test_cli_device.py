@@ -197,7 +197,7 @@ def test_readme_commands_parse():
     for c in commands:
         args = cli.build_parser().parse_args(shlex.split(c))
         assert args.command in cli.EXPERIMENTS
-    for status in ("0", "1", "2", "3"):
+    for status in ("0", "1", "2", "3", "130"):
         assert re.search(rf"\|\s*{status}\s*\|", section), f"exit status {status} is not documented"
     lab = readme_section("Notebooks (JupyterLab)")
     assert "make lab" in lab

@@ -106,6 +106,28 @@ def test_file_without_extends_is_complete_or_refused(tmp_path):
             assert load_config("quick", path) == quick          # ... but on top of a profile it is fine
 
 
+def test_profiles_may_extend_profiles_but_not_in_a_cycle(tmp_path, monkeypatch):
+    import analysis.config as config
+    quick = load_profile("quick")
+    (tmp_path / "base.toml").write_text(quick.to_toml())
+    (tmp_path / "more.toml").write_text('extends = "base"\n[train]\nseeds = [9]\n')
+    (tmp_path / "a.toml").write_text('extends = "b"\n')
+    (tmp_path / "b.toml").write_text('extends = "a"\n')
+    monkeypatch.setattr(config, "PROFILES_DIR", tmp_path)
+    more = load_profile("more")
+    assert more.train.seeds == [9] and more.perturb == quick.perturb and more.profile == "more"
+    with pytest.raises(ConfigError, match=r"cycle: a -> b -> a"):
+        load_profile("a")
+
+
+def test_interrupt_is_one_line(tmp_path, capsys, monkeypatch):
+    def run(config, **kw):
+        raise KeyboardInterrupt
+    fake_experiment(monkeypatch, run)
+    assert cli.main(["perturb", "--results-dir", str(tmp_path)]) == cli.EXIT_INTERRUPTED == 130
+    assert "run the same command again to resume" in one_line_error(capsys.readouterr().err)
+
+
 def test_toml_decode_in_subprocess_has_no_traceback(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_bytes(b"\x80\x81 = 1\n")
