@@ -154,30 +154,35 @@ def make_executor(folder: str | Path, *, partition: str | None = None, time_min:
     return executor
 
 
-def resolve_execution(args) -> tuple[object | None, str | None]:
-    """``(executor, device)`` for the parsed options: ``executor`` is None for the local path; the
-    device is resolved on this machine for local runs and from ``--gpus-per-node`` for Slurm runs
-    (the login node need not have the compute nodes' GPUs)."""
+def resolve_execution(args) -> str | None:
+    """Check the device and executor options together; return the device the experiment gets.
+    Local runs resolve it on this machine; Slurm runs from ``--gpus-per-node`` (the login node need
+    not have the compute nodes' GPUs: ``auto`` and ``cuda`` mean the nodes' GPU)."""
     device = getattr(args, "device", None)
     if args.executor == "local":
         given = [f"--{o.replace('_', '-')}" for o in SLURM_OPTIONS if getattr(args, o) is not None]
         if given:
             raise UsageError(f"{', '.join(given)}: Slurm options, used only with --executor slurm")
-        return None, (resolve_device(device) if device is not None else None)
+        return resolve_device(device) if device is not None else None
     if args.workers != 1:
         raise UsageError("--workers applies to --executor local only (with slurm every cell is its own job)")
-    gpus = args.gpus_per_node
     if device in ("cuda", "auto"):
-        gpus = 1 if gpus is None else gpus
-        if gpus < 1:
+        if args.gpus_per_node is not None and args.gpus_per_node < 1:
             raise UsageError(f"--device {device} with --executor slurm needs --gpus-per-node >= 1")
-        device = "cuda"
-    elif device == "mps":
+        return "cuda"
+    if device == "mps":
         raise UsageError("--device mps is not a Slurm device; use cuda, auto or cpu")
+    return device
+
+
+def build_executor(args, device: str | None):
+    """None for ``--executor local`` (inline or ``--workers`` processes), else the Slurm executor."""
+    if args.executor == "local":
+        return None
+    gpus = args.gpus_per_node if args.gpus_per_node is not None else (1 if device == "cuda" else 0)
     folder = args.slurm_folder if args.slurm_folder is not None else args.results_dir / "slurm_logs"
-    executor = make_executor(folder, partition=args.partition, time_min=args.time or 60,
-                             gpus_per_node=gpus or 0, cpus_per_task=args.cpus_per_task or 4)
-    return executor, device
+    return make_executor(folder, partition=args.partition, time_min=args.time or 60, gpus_per_node=gpus,
+                         cpus_per_task=args.cpus_per_task or 4)
 
 
 def check_results_dir(path: Path) -> None:
@@ -221,8 +226,9 @@ def main(argv=None) -> int:
         print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        executor, device = resolve_execution(args)
+        device = resolve_execution(args)
         check_results_dir(args.results_dir)
+        executor = build_executor(args, device)
         module = experiment_module(args.command)
         if not callable(getattr(module, "run", None)):
             raise UsageError(f"{module.__name__} has no run(config, ...) function")

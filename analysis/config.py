@@ -396,11 +396,13 @@ def _check_shapes(section: str, table) -> None:
         if f.name not in table:
             continue
         want, value = _default(f), table[f.name]
-        if isinstance(want, list) and want and isinstance(want[0], list):
+        if want is None or want is dataclasses.MISSING:          # no default shape to compare with
+            continue
+        if isinstance(want, (list, tuple)) and want and isinstance(want[0], (list, tuple)):
             ok = isinstance(value, list) and all(isinstance(v, list) and all(_shape(x) == "scalar" for x in v)
                                                  for v in value)
             what = "a list of lists of scalars"
-        elif isinstance(want, list):
+        elif isinstance(want, (list, tuple)):
             ok = isinstance(value, list) and all(_shape(v) == "scalar" for v in value)
             what = "a list of scalars"
         else:

@@ -75,9 +75,10 @@ def test_unavailable_device_is_one_line_exit_2(monkeypatch, tmp_path, capsys):
     fake_gpus(monkeypatch, cuda=False, mps=False)
     calls = record_runs(monkeypatch)
     for device in ("cuda", "mps"):
-        assert cli.main(["train", "--device", device, "--results-dir", str(tmp_path)]) == 2
+        assert cli.main(["train", "--device", device, "--results-dir", str(tmp_path / "r")]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and f"--device {device}: not available" in err
+    assert not (tmp_path / "r").exists()                          # refused before any work
     assert cli.main(["train", "--device", "auto", "--results-dir", str(tmp_path)]) == 0
     assert calls == {"train": {**calls["train"], "device": "cpu"}}
 
