@@ -18,11 +18,13 @@ local|slurm`` (default local; ``slurm`` submits one submitit job per cell, with 
 ``--time`` minutes, ``--gpus-per-node``, ``--cpus-per-task`` and ``--slurm-folder``, default
 ``<results-dir>/slurm_logs``).
 
-Exit status (every error is one line on stderr, never a traceback):
+Exit status (config, usage, device and file-system problems are one line on stderr, no traceback):
 
     0  success
-    1  the experiment ran and some cells failed (the finished ones are saved; re-run to resume)
-    2  usage, config, device, data-pack or file-system error (nothing was computed)
+    1  some cells failed (the finished ones are saved; re-run to resume), or an unexpected error
+       (a bug: Python's traceback)
+    2  usage, config, device, data-pack or file-system error (option and config errors stop before
+       any work; a file-system error during a run keeps the cells finished so far)
     3  the results directory is locked by another run of the same experiment
     130  interrupted (Ctrl-C); the finished cells are saved
 """
