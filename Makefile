@@ -36,11 +36,12 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -n 2 -m "not real_models and not notebooks"
 
-# Pair every notebooks/NN_*.py (the tracked source) with an .ipynb: created on first use, updated
-# from the .py while keeping its outputs; JupyterLab's jupytext extension saves both on every save.
-# MPLBACKEND is unset so figures draw inline.  Extra options: make lab LAB_ARGS="--no-browser --port 8899"
+# Pair every notebooks/NN_*.py (the tracked source) with an .ipynb (jupytext formats ipynb,py:percent):
+# created on first use, then synced with the newer of the two, keeping the .ipynb's outputs;
+# JupyterLab's jupytext extension writes both on every save.  MPLBACKEND is unset so figures draw
+# inline.  Extra options: make lab LAB_ARGS="--no-browser --port 8899"
 lab: setup
-	$(BIN)/jupytext --to ipynb --update --update-metadata '{"jupytext": {"formats": "ipynb,py:percent"}}' notebooks/[0-9]*.py
+	$(BIN)/jupytext --set-formats ipynb,py:percent --sync notebooks/[0-9]*.py
 	env -u MPLBACKEND $(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
 
 bench: setup
