@@ -432,13 +432,13 @@ def _check_complete(data: dict, origin: str) -> None:
 
 def _read_text(path: Path) -> str:
     """A config file's text; any file-system or encoding problem is a :class:`ConfigError`."""
-    if path.is_dir():
-        raise ConfigError(f"config: {path} is a directory, not a TOML file")
-    if not path.is_file():
-        raise ConfigError(f"config: file not found: {path}")
     try:
         raw = path.read_bytes()
-    except OSError as err:
+    except FileNotFoundError:
+        raise ConfigError(f"config: file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config: {path} is a directory, not a TOML file") from None
+    except OSError as err:                     # permissions, name too long, a FIFO gone away, ...
         raise ConfigError(f"config: cannot read {path}: {err.strerror or err}") from None
     try:
         return raw.decode("utf-8")

@@ -86,6 +86,14 @@ def test_config_path_problems(tmp_path, capsys):
     assert "is a directory" in one_line_error(capsys.readouterr().err)
     assert cli.main(["train", "--config", str(tmp_path / "nope.toml")]) == 2
     assert "file not found" in one_line_error(capsys.readouterr().err)
+    assert cli.main(["train", "--config", str(tmp_path / ("x" * 300 + ".toml"))]) == 2
+    assert "cannot read" in one_line_error(capsys.readouterr().err)
+    if os.geteuid() != 0:
+        unreadable = tmp_path / "secret.toml"
+        unreadable.write_text('extends = "quick"\n')
+        unreadable.chmod(0)
+        assert cli.main(["train", "--config", str(unreadable)]) == 2
+        assert "Permission denied" in one_line_error(capsys.readouterr().err)
 
 
 def test_file_without_extends_is_complete_or_refused(tmp_path):
