@@ -1,16 +1,18 @@
 # talklora-min — `make figures` sets everything up and regenerates all figures and CLAIMS.md;
-# `make test` sets up what it needs and runs every test (unit, property, real-model, notebooks).
+# `make test` sets up what it needs and runs every test (unit, property, real-model, notebooks);
+# `make lab` opens the notebooks in JupyterLab (each .py paired with an .ipynb by jupytext).
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 PROFILE ?= quick
 WORKERS ?= 2
+LAB_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: setup figures claims test test-fast bench clean
+.PHONY: setup figures claims test test-fast bench lab clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +35,14 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -n 2 -m "not real_models and not notebooks"
+
+# Pair every notebooks/NN_*.py (the tracked source) with an .ipynb (jupytext formats ipynb,py:percent):
+# created on first use, then synced with the newer of the two, keeping the .ipynb's outputs;
+# JupyterLab's jupytext extension writes both on every save.  MPLBACKEND is unset so figures draw
+# inline.  Extra options: make lab LAB_ARGS="--no-browser --port 8899"
+lab: setup
+	$(BIN)/jupytext --set-formats ipynb,py:percent --sync notebooks/[0-9]*.py
+	env -u MPLBACKEND $(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/layer_speed.py

@@ -17,6 +17,11 @@ override only some fields::
     [train]
     seeds = [0, 1, 2, 3, 4]
 
+A file without ``extends`` must give every section and every field (an empty file is refused, and
+so is a partial one, naming the missing fields): nothing silently comes from the dataclass
+defaults.  File problems (missing, a directory, unreadable, not UTF-8, invalid TOML) and values of
+the wrong shape (a list where a name belongs, ...) are :class:`ConfigError` too.
+
 Round trips: ``ExperimentConfig.from_dict(cfg.to_dict()) == cfg`` and the same through
 ``to_json``/``from_json`` and ``to_toml``/``from_toml``.
 """
@@ -339,7 +344,17 @@ class ExperimentConfig:
         if unknown:
             raise ConfigError(f"{unknown[0]}: unknown top-level key (unknown: {unknown}); accepted: "
                               f"'profile', 'extends' (files only) and sections {sorted(SECTIONS)}")
-        sections = {name: SECTIONS[name].from_dict(data[name]) for name in SECTIONS if name in data}
+        sections = {}
+        for name in SECTIONS:
+            if name not in data:
+                continue
+            _check_shapes(name, data[name])
+            try:
+                sections[name] = SECTIONS[name].from_dict(data[name])
+            except ConfigError:
+                raise
+            except (TypeError, ValueError) as err:     # a validator tripped over an odd value
+                raise ConfigError(f"[{name}]: invalid value ({err})") from None
         return cls(profile=data.get("profile", "custom"), **sections)
 
     def to_json(self) -> str:
@@ -358,6 +373,80 @@ class ExperimentConfig:
 
 
 # ----------------------------------------------------------------------------- loading
+def _shape(value) -> str:
+    """'table', 'list of lists', 'list' or 'scalar': the coarse JSON shape of a config value."""
+    if isinstance(value, dict):
+        return "table"
+    if isinstance(value, (list, tuple)):
+        return "list of lists" if value and all(isinstance(v, (list, tuple)) for v in value) else "list"
+    return "scalar"
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _check_shapes(section: str, table) -> None:
+    """Each field of a ``[section]`` table has its default's shape (a name where a name belongs, a
+    list of scalars where a list belongs, ...), so a value of the wrong shape is refused naming the
+    field before any validator sees it.  Unknown keys are left to the section's own check."""
+    if not isinstance(table, dict):
+        return
+    for f in dataclasses.fields(SECTIONS[section]):
+        if f.name not in table:
+            continue
+        want, value = _default(f), table[f.name]
+        if want is None or want is dataclasses.MISSING:          # no default shape to compare with
+            continue
+        if isinstance(want, (list, tuple)) and want and isinstance(want[0], (list, tuple)):
+            ok = isinstance(value, list) and all(isinstance(v, list) and all(_shape(x) == "scalar" for x in v)
+                                                 for v in value)
+            what = "a list of lists of scalars"
+        elif isinstance(want, (list, tuple)):
+            ok = isinstance(value, list) and all(_shape(v) == "scalar" for v in value)
+            what = "a list of scalars"
+        else:
+            ok = _shape(value) == "scalar"
+            what = f"a single {type(want).__name__} (not a list or table)"
+        if not ok:
+            _fail(f"{section}.{f.name}", what, value)
+
+
+def _check_complete(data: dict, origin: str) -> None:
+    """A config without ``extends`` must give every section and every field: nothing may silently
+    come from the dataclass defaults, which match neither profile."""
+    hint = f'or start the file with extends = "<profile>" (profiles: {available_profiles()})'
+    if not data or set(data) <= {"profile"}:
+        raise ConfigError(f"{origin}: empty config; give every section {sorted(SECTIONS)} with every field, {hint}")
+    missing = []
+    for name, cls in SECTIONS.items():
+        table = data.get(name)
+        if table is None:
+            missing.append(f"[{name}]")
+        elif isinstance(table, dict):
+            missing += [f"{name}.{f.name}" for f in dataclasses.fields(cls) if f.name not in table]
+    if missing:
+        shown = ", ".join(missing[:12]) + (f" and {len(missing) - 12} more" if len(missing) > 12 else "")
+        raise ConfigError(f"{origin}: a config without `extends` must be complete; missing {shown}; add them {hint}")
+
+
+def _read_text(path: Path) -> str:
+    """A config file's text; any file-system or encoding problem is a :class:`ConfigError`."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config: file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config: {path} is a directory, not a TOML file") from None
+    except OSError as err:                     # permissions, name too long, a FIFO gone away, ...
+        raise ConfigError(f"config: cannot read {path}: {err.strerror or err}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (TOML files are UTF-8): byte {raw[err.start]:#04x} "
+                          f"at offset {err.start}") from None
+
+
 def _parse_toml(text: str, origin: str) -> dict:
     try:
         return tomllib.loads(text)
@@ -372,13 +461,17 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _resolve_extends(data: dict, origin: str) -> dict:
+def _resolve_extends(data: dict, origin: str, _seen: tuple = ()) -> dict:
+    """Merge ``data`` over the profile it ``extends``; a file without ``extends`` must be complete."""
     parent = data.pop("extends", None)
     if parent is None:
+        _check_complete(data, origin)
         return data
-    if not isinstance(parent, str):
+    if not isinstance(parent, str) or parent not in available_profiles():
         raise ConfigError(f"extends: must be a profile name from {available_profiles()}, got {parent!r}")
-    base = _profile_dict(parent)
+    if parent in _seen:
+        raise ConfigError(f"extends: profiles extend each other in a cycle: {' -> '.join([*_seen, parent])}")
+    base = _profile_dict(parent, _seen)
     merged = _deep_merge(base, data)
     if "profile" not in data:
         merged["profile"] = f"{parent}+{Path(origin).stem}"
@@ -389,13 +482,13 @@ def available_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILES_DIR.glob("*.toml"))
 
 
-def _profile_dict(name: str) -> dict:
-    path = PROFILES_DIR / f"{name}.toml"
-    if not path.is_file():
+def _profile_dict(name: str, _seen: tuple = ()) -> dict:
+    if not isinstance(name, str) or name not in available_profiles():
         raise ConfigError(f"profile: unknown profile {name!r}; available: {available_profiles()}")
-    data = _parse_toml(path.read_text(), str(path))
+    path = PROFILES_DIR / f"{name}.toml"
+    data = _parse_toml(_read_text(path), str(path))
     data.setdefault("profile", name)
-    return _resolve_extends(data, str(path))
+    return _resolve_extends(data, str(path), (*_seen, name))
 
 
 def load_profile(name: str) -> ExperimentConfig:
@@ -404,11 +497,10 @@ def load_profile(name: str) -> ExperimentConfig:
 
 
 def load_config_file(path: str | Path) -> ExperimentConfig:
-    """A TOML config file (may ``extends = "<profile>"``)."""
+    """A TOML config file: ``extends = "<profile>"`` plus overrides, or complete on its own (every
+    section and field; an empty or partial file without ``extends`` is refused, naming what is missing)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config: file not found: {path}")
-    data = _parse_toml(path.read_text(), str(path))
+    data = _parse_toml(_read_text(path), str(path))
     if "extends" not in data:
         data.setdefault("profile", path.stem)
     return ExperimentConfig.from_dict(_resolve_extends(data, str(path)))
@@ -422,9 +514,7 @@ def load_config(profile: str | None = "quick", path: str | Path | None = None) -
     path = Path(path)
     if profile is None:
         return load_config_file(path)
-    if not path.is_file():
-        raise ConfigError(f"config: file not found: {path}")
-    data = _parse_toml(path.read_text(), str(path))
+    data = _parse_toml(_read_text(path), str(path))
     data.setdefault("extends", profile)
     return ExperimentConfig.from_dict(_resolve_extends(data, str(path)))
 

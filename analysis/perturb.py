@@ -218,7 +218,7 @@ def router_grid_entry(grid: list) -> tuple[int, int]:
     raise ValueError(f"perturb.grid needs an [E, r] entry with E >= 3 for the dense vs top-k comparison, got {grid}")
 
 
-def run(config, *, results_dir="results", workers: int = 1, executor=None, force: bool = False):
+def run(config, *, results_dir="results", workers: int = 1, executor=None, force: bool = False, device: str = "cpu"):
     """All perturbation cells of ``config.perturb`` not done yet (one sweep per cell kind)."""
     from .results import Cell, run_sweep
 

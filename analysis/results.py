@@ -39,6 +39,15 @@ The parent process writes the cell files as results come back, so workers need n
 results directory (with submitit they need the repository on a shared filesystem to import
 ``fn``).  A cell that raises does not stop the others; :class:`SweepError` is raised at the end,
 listing the failed cells, and ``rows.csv`` is not written until every cell has succeeded.
+
+Faults: a sweep holds an exclusive lock on ``<experiment>/.lock`` (``fcntl.flock``, released by the
+kernel even on ``kill -9``) while it runs, so a second run on the same results directory stops at
+once with :class:`ResultsLockedError` (naming the holder) instead of computing every cell again.
+Each cell file carries the SHA-256 of its rows; a cell file that is not UTF-8 JSON, lacks the
+record schema, belongs to another cell or fails its checksum is reported by name, moved aside to
+``<hash>.json.damaged`` and its cell re-run.  ``meta.json`` records the SHA-256 of ``rows.csv``, so
+a damaged ``rows.csv`` is rebuilt from the cells.  Files are created with the user's umask (a file
+that is replaced keeps its permissions), never the 0600 of a bare temporary file.
 """
 from __future__ import annotations
 
@@ -50,6 +59,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import stat
 import subprocess
 import sys
 import tempfile
@@ -62,21 +72,48 @@ from typing import Any, Callable, Iterable
 
 import pandas as pd
 
+try:
+    import fcntl
+except ImportError:        # pragma: no cover - Windows: sweeps run without the results lock
+    fcntl = None
+
 DEFAULT_RESULTS_DIR = Path("results")
 REQUIRED_COLUMNS = ("metric", "value")
 
 
 # ----------------------------------------------------------------------------- atomic writes
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)          # elsewhere: the classic read-by-setting, restored at once
+    os.umask(mask)
+    return mask
+
+
+def _target_mode(path: Path) -> int:
+    """Mode for a file written at ``path``: the existing file's permissions when it is replaced,
+    else ``0o666 & ~umask`` (what ``open(path, "w")`` would give)."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path next to ``path``; on success ``os.replace`` it onto ``path``; on
-    error delete it, leaving ``path`` untouched (absent or the previous complete version)."""
+    error delete it, leaving ``path`` untouched (absent or the previous complete version).
+    The new file gets the replaced file's permissions, or the umask's default for a new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _target_mode(path))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -159,6 +196,41 @@ def git_dirty(cwd: str | Path | None = None) -> bool | None:
 
 
 # ----------------------------------------------------------------------------- store
+class DamagedResultsError(ValueError):
+    """A results file exists but cannot be used (not UTF-8 JSON/CSV, wrong schema, bad checksum)."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path} is damaged: {reason}")
+
+
+class ResultsLockedError(RuntimeError):
+    """Another run holds ``<results_dir>/<experiment>/.lock``."""
+
+    def __init__(self, path: str | Path, holder: str):
+        self.path, self.holder = Path(path), holder
+        super().__init__(f"{path} is locked by another run ({holder or 'holder unknown'}); wait for it "
+                         f"to finish or use another --results-dir")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def rows_checksum(rows: list[dict]) -> str:
+    """SHA-256 of a cell's rows as canonical JSON (NaN written as ``NaN``, keys sorted)."""
+    return _sha256(json.dumps(rows, sort_keys=True).encode())
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise DamagedResultsError(path, f"not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise DamagedResultsError(path, f"not valid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
+
+
 class ResultStore:
     """``<results_dir>/<experiment>/`` with ``rows.csv``, ``meta.json`` and ``cells/``."""
 
@@ -181,7 +253,33 @@ class ResultStore:
         return self.cell_path(cell_hash).is_file()
 
     def read_cell(self, cell_hash: str) -> dict:
-        return json.loads(self.cell_path(cell_hash).read_text())
+        """The cell record; :class:`DamagedResultsError` (naming the file) when it is not a JSON object."""
+        path = self.cell_path(cell_hash)
+        record = _read_json(path)
+        if not isinstance(record, dict):
+            raise DamagedResultsError(path, f"expected a JSON object, got {type(record).__name__}")
+        return record
+
+    def cell_problem(self, cell: "Cell") -> str | None:
+        """Why ``cell``'s file cannot be reused (None when it is a complete record of this cell):
+        unreadable JSON, missing/ill-typed ``rows``, another cell's key/params/function, or rows
+        that do not match the stored ``rows_sha256``."""
+        try:
+            record = self.read_cell(cell.hash)
+        except DamagedResultsError as err:
+            return err.reason
+        rows = record.get("rows")
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and all(c in r for c in REQUIRED_COLUMNS)
+                                                  for r in rows):
+            return "'rows' is not a list of rows with 'metric' and 'value'"
+        if record.get("key") != json.loads(json.dumps(cell.key)):
+            return f"it records key {record.get('key')!r}, not {cell.key!r}"
+        if record.get("params") != json.loads(json.dumps(cell.params)) or record.get("fn", cell.fn_name) != cell.fn_name:
+            return "it records other params or another cell function"
+        stored = record.get("rows_sha256")          # absent in files written before checksums
+        if stored is not None and stored != rows_checksum(rows):
+            return "its rows do not match their 'rows_sha256' checksum"
+        return None
 
     def write_cell(self, cell_hash: str, record: dict) -> Path:
         return atomic_write_json(self.cell_path(cell_hash), record, sort_keys=False)   # keeps column order
@@ -193,13 +291,57 @@ class ResultStore:
         if not self.rows_path.is_file():
             raise FileNotFoundError(f"{self.rows_path} does not exist: run the experiment first "
                                     f"(python -m analysis {self.experiment})")
-        return pd.read_csv(self.rows_path)
+        rerun = f"re-run `python -m analysis {self.experiment}` to rebuild it"
+        try:
+            rows = pd.read_csv(self.rows_path)
+        except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+            raise DamagedResultsError(self.rows_path, f"{str(err).splitlines()[0]}; {rerun}") from None
+        missing = [c for c in REQUIRED_COLUMNS if c not in rows.columns]
+        if missing:
+            raise DamagedResultsError(self.rows_path, f"no column(s) {missing}; {rerun}")
+        return rows
 
     def write_meta(self, meta: dict) -> Path:
         return atomic_write_json(self.meta_path, meta)
 
     def read_meta(self) -> dict:
-        return json.loads(self.meta_path.read_text())
+        meta = _read_json(self.meta_path)
+        if not isinstance(meta, dict):
+            raise DamagedResultsError(self.meta_path, f"expected a JSON object, got {type(meta).__name__}")
+        return meta
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold ``<experiment>/.lock`` exclusively (non-blocking ``flock``) for the ``with`` block;
+        :class:`ResultsLockedError` when another process holds it.  The kernel releases the lock when
+        the holder exits, however it exits, so a killed run never leaves a stale lock.  The file
+        names the holder (pid, host, start time) for the error message; it is never deleted (that
+        would let two runs lock two different files)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path / ".lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(fd, 300, 0).decode("utf-8", "replace").strip()
+                    raise ResultsLockedError(self.path, holder) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {platform.node()} since "
+                          f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}\n".encode(), 0)
+            yield lock_path
+        finally:
+            os.close(fd)
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete ``.*.tmp`` files left in the store by a writer that was killed mid-write (call
+        only while holding :meth:`lock`)."""
+        stale = [p for d in (self.path, self.cells_dir) if d.is_dir() for p in d.glob(".*.tmp")]
+        for p in stale:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        return stale
 
 
 # ----------------------------------------------------------------------------- cells
@@ -383,11 +525,28 @@ def _iter_completed(futures: dict):
 
 
 def _meta_matches(store: ResultStore, hashes: list[str]) -> bool:
+    """``meta.json`` says complete for exactly these cells and ``rows.csv`` still has its checksum."""
     try:
         meta = store.read_meta()
+        rows_sha = _sha256(store.rows_path.read_bytes())
     except (OSError, ValueError):
         return False
-    return meta.get("status") == "complete" and meta.get("cell_hashes") == hashes
+    return (meta.get("status") == "complete" and meta.get("cell_hashes") == hashes
+            and meta.get("rows_sha256", rows_sha) == rows_sha)
+
+
+def _reusable(store: ResultStore, cell: Cell, experiment: str, log) -> bool:
+    """Whether ``cell`` has a sound file; a damaged one is named, moved aside and its cell re-run."""
+    path = store.cell_path(cell.hash)
+    if not path.is_file():
+        return False
+    problem = store.cell_problem(cell)
+    if problem is None:
+        return True
+    aside = path.with_name(path.name + ".damaged")
+    os.replace(path, aside)
+    log(f"[{experiment}] {path} is damaged ({problem}); moved to {aside.name}, re-running cell {cell.label()}")
+    return False
 
 
 def run_sweep(experiment: str, cells: list[Cell], *, results_dir: str | Path = DEFAULT_RESULTS_DIR,
@@ -400,10 +559,9 @@ def run_sweep(experiment: str, cells: list[Cell], *, results_dir: str | Path = D
     ``None`` means inline for ``workers == 1`` and a local ``ProcessPoolExecutor(workers)`` otherwise.
     ``force`` re-runs every cell.  ``config`` (an object with ``to_dict()`` or a dict) and ``meta``
     are recorded in ``meta.json`` (with package versions, git commit and wall time).
-    Raises :class:`SweepError` after running everything else if any cell failed.
+    Raises :class:`SweepError` after running everything else if any cell failed, and
+    :class:`ResultsLockedError` at once when another run holds this experiment's results.
     """
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -417,15 +575,26 @@ def run_sweep(experiment: str, cells: list[Cell], *, results_dir: str | Path = D
         raise ValueError(f"duplicate cells in the sweep (e.g. {dup})")
     store = ResultStore(experiment, results_dir)
     store.cells_dir.mkdir(parents=True, exist_ok=True)
+    with store.lock():
+        store.remove_stale_temporaries()
+        return _sweep_locked(store, cells, hashes, t0=t0, started=started, executor=executor, workers=workers,
+                             force=force, config=config, meta=meta, progress=progress, log=log)
 
-    todo = [c for c in cells if force or not store.has_cell(c.hash)]
+
+def _sweep_locked(store: ResultStore, cells: list[Cell], hashes: list[str], *, t0, started, executor,
+                  workers, force, config, meta, progress, log) -> SweepResult:
+    """:func:`run_sweep` once the store's lock is held."""
+    from tqdm.auto import tqdm
+
+    experiment = store.experiment
+    todo = [c for c in cells if force or not _reusable(store, c, experiment, log)]
     n_skipped = len(cells) - len(todo)
     failures: dict[str, str] = {}
 
     def save(cell: Cell, record: dict) -> None:
         store.write_cell(cell.hash, {"key": cell.key, "params": cell.params, "fn": cell.fn_name,
                                      "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                     **record})
+                                     **record, "rows_sha256": rows_checksum(record["rows"])})
 
     if not todo and not force and store.rows_path.is_file() and _meta_matches(store, hashes):
         result = SweepResult(experiment, store.path, store.read_rows(), len(cells), 0, n_skipped,
@@ -500,6 +669,7 @@ def run_sweep(experiment: str, cells: list[Cell], *, results_dir: str | Path = D
     store.write_rows(_collect_rows(store, cells))
     rows = store.read_rows()            # what later readers see (same dtypes as a skipped re-run)
     meta_record["rows"] = len(rows)
+    meta_record["rows_sha256"] = _sha256(store.rows_path.read_bytes())
     store.write_meta(meta_record)
     result = SweepResult(experiment, store.path, rows, len(cells), len(todo), n_skipped, wall)
     log(result.summary())

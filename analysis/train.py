@@ -302,7 +302,7 @@ def train_cell(method: str, seed: int, cfg: dict, exp_dir: str) -> list[dict]:
     return rows
 
 
-def run(config, *, results_dir="results", workers: int = 1, executor=None, force: bool = False):
+def run(config, *, results_dir="results", workers: int = 1, executor=None, force: bool = False, device: str = "cpu"):
     """Run every (method, seed) cell of ``config.train`` not done yet; returns the sweep result."""
     from .results import Cell, run_sweep
 

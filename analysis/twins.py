@@ -125,7 +125,7 @@ def twins_cell(optimizer: str, seed: int, cfg: dict, twins: dict, exp_dir: str) 
     return rows
 
 
-def run(config, *, results_dir="results", workers: int = 1, executor=None, force: bool = False):
+def run(config, *, results_dir="results", workers: int = 1, executor=None, force: bool = False, device: str = "cpu"):
     """Run every (optimizer, seed) twin cell of ``config.twins`` not done yet."""
     from .results import Cell, run_sweep
 
