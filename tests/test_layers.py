@@ -505,8 +505,8 @@ def test_merged_weight_at_one_hot_gates_is_that_experts_lora():
     (lambda b: LoRALinear(b, 8, dropout=1.0), ValueError, r"dropout must be a probability in \[0, 1\)"),
     (lambda b: MoELoRALinear(b, 8, 4, dropout=-0.1), ValueError, "dropout must be a probability"),
     (lambda b: TalkLoRALinear(b, 8, 4, dropout=True), ValueError, "dropout must be a probability"),
-    (lambda b: LoRALinear(nn.Conv1d(4, 4, 1), 8), TypeError, "base must be an nn.Linear, got Conv1d"),
-    (lambda b: TalkLoRALinear(b.weight, 8, 4), TypeError, "base must be an nn.Linear, got Parameter"),
+    (lambda b: LoRALinear(nn.Conv1d(4, 4, 1), 8), TypeError, "base must be an nn.Linear or a transformers Conv1D, got Conv1d"),
+    (lambda b: TalkLoRALinear(b.weight, 8, 4), TypeError, "base must be an nn.Linear or a transformers Conv1D, got Parameter"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_bad_constructor_arguments(make, exc, match):
     with pytest.raises(exc, match=match):
