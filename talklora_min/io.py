@@ -33,12 +33,13 @@ import torch
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
-from .inject import AdapterConfig, InjectionReport, adapter_layers, inject, projection_type
+from .inject import AdapterConfig, InjectionReport, adapter_layers, inject, projection_type, saved_modules
 from .layers import TalkLoRALinear
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 SHARED_B_PREFIX = "shared_B."
+MODULES_TO_SAVE_PREFIX = "modules_to_save."
 
 
 # ----------------------------------------------------------------------------- adapter files
@@ -76,6 +77,9 @@ def adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
             if key in out:
                 raise ValueError(f"two adapter tensors map to the same file key {key!r}")
             out[key] = getattr(layer, name)
+    for path, module in saved_modules(model).items():     # AdapterConfig.modules_to_save: full params
+        for name, param in module.named_parameters():
+            out[f"{MODULES_TO_SAVE_PREFIX}{path}.{name}"] = param
     return out
 
 
