@@ -269,6 +269,26 @@ class RoutingRecorder:
                 chunks.clear()
 
 
+def install_hooks(recorder: RoutingRecorder, model_or_layer: nn.Module) -> list:
+    """Hook ``recorder`` into its layers (routing hooks / forward hooks on base routers) and, for a
+    model, into the model call (to follow ``attention_mask``).  Returns the handles to ``.remove()``."""
+    handles = []
+    try:
+        for name, layer in recorder._layers.items():
+            if hasattr(layer, "add_routing_hook"):
+                handles.append(layer.add_routing_hook(recorder._hook(name)))
+            else:
+                handles.append(layer.register_forward_hook(recorder._router_hook(name)))
+        if not any(layer is model_or_layer for layer in recorder._layers.values()):
+            handles.append(model_or_layer.register_forward_pre_hook(recorder._model_pre_hook, with_kwargs=True))
+            handles.append(model_or_layer.register_forward_hook(recorder._model_post_hook, with_kwargs=True))
+    except BaseException:
+        for handle in handles:
+            handle.remove()
+        raise
+    return handles
+
+
 @contextmanager
 def record_routing(model_or_layer: nn.Module, attention_mask=None, *, device="cpu",
                    routers=None) -> Iterator[RoutingRecorder]:
@@ -286,14 +306,7 @@ def record_routing(model_or_layer: nn.Module, attention_mask=None, *, device="cp
     recorder = RoutingRecorder(layers, attention_mask, device)
     handles = []
     try:
-        for name, layer in layers.items():
-            if hasattr(layer, "add_routing_hook"):
-                handles.append(layer.add_routing_hook(recorder._hook(name)))
-            else:
-                handles.append(layer.register_forward_hook(recorder._router_hook(name)))
-        if model_or_layer not in layers.values():
-            handles.append(model_or_layer.register_forward_pre_hook(recorder._model_pre_hook, with_kwargs=True))
-            handles.append(model_or_layer.register_forward_hook(recorder._model_post_hook, with_kwargs=True))
+        handles = install_hooks(recorder, model_or_layer)
         yield recorder
         silent = [n for n in recorder.layer_names if not recorder._chunks[n]["gates"]]
         if recorder.model_forwards and silent:
