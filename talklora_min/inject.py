@@ -342,7 +342,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> InjectionReport:
 
     model.requires_grad_(False)
     for name in matched:
-        layer = config.make_layer(candidates[name])
+        layer = config.make_layer(candidates[name]).train(candidates[name].training)   # keep eval mode
         for alias in aliases[id(candidates[name])]:
             parent_name, _, child = alias.rpartition(".")
             setattr(model.get_submodule(parent_name), child, layer)
