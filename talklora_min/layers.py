@@ -268,17 +268,22 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def set_weights(self, **tensors: Tensor) -> None:
-        """Copy tensors into the adapter by SPEC name; checks names and shapes first.  Values are
-        cast to the layer's dtype and device (as ``Tensor.copy_`` does)."""
+        """Copy tensors into the adapter by SPEC name; checks names, types and shapes first
+        (nothing is copied on error).  Values are cast to the layer's dtype and device (as
+        ``Tensor.copy_`` does)."""
         unknown = sorted(set(tensors) - set(self.weight_names))
         if unknown:
             raise ValueError(f"unknown weight name(s) {unknown} for {type(self).__name__}; "
                              f"accepted: {list(self.weight_names)}")
         for name, value in tensors.items():
             expected = tuple(getattr(self, name).shape)
-            if not isinstance(value, Tensor) or tuple(value.shape) != expected:
-                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                raise ValueError(f"weight {name} must have shape {expected}, got {got}")
+            if not isinstance(value, Tensor):
+                raise ValueError(f"weight {name} must have shape {expected} (a torch.Tensor), "
+                                 f"got {type(value).__name__}")
+            if tuple(value.shape) != expected:
+                raise ValueError(f"weight {name} must have shape {expected}, got {tuple(value.shape)}")
+            if value.is_complex():
+                raise ValueError(f"weight {name} must be a real tensor, got dtype {value.dtype}")
         if getattr(self, "merged", False):
             raise RuntimeError("unmerge() before set_weights(): the base weight holds the old adapter")
         for name, value in tensors.items():
