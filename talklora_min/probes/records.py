@@ -20,7 +20,8 @@ tokens) and the integer indices of the third element as ``topk``.  Their input i
 When a whole model is recorded, the ``attention_mask=`` keyword of each model call is followed
 automatically: the mask of a forward is its last ``q`` columns (``q`` = length of ``input_ids`` /
 ``inputs_embeds``), so during ``generate`` the prefill and every decode step (with the KV cache) are
-masked correctly.  A mask given to :func:`record_routing` / ``set_mask`` takes precedence for
+masked correctly (not for encoder-decoder models, whose decoder tokens the mask does not
+describe: use ``set_mask`` there).  A mask given to :func:`record_routing` / ``set_mask`` takes precedence for
 forwards whose shape it fits.  If the model ran but a layer recorded nothing (a module compiled with
 ``torch.compile`` before the recorder opened does not call hooks added later), a ``RuntimeWarning``
 says so on exit.
@@ -126,7 +127,7 @@ def _router_output(output) -> tuple[Tensor, Tensor | None]:
 
 
 def _forward_tokens(args, kwargs) -> int | None:
-    for key in ("input_ids", "inputs_embeds", "decoder_input_ids"):
+    for key in ("input_ids", "inputs_embeds"):
         t = kwargs.get(key)
         if isinstance(t, Tensor):
             return t.shape[1] if t.ndim >= 2 else None
@@ -155,6 +156,8 @@ class RoutingRecorder:
     def _model_pre_hook(self, module, args, kwargs) -> None:
         self.model_forwards += 1
         mask, q = kwargs.get("attention_mask"), _forward_tokens(args, kwargs)
+        if getattr(getattr(module, "config", None), "is_encoder_decoder", False):
+            mask = None             # the encoder's mask does not describe the decoder's tokens
         if isinstance(mask, Tensor) and mask.ndim == 2 and q is not None and mask.shape[1] >= q:
             self._forward_mask = _as_mask(mask[:, -q:])
         else:
