@@ -136,6 +136,22 @@ def test_inject_refuses_peft_models():
     assert {n: p.requires_grad for n, p in pm.named_parameters() if "lora_" in n} == lora_flags
 
 
+def test_from_peft_linear_with_modules_to_save():
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(llama().eval(), peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"],
+        init_lora_weights=False)).eval()
+    with torch.no_grad():
+        pm.base_model.model.lm_head.modules_to_save["default"].weight.mul_(2.0)
+    x = ids()
+    ref = pm(x).logits.detach()
+    model = from_peft(pm)
+    assert type(model).__name__ == "LlamaForCausalLM" and isinstance(model.lm_head, nn.Linear)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, LoRALinear)
+    assert model.lm_head.weight.requires_grad
+    torch.testing.assert_close(model(x).logits, ref, atol=1e-6, rtol=0)
+
+
 def test_from_peft_refuses_what_lora_linear_cannot_hold():
     pm = peft.get_peft_model(llama(), peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     with pytest.raises(ValueError, match="DoRA"):
