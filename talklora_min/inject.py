@@ -178,6 +178,8 @@ class InjectionReport:
                  f"({100 * self.trainable_parameters / max(self.total_parameters, 1):.3f}%)"]
         lines += [f"  {p!r}: {len(m)} match(es)" for p, m in self.matched_by_pattern.items()]
         lines += [f"  B shared by {len(m)} '{g}' layers" for g, m in self.shared_B_groups.items()]
+        if self.modules_to_save:
+            lines.append(f"  trained in full and saved (modules_to_save): {self.modules_to_save}")
         return "\n".join(lines)
 
 

@@ -373,3 +373,20 @@ def test_gradient_checkpointing_and_generate_with_adapters():
     out = model.generate(ids(shape=(1, 4)), max_new_tokens=3, min_new_tokens=3, do_sample=False,
                          pad_token_id=0)
     assert out.shape == (1, 7)
+
+
+def test_ddp_with_tied_B(tmp_path):
+    """One-process gloo DDP: tied B is one registered parameter, so DDP's bucket sees it once."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
+    try:
+        model = _official_model()
+        ddp = DistributedDataParallel(model)
+        batch = {k: torch.stack([r[k] for r in _dataset(2)]) for k in ("input_ids", "attention_mask", "labels")}
+        ddp(**batch).loss.backward()
+        B = model.model.layers[0].self_attn.q_proj.B
+        assert B is model.model.layers[1].self_attn.q_proj.B and B.grad is not None
+        assert sum(p is B for p in ddp.parameters()) == 1
+    finally:
+        dist.destroy_process_group()
