@@ -390,7 +390,8 @@ def saved_modules(model: nn.Module) -> dict[str, nn.Module]:
 # ----------------------------------------------------------------------------- model-level helpers
 def unload(model: nn.Module) -> nn.Module:
     """Put every adapter layer's base module back (adapter discarded; merged LoRA weights stay
-    merged) and remove inject's hooks.  Returns ``model`` (changed in place)."""
+    merged) and remove inject's hooks; ``modules_to_save`` keep their trained values.  Returns
+    ``model`` (changed in place)."""
     layers = adapter_layers(model)
     aliases = _aliases(model)
     for layer in layers.values():
@@ -399,6 +400,8 @@ def unload(model: nn.Module) -> nn.Module:
             setattr(model.get_submodule(parent_name), child, layer.base)
     for handle in model.__dict__.pop("_talklora_hooks", []):
         handle.remove()
+    for module in saved_modules(model).values():      # stay trained, but no longer adapter state
+        delattr(module, SAVED_MODULE_FLAG)
     return model
 
 

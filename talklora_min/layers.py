@@ -1,4 +1,5 @@
-"""Adapter layers around a frozen ``nn.Linear``: LoRA, MoELoRA and TalkLoRA (SPEC §1).
+"""Adapter layers around a frozen ``nn.Linear`` (or transformers ``Conv1D``): LoRA, MoELoRA and
+TalkLoRA (SPEC §1).
 
 Notation: ``x`` a token (last axis ``d_in``), ``r`` total rank, ``E`` experts, ``m = r / E``.
 
