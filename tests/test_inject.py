@@ -413,3 +413,11 @@ def test_aux_loss_weight_hook_on_dict_outputs():
     from talklora_min import unload
     unload(model)
     assert "aux_loss" not in model(x)
+
+
+def test_inject_keeps_eval_mode_of_the_replaced_modules():
+    model = mlp().eval()
+    inject(model, AdapterConfig(kind="talklora", rank=4, num_experts=2, dropout=0.5, target_modules=("up_proj",)))
+    assert not any(layer.training for layer in adapter_layers(model).values())
+    x = torch.randn(4, D)
+    assert torch.equal(model(x), model(x))                     # no dropout in eval mode
