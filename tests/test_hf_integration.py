@@ -242,7 +242,7 @@ def test_trainer_checkpoint_resume_and_callback(tmp_path):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
 
 
-def test_trainer_optimises_aux_loss():
+def test_trainer_optimises_aux_loss(tmp_path):
     """Unchanged Trainer: the loss it backpropagates includes aux_loss_weight × mean balance loss."""
     model = _official_model().train()
     batch = {k: torch.stack([r[k] for r in _dataset(2)]) for k in ("input_ids", "attention_mask", "labels")}
@@ -259,7 +259,7 @@ def test_trainer_optimises_aux_loss():
     # CE is unchanged by the adapters at init (B = 0), so the difference is exactly the aux term
     torch.testing.assert_close(out.loss - plain.loss, 0.01 * out.aux_loss)
     trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(
-        output_dir="unused", report_to=[], use_cpu=True))
+        output_dir=str(tmp_path), report_to=[], use_cpu=True))
     torch.manual_seed(0)
     torch.testing.assert_close(trainer.compute_loss(model, dict(batch)), out.loss)
     out.loss.backward()
