@@ -1,11 +1,13 @@
 """talklora-min: LoRA, MoELoRA and TalkLoRA adapters, the maps between them, and router probes.
 
-See SPEC §1–§4.  Public entry points are re-exported here; ``talklora_min.probes`` holds the probes.
+See SPEC §1–§4.  Public entry points are re-exported here; ``talklora_min.probes`` holds the probes,
+``talklora_min.hf`` the Hugging Face integration (imports transformers / peft only when used).
 """
 from .layers import (AdapterLayer, LoRALinear, MoELoRALinear, TalkLoRALinear, balance_loss,
                      talk_matrix)
 from .inject import (AdapterConfig, InjectionReport, adapter_layers, auxiliary_loss, count_parameters,
-                     inject)
+                     disable_adapters, inject, merge_and_unload, print_trainable_parameters,
+                     trainable_summary, unload)
 from .io import (export_official_state_dict, load_adapter, load_adapter_weights, load_official_state_dict,
                  save_adapter)
 from .reparam import (absorb_talk, absorbed_router, code_router_from_input, code_router_weight,

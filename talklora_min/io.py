@@ -55,7 +55,7 @@ from safetensors.torch import load, save
 from torch import Tensor, nn
 
 from . import _atomic
-from .inject import AdapterConfig, InjectionReport, adapter_layers, inject, projection_type
+from .inject import AdapterConfig, InjectionReport, adapter_layers, inject, projection_type, saved_modules
 from .layers import TalkLoRALinear
 
 FORMAT = "talklora-min-adapter"
@@ -65,6 +65,7 @@ WEIGHTS_PREFIX, WEIGHTS_SUFFIX = "talklora_weights.", ".safetensors"
 LEGACY_CONFIG_NAME = "adapter_config.json"        # talklora-min < format 1; also PEFT's config name
 LEGACY_WEIGHTS_NAME = "adapter_model.safetensors"
 SHARED_B_PREFIX = "shared_B."
+MODULES_TO_SAVE_PREFIX = "modules_to_save."
 FROM_PEFT = "talklora_min.hf.from_peft"
 
 
@@ -138,6 +139,9 @@ def adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
             if key in out:
                 raise ValueError(f"two adapter tensors map to the same file key {key!r}")
             out[key] = getattr(layer, name)
+    for path, module in saved_modules(model).items():     # AdapterConfig.modules_to_save: full params
+        for name, param in module.named_parameters():
+            out[f"{MODULES_TO_SAVE_PREFIX}{path}.{name}"] = param
     return out
 
 

@@ -1,4 +1,5 @@
-"""Adapter layers around a frozen ``nn.Linear``: LoRA, MoELoRA and TalkLoRA (SPEC §1).
+"""Adapter layers around a frozen ``nn.Linear`` (or transformers ``Conv1D``): LoRA, MoELoRA and
+TalkLoRA (SPEC §1).
 
 Notation: ``x`` a token (last axis ``d_in``), ``r`` total rank, ``E`` experts, ``m = r / E``.
 
@@ -21,6 +22,7 @@ output exactly as through ``nn.Linear``.  The probes reject non-finite inputs.
 from __future__ import annotations
 
 import math
+import numbers
 from collections import OrderedDict
 from typing import Callable
 
@@ -35,18 +37,48 @@ TALK_INITS = ("official", "identity", "uniform-mix:<alpha>")
 
 
 # ----------------------------------------------------------------------------- validation
+def _is_number(value, integer: bool = False) -> bool:
+    """Python or numpy (``np.int64``, ``np.float32`` …) real scalar; bools are not numbers here."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return False
+    if integer:
+        return isinstance(value, numbers.Integral)
+    return isinstance(value, numbers.Real)
+
+
 def check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """``value`` as a Python int ≥ 1 (numpy integers accepted); otherwise ``ValueError`` naming ``name``."""
+    if not _is_number(value, integer=True) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_alpha_dropout(alpha, dropout) -> None:
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
-                              or not math.isfinite(alpha) or alpha <= 0):
+    if alpha is not None and (not _is_number(alpha) or not math.isfinite(alpha) or alpha <= 0):
         raise ValueError(f"alpha must be None (scaling s = 1) or a positive number, got {alpha!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+    if not _is_number(dropout) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+
+
+def is_conv1d(module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 family): ``y = x W + b`` with ``weight (d_in, d_out)``.
+    Recognised by name and shape so the core does not import transformers."""
+    w = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(w, Tensor) and w.ndim == 2
+            and hasattr(module, "nf") and tuple(w.shape) == (module.nx, module.nf))
+
+
+def check_base(base) -> None:
+    if not (isinstance(base, nn.Linear) or is_conv1d(base)):
+        raise TypeError(f"base must be an nn.Linear or a transformers Conv1D, got {type(base).__name__}")
+    if 0 in base.weight.shape:
+        raise ValueError(f"base has a zero-width weight {tuple(base.weight.shape)}: nothing to adapt")
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """Adapter parameters are kept in float32 over float16 / bfloat16 bases (as PEFT does), in the
+    base's dtype otherwise."""
+    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
 
 
 def check_moe_args(rank, num_experts, router_input="code", top_k=None, balance_loss=None) -> None:
@@ -60,7 +92,7 @@ def check_moe_args(rank, num_experts, router_input="code", top_k=None, balance_l
     if router_input not in ROUTER_INPUTS:
         raise ValueError(f"router_input must be one of {ROUTER_INPUTS}, got {router_input!r}")
     if top_k is not None:
-        check_positive_int("top_k", top_k)
+        top_k = check_positive_int("top_k", top_k)
         if top_k > num_experts:
             raise ValueError(f"top_k ({top_k}) must be at most num_experts ({num_experts}) or None")
     if balance_loss is not None and balance_loss not in BALANCE_LOSSES:
@@ -73,7 +105,7 @@ def parse_talk_init(talk_init) -> str | float:
     Accepted: ``"official"``, ``"identity"``, ``"uniform-mix:0.5"`` (or ``"uniform-mix 0.5"``), or
     a bare number α.
     """
-    if talk_init in ("official", "identity"):
+    if isinstance(talk_init, str) and talk_init in ("official", "identity"):
         return talk_init
     alpha = talk_init
     if isinstance(talk_init, str) and talk_init.startswith("uniform-mix"):
@@ -81,7 +113,7 @@ def parse_talk_init(talk_init) -> str | float:
             alpha = float(talk_init[len("uniform-mix"):].strip(" :="))
         except ValueError:
             alpha = None
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+    if not _is_number(alpha) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"talk_init must be one of {TALK_INITS} (alpha in [0, 1]) or a number "
                          f"alpha in [0, 1], got {talk_init!r}")
     return float(alpha)
@@ -95,7 +127,7 @@ def talk_matrix(num_experts: int, talk_init="official", *, dtype=None, device=No
     uniform-mix α: ``T = α I + (1 − α) J / E`` (doubly stochastic).
     """
     init = parse_talk_init(talk_init)
-    E = num_experts
+    E = check_positive_int("num_experts", num_experts)
     if init == "official":
         bound = 1.0 / math.sqrt(E)
         return torch.empty(E, E, dtype=dtype, device=device).uniform_(-bound, bound, generator=generator)
@@ -146,30 +178,88 @@ def balance_loss(kind: str, logits: Tensor, gates: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- layers
 class AdapterLayer(nn.Module):
-    """Common machinery: frozen base, scaling, dropout, weight access by SPEC name."""
+    """Common machinery: frozen base, scaling, dropout, weight access by SPEC name.
+
+    ``base`` is an ``nn.Linear`` or a transformers ``Conv1D`` (its weight is stored transposed,
+    ``(d_in, d_out)``; the adapter tensors have the same shapes as for ``nn.Linear``).  The layer
+    exposes the base's ``weight`` and ``bias`` (read-only), so parents that read ``child.weight``
+    (T5's ``wo.weight.dtype`` …) keep working.  Adapter parameters are float32 over half-precision
+    bases (:func:`adapter_dtype`); ``dtype=`` overrides.  The adapter branch runs in the adapter's
+    dtype and is added to the base output in the base output's dtype (autocast-friendly).
+    ``adapter_enabled = False`` (see ``inject.disable_adapters``) gives the base output only.
+    """
 
     weight_names: tuple[str, ...] = ()
 
-    def __init__(self, base: nn.Linear, rank: int, alpha=None, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, rank: int, alpha=None, dropout: float = 0.0, *,
+                 dtype: torch.dtype | None = None):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
-        check_positive_int("rank", rank)
+        check_base(base)
+        rank = check_positive_int("rank", rank)
         check_alpha_dropout(alpha, dropout)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be None or a floating torch.dtype, got {dtype!r}")
         self.base = base
         base.requires_grad_(False)
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.fan_in_fan_out = is_conv1d(base)
+        d_out, d_in = base.weight.shape[::-1] if self.fan_in_fan_out else base.weight.shape
+        self.in_features, self.out_features = int(d_in), int(d_out)
         self.rank, self.alpha, self.dropout = rank, alpha, float(dropout)
         self.scaling = 1.0 if alpha is None else alpha / rank
+        self.param_dtype = adapter_dtype(base.weight.dtype) if dtype is None else dtype
+        self.adapter_enabled = True
+
+    # The base's weight and bias, for parents that read them (no new parameters are registered).
+    @property
+    def weight(self) -> Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base.bias
+
+    def base_weight(self) -> Tensor:
+        """The base weight as ``(d_out, d_in)`` (transposes a ``Conv1D`` weight)."""
+        w = self.base.weight
+        return w.t() if self.fan_in_fan_out else w
+
+    # B may be tied to another layer's B (``tie_B``): then only the owner registers the Parameter,
+    # so state dicts, ``save_pretrained`` and optimisers see it once.
+    @property
+    def B(self) -> Tensor:
+        p = self._parameters.get("B")
+        if p is not None:
+            return p
+        owner = self.__dict__.get("_B_owner")
+        if owner is None:
+            raise AttributeError("B")
+        return owner.B
+
+    def tie_B(self, owner: "AdapterLayer") -> None:
+        """Use ``owner.B`` as this layer's ``B`` (one Parameter, registered in the owner only)."""
+        if not isinstance(owner, AdapterLayer) or owner is self:
+            raise ValueError("tie_B: owner must be another adapter layer")
+        if tuple(owner.B.shape) != tuple(self.B.shape) or owner.B.dtype != self.B.dtype:
+            raise ValueError(f"tie_B: B shapes/dtypes differ: {tuple(self.B.shape)} {self.B.dtype} vs "
+                             f"{tuple(owner.B.shape)} {owner.B.dtype}")
+        while "_B_owner" in owner.__dict__:     # always point at the registering layer
+            owner = owner.__dict__["_B_owner"]
+        self._parameters.pop("B", None)
+        object.__setattr__(self, "_B_owner", owner)     # plain attribute: not a submodule
+
+    @property
+    def B_is_tied(self) -> bool:
+        return "_B_owner" in self.__dict__
 
     def _parameter(self, *shape: int) -> nn.Parameter:
-        w = self.base.weight
-        return nn.Parameter(torch.empty(*shape, dtype=w.dtype, device=w.device))
+        return nn.Parameter(torch.empty(*shape, dtype=self.param_dtype, device=self.base.weight.device))
 
     def _drop(self, t: Tensor) -> Tensor:
         return F.dropout(t, self.dropout, self.training) if self.dropout else t
 
     def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"input x must be a torch.Tensor, got {type(x).__name__}")
         if x.ndim == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input must have shape (..., d_in={self.in_features}), got {tuple(x.shape)}")
 
@@ -179,17 +269,22 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def set_weights(self, **tensors: Tensor) -> None:
-        """Copy tensors into the adapter by SPEC name; checks names and shapes first.  Values are
-        cast to the layer's dtype and device (as ``Tensor.copy_`` does)."""
+        """Copy tensors into the adapter by SPEC name; checks names, types and shapes first
+        (nothing is copied on error).  Values are cast to the layer's dtype and device (as
+        ``Tensor.copy_`` does)."""
         unknown = sorted(set(tensors) - set(self.weight_names))
         if unknown:
             raise ValueError(f"unknown weight name(s) {unknown} for {type(self).__name__}; "
                              f"accepted: {list(self.weight_names)}")
         for name, value in tensors.items():
             expected = tuple(getattr(self, name).shape)
-            if not isinstance(value, Tensor) or tuple(value.shape) != expected:
-                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                raise ValueError(f"weight {name} must have shape {expected}, got {got}")
+            if not isinstance(value, Tensor):
+                raise ValueError(f"weight {name} must have shape {expected} (a torch.Tensor), "
+                                 f"got {type(value).__name__}")
+            if tuple(value.shape) != expected:
+                raise ValueError(f"weight {name} must have shape {expected}, got {tuple(value.shape)}")
+            if value.is_complex():
+                raise ValueError(f"weight {name} must be a real tensor, got dtype {value.dtype}")
         if getattr(self, "merged", False):
             raise RuntimeError("unmerge() before set_weights(): the base weight holds the old adapter")
         for name, value in tensors.items():
@@ -200,9 +295,10 @@ class AdapterLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        if getattr(self, "merged", False):
-            return self.base(x)
-        return self.base(x) + self.adapter_output(x)
+        out = self.base(x)
+        if getattr(self, "merged", False) or not self.adapter_enabled:
+            return out
+        return out + self.adapter_output(x.to(self.A.dtype)).to(out.dtype)
 
     def extra_repr(self) -> str:
         return f"d_in={self.in_features}, d_out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}"
@@ -213,8 +309,9 @@ class LoRALinear(AdapterLayer):
 
     weight_names = ("A", "B")
 
-    def __init__(self, base: nn.Linear, rank: int, alpha=None, dropout: float = 0.0):
-        super().__init__(base, rank, alpha, dropout)
+    def __init__(self, base: nn.Module, rank: int, alpha=None, dropout: float = 0.0, *,
+                 dtype: torch.dtype | None = None):
+        super().__init__(base, rank, alpha, dropout, dtype=dtype)
         self.A = self._parameter(rank, self.in_features)
         self.B = self._parameter(self.out_features, rank)
         self.register_buffer("_unmerged_weight", None, persistent=False)
@@ -243,7 +340,7 @@ class LoRALinear(AdapterLayer):
         if not torch.isfinite(delta).all():
             raise ValueError("cannot merge: the adapter weights A or B contain NaN or Inf")
         self._unmerged_weight = self.base.weight.detach().clone()
-        self.base.weight.add_(delta)
+        self.base.weight.add_((delta.t() if self.fan_in_fan_out else delta).to(self.base.weight.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -268,11 +365,16 @@ class MoELoRALinear(AdapterLayer):
     auxiliary loss of the last forward in ``self.aux_loss`` (see :func:`balance_loss`).
     """
 
-    def __init__(self, base: nn.Linear, rank: int, num_experts: int, router_input: str = "code",
+    def __init__(self, base: nn.Module, rank: int, num_experts: int, router_input: str = "code",
                  alpha=None, dropout: float = 0.0, top_k: int | None = None, *,
-                 gate_dropout: bool = False, balance_loss: str | None = None):
-        super().__init__(base, rank, alpha, dropout)
+                 gate_dropout: bool = False, balance_loss: str | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__(base, rank, alpha, dropout, dtype=dtype)
         check_moe_args(rank, num_experts, router_input, top_k, balance_loss)
+        rank, num_experts = self.rank, int(num_experts)
+        top_k = None if top_k is None else int(top_k)
+        if not isinstance(gate_dropout, bool):
+            raise ValueError(f"gate_dropout must be a bool, got {gate_dropout!r}")
         self.num_experts, self.expert_rank = num_experts, rank // num_experts
         self.router_input, self.top_k = router_input, top_k
         self.gate_dropout, self.balance_loss = bool(gate_dropout), balance_loss
@@ -383,7 +485,7 @@ class MoELoRALinear(AdapterLayer):
         delta = torch.einsum("e,eom,emn,end->od", gates, self.B, self.C, blocks)
         if not torch.isfinite(delta).all():
             raise ValueError("cannot merge: the adapter weights contain NaN or Inf")
-        return self.base.weight + self.scaling * delta
+        return self.base_weight() + self.scaling * delta.to(self.base.weight.dtype)
 
 
 class TalkLoRALinear(MoELoRALinear):
@@ -393,12 +495,12 @@ class TalkLoRALinear(MoELoRALinear):
     ``talk_init``: ``"official"`` (U(±1/√E)), ``"identity"`` or ``"uniform-mix:α"`` / ``α``.
     """
 
-    def __init__(self, base: nn.Linear, rank: int, num_experts: int, alpha=None, dropout: float = 0.0,
+    def __init__(self, base: nn.Module, rank: int, num_experts: int, alpha=None, dropout: float = 0.0,
                  talk_init="official", *, top_k: int | None = None, gate_dropout: bool = False,
-                 balance_loss: str | None = None):
+                 balance_loss: str | None = None, dtype: torch.dtype | None = None):
         parse_talk_init(talk_init)
         super().__init__(base, rank, num_experts, "code", alpha, dropout, top_k,
-                         gate_dropout=gate_dropout, balance_loss=balance_loss)
+                         gate_dropout=gate_dropout, balance_loss=balance_loss, dtype=dtype)
         self.talk_init = talk_init
         self.T = self._parameter(num_experts, num_experts)
         self._reset_talk()

@@ -212,6 +212,22 @@ def test_config_json_round_trip(config):
     ({"talk_init": "random"}, "talk_init must be one of"),
     ({"top_k": 5, "num_experts": 4}, "top_k \\(5\\) must be at most num_experts \\(4\\)"),
     ({"share_B_across_layers": "yes"}, "share_B_across_layers must be booleans"),
+    ({"rank": [8]}, "rank must be a positive integer"),
+    ({"rank": None}, "rank must be a positive integer"),
+    ({"rank": "8"}, "rank must be a positive integer"),
+    ({"rank": 8.0}, "rank must be a positive integer"),
+    ({"num_experts": True}, "num_experts must be a positive integer"),
+    ({"alpha": "16"}, "alpha must be None"),
+    ({"alpha": float("nan")}, "alpha must be None"),
+    ({"dropout": None}, "dropout must be a probability"),
+    ({"target_modules": [3]}, "AdapterConfig.target_modules"),
+    ({"aux_loss_weight": -0.1, "balance_loss": "switch"}, "aux_loss_weight must be a finite number"),
+    ({"aux_loss_weight": float("inf"), "balance_loss": "switch"}, "aux_loss_weight must be a finite number"),
+    ({"aux_loss_weight": "0.1", "balance_loss": "switch"}, "aux_loss_weight must be a finite number"),
+    ({"aux_loss_weight": 0.1}, "aux_loss_weight > 0 needs a balance loss"),
+    ({"aux_loss_weight": 0.1, "balance_loss": "switch", "kind": "lora"}, "aux_loss_weight > 0 needs"),
+    ({"modules_to_save": [""]}, "AdapterConfig.modules_to_save"),
+    ({"modules_to_save": None}, "AdapterConfig.modules_to_save"),
 ])
 def test_config_bad_values_name_the_field(data, field):
     with pytest.raises(ValueError, match=field):
@@ -242,3 +258,166 @@ def test_share_B_groups_by_projection_type_not_last_name():
     layers = adapter_layers(model)
     assert layers["encoder.layer.0.intermediate.dense"].B is layers["encoder.layer.1.intermediate.dense"].B
     assert layers["encoder.layer.0.output.dense"].B is not layers["encoder.layer.0.intermediate.dense"].B
+
+
+# ----------------------------------------------------------------------------- issue 11 / 12 (inject)
+def test_config_new_fields_round_trip_and_numpy_scalars():
+    np = pytest.importorskip("numpy")
+    config = AdapterConfig(rank=np.int64(8), num_experts=np.int32(2), alpha=np.float32(16.0),
+                           dropout=np.float64(0.1), top_k=np.int64(1), balance_loss="cv",
+                           aux_loss_weight=np.float32(0.5), modules_to_save=["head"], target_modules=None)
+    assert (type(config.rank), type(config.num_experts), type(config.alpha), type(config.top_k)) == \
+        (int, int, float, int)
+    assert config.aux_loss_weight == 0.5 and config.modules_to_save == ("head",)
+    again = AdapterConfig.from_json(config.to_json())
+    assert again == config and again.target_modules is None
+
+
+def test_shared_module_is_adapted_once_and_stays_shared():
+    torch.manual_seed(0)
+    shared = nn.Linear(D, D)
+    model = nn.ModuleDict({"a": nn.Sequential(OrderedDict(q_proj=shared)),
+                           "b": nn.Sequential(OrderedDict(k_proj=shared))})
+    report = inject(model, AdapterConfig(kind="lora", rank=2, target_modules=("q_proj",)))
+    assert report.matched == ["a.q_proj"]
+    assert model["a"].q_proj is model["b"].k_proj and isinstance(model["b"].k_proj, LoRALinear)
+    assert model["a"].q_proj.base is shared
+    assert count_parameters(model) == 2 * D + D * 2           # A and B once
+
+
+def test_multihead_attention_out_proj_is_refused_before_any_change():
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(D, 2), "fc": nn.Linear(D, D)})
+    with pytest.raises(ValueError, match="MultiheadAttention reads out_proj.weight"):
+        inject(model, AdapterConfig(kind="lora", rank=2, target_modules=("out_proj", "fc")))
+    assert isinstance(model["fc"], nn.Linear) and all(p.requires_grad for p in model.parameters())
+
+
+def test_parent_reading_weight_and_bias_keeps_working():
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wo = nn.Linear(D, D)
+
+        def forward(self, x):
+            return self.wo(x.to(self.wo.weight.dtype)) + self.wo.bias
+
+    torch.manual_seed(0)
+    model = Parent()
+    base_w = model.wo.weight
+    inject(model, AdapterConfig(kind="lora", rank=2, target_modules=("wo",)))
+    assert model.wo.weight is base_w and model.wo.bias is model.wo.base.bias
+    with torch.no_grad():
+        model.wo.B.fill_(0.1)
+    x = torch.randn(3, D)
+    torch.testing.assert_close(model(x), model.wo.base(x) + model.wo.adapter_output(x) + model.wo.bias)
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(D, D), LoRALinear(nn.Linear(D, D), 2)], ids=["linear", "adapter"])
+def test_bare_layer_as_model_gets_clear_error_and_is_not_frozen(layer):
+    flags = [p.requires_grad for p in layer.parameters()]
+    with pytest.raises(TypeError, match="model is itself a .*wrap it"):
+        inject(layer, AdapterConfig(kind="lora", rank=2, target_modules=("x",)))
+    assert [p.requires_grad for p in layer.parameters()] == flags
+
+
+def test_tied_B_refuses_layers_of_different_dtypes():
+    model = nn.Sequential(*[nn.Sequential(OrderedDict(up_proj=nn.Linear(D, D))) for _ in range(2)])
+    model[1].up_proj.to(torch.float64)
+    with pytest.raises(ValueError, match="different dtypes"):
+        inject(model, AdapterConfig(kind="talklora", rank=4, num_experts=2, target_modules=("up_proj",),
+                                    share_B_across_layers=True))
+    assert all(isinstance(m.up_proj, nn.Linear) for m in model)
+
+
+def test_tied_B_only_within_layer_stacks():
+    """Two unrelated Linears of one nn.Sequential ('0', '1') are different types; stacked blocks tie."""
+    torch.manual_seed(0)
+    flat = nn.Sequential(nn.Linear(D, D), nn.Linear(D, D))
+    report = inject(flat, AdapterConfig(kind="talklora", rank=4, num_experts=2, target_modules=(r"\d+",),
+                                        target_match="regex", share_B_across_layers=True))
+    assert report.shared_B_groups == {} and flat[0].B is not flat[1].B
+    stacked = nn.Sequential(*[nn.Sequential(OrderedDict(proj=nn.Linear(D, D))) for _ in range(3)])
+    report = inject(stacked, AdapterConfig(kind="talklora", rank=4, num_experts=2, target_modules=("proj",),
+                                           share_B_across_layers=True))
+    assert report.shared_B_groups == {"*.proj": ["0.proj", "1.proj", "2.proj"]}
+    assert stacked[2].proj.B is stacked[0].proj.B
+    # registered once: the state dict and parameters hold B only in the first layer
+    keys = [k for k in stacked.state_dict() if k.endswith(".B")]
+    assert keys == ["0.proj.B"] and count_parameters(stacked) == 3 * (4 * D + 2 * 2 * 2 + 2 * 2 + 2 * 4) + 2 * D * 2
+
+
+def test_modules_to_save_validation():
+    with pytest.raises(ValueError, match="modules_to_save pattern 'nope'"):
+        inject(mlp(), AdapterConfig(kind="lora", rank=2, target_modules=("up_proj",), modules_to_save=("nope",)))
+    with pytest.raises(ValueError, match="overlap adapted target layers"):
+        inject(mlp(), AdapterConfig(kind="lora", rank=2, target_modules=("up_proj",), modules_to_save=("block0",)))
+    model = mlp()
+    report = inject(model, AdapterConfig(kind="lora", rank=2, target_modules=("up_proj",), modules_to_save=("head",)))
+    assert report.modules_to_save == ["head"]
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == ["block0.up_proj.A", "block0.up_proj.B", "block1.up_proj.A", "block1.up_proj.B",
+                         "head.bias", "head.weight"]
+
+
+def test_unload_merge_and_unload_disable_adapters():
+    from talklora_min import disable_adapters, merge_and_unload, trainable_summary, unload
+    x = torch.randn(5, D)
+    model = mlp()
+    bases = {n: model.get_submodule(n) for n in ("block0.up_proj", "block1.up_proj")}
+    plain = model(x)
+    inject(model, AdapterConfig(kind="lora", rank=2, target_modules=("up_proj",)))
+    with torch.no_grad():
+        for layer in adapter_layers(model).values():
+            layer.B.normal_()
+    adapted = model(x)
+    assert (adapted - plain).abs().max() > 1e-3
+    with disable_adapters(model):
+        torch.testing.assert_close(model(x), plain)
+    torch.testing.assert_close(model(x), adapted)
+    summary = trainable_summary(model)
+    assert f"trainable params: {2 * (2 * D + 2 * D * 2)} ||" in summary and "LoRALinear: 2 layers" in summary
+    merged = merge_and_unload(model)
+    assert merged is model and all(model.get_submodule(n) is m for n, m in bases.items())
+    torch.testing.assert_close(model(x), adapted, atol=1e-6, rtol=0)
+
+    moe = mlp()
+    inject(moe, AdapterConfig(kind="talklora", rank=4, num_experts=2, target_modules=("up_proj",)))
+    with pytest.raises(ValueError, match="merge_and_unload needs LoRA layers"):
+        merge_and_unload(moe)
+    assert len(adapter_layers(moe)) == 2
+    unload(moe)
+    assert not adapter_layers(moe)
+    torch.testing.assert_close(moe(x), plain)
+
+
+def test_aux_loss_weight_hook_on_dict_outputs():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = mlp()
+
+        def forward(self, x):
+            return {"loss": self.body(x).pow(2).mean(), "logits": self.body(x)}
+
+    torch.manual_seed(0)
+    model = Model()
+    x = torch.randn(6, D)
+    inject(model, AdapterConfig(kind="moelora", rank=4, num_experts=2, target_modules=("up_proj", "down_proj"),
+                                balance_loss="cv", aux_loss_weight=0.25))
+    out = model(x)
+    losses = [layer.aux_loss for layer in adapter_layers(model).values()]
+    assert len(losses) == 4
+    # the body runs twice per forward: the stored losses are those of the last run
+    torch.testing.assert_close(out["aux_loss"], sum(losses) / 4)
+    torch.testing.assert_close(out["loss"], model.body(x).pow(2).mean() + 0.25 * out["aux_loss"])
+    from talklora_min import unload
+    unload(model)
+    assert "aux_loss" not in model(x)
+
+
+def test_inject_keeps_eval_mode_of_the_replaced_modules():
+    model = mlp().eval()
+    inject(model, AdapterConfig(kind="talklora", rank=4, num_experts=2, dropout=0.5, target_modules=("up_proj",)))
+    assert not any(layer.training for layer in adapter_layers(model).values())
+    x = torch.randn(4, D)
+    assert torch.equal(model(x), model(x))                     # no dropout in eval mode

@@ -505,8 +505,21 @@ def test_merged_weight_at_one_hot_gates_is_that_experts_lora():
     (lambda b: LoRALinear(b, 8, dropout=1.0), ValueError, r"dropout must be a probability in \[0, 1\)"),
     (lambda b: MoELoRALinear(b, 8, 4, dropout=-0.1), ValueError, "dropout must be a probability"),
     (lambda b: TalkLoRALinear(b, 8, 4, dropout=True), ValueError, "dropout must be a probability"),
-    (lambda b: LoRALinear(nn.Conv1d(4, 4, 1), 8), TypeError, "base must be an nn.Linear, got Conv1d"),
-    (lambda b: TalkLoRALinear(b.weight, 8, 4), TypeError, "base must be an nn.Linear, got Parameter"),
+    (lambda b: LoRALinear(nn.Conv1d(4, 4, 1), 8), TypeError, "base must be an nn.Linear or a transformers Conv1D, got Conv1d"),
+    (lambda b: TalkLoRALinear(b.weight, 8, 4), TypeError, "base must be an nn.Linear or a transformers Conv1D, got Parameter"),
+    (lambda b: LoRALinear(None, 8), TypeError, "base must be an nn.Linear or a transformers Conv1D, got NoneType"),
+    (lambda b: LoRALinear(b, [8]), ValueError, r"rank must be a positive integer, got \[8\]"),
+    (lambda b: LoRALinear(b, None), ValueError, "rank must be a positive integer, got None"),
+    (lambda b: LoRALinear(b, "8"), ValueError, "rank must be a positive integer, got '8'"),
+    (lambda b: MoELoRALinear(b, 8, None), ValueError, "num_experts must be a positive integer, got None"),
+    (lambda b: MoELoRALinear(b, 8, 4, top_k="2"), ValueError, "top_k must be a positive integer"),
+    (lambda b: MoELoRALinear(b, 8, 4, gate_dropout=1), ValueError, "gate_dropout must be a bool"),
+    (lambda b: LoRALinear(b, 8, dropout=None), ValueError, "dropout must be a probability"),
+    (lambda b: LoRALinear(b, 8, dropout=[0.1]), ValueError, "dropout must be a probability"),
+    (lambda b: LoRALinear(b, 8, dtype="float32"), ValueError, "dtype must be None or a floating torch.dtype"),
+    (lambda b: LoRALinear(b, 8, dtype=torch.int64), ValueError, "dtype must be None or a floating torch.dtype"),
+    (lambda b: LoRALinear(nn.Linear(0, 4), 2), ValueError, "zero-width weight"),
+    (lambda b: MoELoRALinear(nn.Linear(4, 0), 2, 2), ValueError, "zero-width weight"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_bad_constructor_arguments(make, exc, match):
     with pytest.raises(exc, match=match):
@@ -519,3 +532,111 @@ def test_wrong_input_width_is_rejected(name, shape):
     layer = build(name)
     with pytest.raises(ValueError, match=rf"input must have shape \(\.\.\., d_in={D_IN}\), got"):
         layer(torch.randn(shape, dtype=DT))
+
+
+# ============================================================================ issue 11 / 12: numbers, Conv1D, dtypes, ties
+def test_numpy_scalars_are_numbers():
+    np = pytest.importorskip("numpy")
+    layer = TalkLoRALinear(make_base(), np.int64(RANK), np.int32(E), alpha=np.float32(16.0),
+                           dropout=np.float64(0.0), talk_init=np.float64(0.5), top_k=np.int64(2))
+    assert (layer.rank, layer.num_experts, layer.top_k) == (RANK, E, 2)
+    assert type(layer.rank) is int and type(layer.top_k) is int
+    assert layer.scaling == pytest.approx(16.0 / RANK)
+    ref = TalkLoRALinear(make_base(), RANK, E, alpha=16.0, talk_init=0.5, top_k=2)
+    torch.testing.assert_close(layer.T, ref.T)
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        LoRALinear(make_base(), np.float64(8.0))
+    with pytest.raises(ValueError, match="alpha must be None"):
+        LoRALinear(make_base(), 8, alpha=np.bool_(True))
+
+
+def test_non_tensor_input_and_weights_rejected_by_name():
+    layer = build("talklora-official-alphaNone")
+    with pytest.raises(TypeError, match="input x must be a torch.Tensor, got list"):
+        layer([[0.0] * D_IN])
+    with pytest.raises(ValueError, match=r"weight T must have shape \(4, 4\) \(a torch.Tensor\), got NoneType"):
+        layer.set_weights(T=None)
+    with pytest.raises(ValueError, match="weight T must be a real tensor"):
+        layer.set_weights(T=torch.zeros(E, E, dtype=torch.complex64))
+
+
+class Conv1D(nn.Module):
+    """Stand-in with the layout of transformers' Conv1D (recognised by name and shapes)."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf, dtype=DT))
+        self.bias = nn.Parameter(torch.randn(nf, dtype=DT))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+@pytest.mark.parametrize("name", ["lora-alpha16", "moelora-code-alphaNone", "talklora-official-alpha16"])
+def test_conv1d_base_equals_linear_base(name):
+    torch.manual_seed(0)
+    conv = Conv1D(D_OUT, D_IN)
+    linear = nn.Linear(D_IN, D_OUT).to(DT)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.t())
+        linear.bias.copy_(conv.bias)
+    cfg, alpha = TABLE[name]
+    a, b = cfg.build(conv, alpha), cfg.build(linear, alpha)
+    randomize(b)
+    a.set_weights(**b.get_weights())
+    assert a.fan_in_fan_out and (a.in_features, a.out_features) == (D_IN, D_OUT)
+    assert a.weight is conv.weight and a.bias is conv.bias
+    x = torch.randn(3, D_IN, dtype=DT)
+    torch.testing.assert_close(a(x), b(x), atol=1e-12, rtol=0)
+    if name.startswith("lora"):
+        ref = a(x)
+        a.merge()
+        torch.testing.assert_close(conv(x), ref, atol=1e-12, rtol=0)
+        a.unmerge()
+    else:
+        g = torch.full((E,), 0.25, dtype=DT)
+        torch.testing.assert_close(a.merged_weight_at_gates(g), b.merged_weight_at_gates(g), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("base_dtype, adapter", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                                 (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+def test_adapter_dtype_over_half_precision_bases(base_dtype, adapter):
+    base = nn.Linear(D_IN, D_OUT).to(base_dtype)
+    layer = TalkLoRALinear(base, RANK, E)
+    assert {p.dtype for n, p in layer.named_parameters() if not n.startswith("base.")} == {adapter}
+    randomize(layer)
+    x = torch.randn(3, D_IN).to(base_dtype)
+    y = layer(x)
+    assert y.dtype == base_dtype
+    expected = base(x).double() + layer.adapter_output(x.to(adapter)).double()
+    torch.testing.assert_close(y.double(), expected, atol=0.05 if base_dtype in (torch.bfloat16, torch.float16) else 1e-6, rtol=0.02)
+    assert TalkLoRALinear(nn.Linear(D_IN, D_OUT).to(torch.bfloat16), RANK, E, dtype=torch.bfloat16).A.dtype == torch.bfloat16
+
+
+def test_tie_B_registers_B_once_and_shares_gradients():
+    a, b = build("talklora-official-alphaNone", seed=0), build("talklora-official-alphaNone", seed=1)
+    b.tie_B(a)
+    assert b.B is a.B and b.B_is_tied and "B" not in dict(b.named_parameters())
+    pair = nn.ModuleList([a, b])
+    assert [n for n, _ in pair.named_parameters() if n.endswith("B")] == ["0.B"]
+    x = torch.randn(4, D_IN, dtype=DT)
+    (a(x).sum() + b(x).sum()).backward()
+    ga = torch.autograd.grad(a(x).sum(), a.B)[0] + torch.autograd.grad(b(x).sum(), a.B)[0]
+    torch.testing.assert_close(a.B.grad, ga)
+    c = build("talklora-official-alphaNone", seed=2)
+    c.tie_B(b)                                                  # chains resolve to the owner
+    assert c.__dict__["_B_owner"] is a
+    with pytest.raises(ValueError, match="B shapes/dtypes differ"):
+        LoRALinear(make_base(), 2).tie_B(LoRALinear(make_base(), 3))
+    with pytest.raises(ValueError, match="owner must be another adapter layer"):
+        a.tie_B(a)
+
+
+def test_adapter_enabled_flag_gives_base_output():
+    layer = build("moelora-code-alpha16")
+    x = torch.randn(4, D_IN, dtype=DT)
+    layer.adapter_enabled = False
+    torch.testing.assert_close(layer(x), layer.base(x))
+    layer.adapter_enabled = True
+    assert (layer(x) - layer.base(x)).abs().max() > 1e-6

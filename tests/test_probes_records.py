@@ -120,3 +120,46 @@ def test_records_stay_on_device_when_asked_and_gate_dropout_not_recorded():
     with record_routing(layer, device=None) as rec:
         layer(x)
     assert torch.allclose(rec.gates().sum(-1), torch.ones(50))   # recorded before gate dropout
+
+
+def test_model_call_attention_mask_is_followed():
+    model = tiny_model()
+    x = torch.randn(2, 5, 16)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with record_routing(model) as rec:
+        model(x, attention_mask=mask)            # no mask given to the recorder: the kwarg is used
+        model(x[:, -2:], attention_mask=mask)    # a decode-style call: its last 2 columns
+    want = torch.cat([model.q_proj.gates(x)[mask.bool()], model.q_proj.gates(x[:, -2:]).reshape(-1, 4)])
+    torch.testing.assert_close(rec.gates("q_proj"), want.float().detach())
+    explicit = torch.ones(2, 5, dtype=torch.bool)
+    with record_routing(model, attention_mask=explicit) as rec:
+        model(x, attention_mask=mask)            # a recorder mask that fits takes precedence
+    assert rec.gates("q_proj").shape == (10, 4)
+
+
+class SparseMoeBlock(nn.Module):
+    """A MoE block in the old transformers style: ``gate`` is an nn.Linear over flattened tokens."""
+
+    def __init__(self, d=16, n_experts=4):
+        super().__init__()
+        self.gate = nn.Linear(d, n_experts, bias=False)
+        self.experts = nn.ModuleList(nn.Linear(d, d) for _ in range(n_experts))
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        g = torch.softmax(self.gate(flat), -1)
+        out = sum(g[:, e:e + 1] * expert(flat) for e, expert in enumerate(self.experts))
+        return out.reshape(x.shape)
+
+
+def test_linear_gate_of_a_moe_block_is_a_router_and_flat_inputs_take_the_mask():
+    torch.manual_seed(0)
+    model = nn.Sequential(SparseMoeBlock(), nn.Linear(16, 16))
+    x = torch.randn(2, 3, 16)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    with record_routing(model, attention_mask=mask) as rec:
+        model(x)
+    assert rec.layer_names == ["0.gate"]
+    want = torch.softmax(model[0].gate(x), -1)[mask.bool()]
+    torch.testing.assert_close(rec.gates("0.gate"), want.detach())
+    assert rec.load("0.gate").sum().item() == pytest.approx(3.0)

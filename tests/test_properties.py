@@ -409,3 +409,58 @@ def test_maps_reject_the_wrong_layer_kind():
     with pytest.raises(ValueError, match="need T"):
         absorbed_router(torch.zeros(2, 4), torch.zeros(3, 3), 2)
     assert rowspace_residual(torch.zeros(2, 5), torch.randn(3, 5)) == 0.0
+
+
+# ----------------------------------------------------------------------------- issue 11: Conv1D, unload
+class Conv1D(nn.Module):
+    """transformers' Conv1D layout, ``y = x W + b`` with ``W (d_in, d_out)`` (recognised by name)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.nf, self.nx = linear.out_features, linear.in_features
+        self.weight = nn.Parameter(linear.weight.detach().t().clone())
+        self.bias = nn.Parameter(linear.bias.detach().clone() if linear.bias is not None
+                                 else torch.zeros(self.nf, dtype=linear.weight.dtype))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+@given(configs(), st.sampled_from(["lora", "code", "input", "talk"]))
+def test_conv1d_base_equals_linear_base(cfg, kind):
+    rand = Rand(cfg)
+    linear = make_base(cfg, rand)
+    if linear.bias is None:
+        linear = nn.Linear(cfg["d_in"], cfg["d_out"]).to(cfg["dtype"])
+        with torch.no_grad():
+            linear.bias.zero_()
+            linear.weight.copy_(make_base(cfg, rand).weight)
+    conv = Conv1D(linear)
+    if kind == "lora":
+        a, b = LoRALinear(linear, cfg["r"], cfg["alpha"]), LoRALinear(conv, cfg["r"], cfg["alpha"])
+        a.set_weights(A=rand(cfg["r"], cfg["d_in"]), B=rand(cfg["d_out"], cfg["r"]))
+    elif kind == "talk":
+        a = talk(cfg, rand, base=linear)
+        b = TalkLoRALinear(conv, cfg["r"], cfg["E"], alpha=cfg["alpha"]).eval()
+    else:
+        a = moe(cfg, rand, kind, base=linear)
+        b = MoELoRALinear(conv, cfg["r"], cfg["E"], kind, alpha=cfg["alpha"]).eval()
+    b.set_weights(**a.get_weights())
+    x = inputs(cfg, rand)
+    assert_close(b(x), a(x), cfg["dtype"])
+
+
+@given(configs(), st.sampled_from(["lora", "moelora", "talklora"]))
+def test_unload_restores_the_base_model(cfg, kind):
+    from talklora_min import AdapterConfig, inject, unload
+    rand = Rand(cfg)
+    model = nn.Sequential(make_base(cfg, rand), nn.Tanh())
+    x = inputs(cfg, rand)
+    before = model(x)
+    base = model[0]
+    inject(model, AdapterConfig(kind=kind, rank=cfg["r"], num_experts=cfg["E"], alpha=cfg["alpha"],
+                                target_modules=("0",), target_match="exact"))
+    with torch.no_grad():
+        model[0].B.copy_(rand(*model[0].B.shape))
+    unload(model)
+    assert model[0] is base and torch.equal(model(x), before)
