@@ -59,10 +59,8 @@ import importlib.metadata
 import json
 import os
 import platform
-import stat
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -71,6 +69,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import pandas as pd
+
+from talklora_min._atomic import atomic_path
 
 try:
     import fcntl
@@ -82,45 +82,7 @@ REQUIRED_COLUMNS = ("metric", "value")
 
 
 # ----------------------------------------------------------------------------- atomic writes
-def _umask() -> int:
-    """The process umask, read without changing it where the OS allows (Linux ``/proc``)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)          # elsewhere: the classic read-by-setting, restored at once
-    os.umask(mask)
-    return mask
-
-
-def _target_mode(path: Path) -> int:
-    """Mode for a file written at ``path``: the existing file's permissions when it is replaced,
-    else ``0o666 & ~umask`` (what ``open(path, "w")`` would give)."""
-    try:
-        return stat.S_IMODE(path.stat().st_mode)
-    except OSError:
-        return 0o666 & ~_umask()
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temporary path next to ``path``; on success ``os.replace`` it onto ``path``; on
-    error delete it, leaving ``path`` untouched (absent or the previous complete version).
-    The new file gets the replaced file's permissions, or the umask's default for a new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, _target_mode(path))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
+# atomic_path: temporary file, fsync, the target's mode (or the umask's), rename (talklora_min._atomic)
 def atomic_write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -8,8 +8,8 @@ from .layers import (AdapterLayer, LoRALinear, MoELoRALinear, TalkLoRALinear, ba
 from .inject import (AdapterConfig, InjectionReport, adapter_layers, auxiliary_loss, count_parameters,
                      disable_adapters, inject, merge_and_unload, print_trainable_parameters,
                      trainable_summary, unload)
-from .io import (export_official_state_dict, load_adapter, load_adapter_weights, load_official_state_dict,
-                 save_adapter)
+from .io import (AdapterFormatError, AdapterIntegrityError, export_official_state_dict, load_adapter,
+                 load_adapter_weights, load_official_state_dict, read_adapter, save_adapter)
 from .reparam import (absorb_talk, absorbed_router, code_router_from_input, code_router_weight,
                       input_router_from_code, input_router_weight, is_code_representable,
                       moelora_from_identity_talk, non_representable_counterexample,

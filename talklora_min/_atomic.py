@@ -13,6 +13,7 @@ A process killed at any point leaves at most a ``*.tmp`` file (or a ``.<name>.*.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -41,27 +42,55 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_bytes(path, data: bytes) -> None:
-    """Atomically replace ``path`` by ``data`` (see the module doc)."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"data must be bytes, got {type(data).__name__}")
-    path = Path(path)
-    tmp = _tmp_name(path, TMP_SUFFIX)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # the kernel applies the umask
+def _target_mode(path: Path) -> int:
+    """The mode of a file written at ``path``: the existing file's, else ``0o666`` minus the umask."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            try:
-                os.chmod(f.fileno(), os.stat(path).st_mode & 0o7777)   # keep an existing file's mode
-            except FileNotFoundError:
-                pass
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)          # elsewhere: the classic read-by-setting, restored at once
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a fresh temporary path next to ``path`` for the caller to write; on success it is
+    fsynced, given ``path``'s mode (see the module doc) and renamed over ``path``; on error it is
+    removed and ``path`` is untouched (absent, or its previous complete version)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path, TMP_SUFFIX)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fchmod(fd, _target_mode(path))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def write_bytes(path, data: bytes) -> None:
+    """Atomically replace ``path`` by ``data`` (see the module doc)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes, got {type(data).__name__}")
+    with atomic_path(path) as tmp:
+        with open(tmp, "xb") as f:
+            f.write(data)
 
 
 def write_text(path, text: str, encoding: str = "utf-8") -> None:

@@ -75,9 +75,6 @@ class AdapterConfig:
         if not isinstance(self.target_match, str) or self.target_match not in TARGET_MATCHES:
             raise ValueError(f"AdapterConfig.target_match must be one of {TARGET_MATCHES}, "
                              f"got {self.target_match!r}")
-        if self.target_match not in TARGET_MATCHES:
-            raise ValueError(f"AdapterConfig.target_match must be one of {TARGET_MATCHES}, "
-                             f"got {self.target_match!r}")
         if self.target_match == "regex":
             for pattern in (self.target_modules or ()) + self.modules_to_save:
                 try:

@@ -55,8 +55,9 @@ from safetensors.torch import load, save
 from torch import Tensor, nn
 
 from . import _atomic
-from .inject import AdapterConfig, InjectionReport, adapter_layers, inject, projection_type, saved_modules
-from .layers import TalkLoRALinear
+from .inject import (AdapterConfig, InjectionReport, adapter_layers, inject, projection_type, saved_modules,
+                     target_matches)
+from .layers import LoRALinear, MoELoRALinear, TalkLoRALinear
 
 FORMAT = "talklora-min-adapter"
 FORMAT_VERSION = 1
@@ -264,6 +265,42 @@ def _clean_folder(directory: Path, keep: str) -> None:
         (directory / LEGACY_WEIGHTS_NAME).unlink(missing_ok=True)
 
 
+_KIND_OF = {LoRALinear: "lora", MoELoRALinear: "moelora", TalkLoRALinear: "talklora"}
+
+
+def _check_config_describes(model: nn.Module, config: AdapterConfig) -> None:
+    """Refuse to save a ``config`` that would not rebuild ``model``'s adapters on load: every adapter
+    layer must be of ``config.kind`` with its rank / experts / router / top-k, its path must match a
+    target pattern, and B must be tied exactly when ``share_B_across_layers`` is set."""
+    problems = []
+    for path, layer in adapter_layers(model).items():
+        have = {"kind": _KIND_OF.get(type(layer), type(layer).__name__), "rank": layer.rank}
+        want = {"kind": config.kind, "rank": config.rank}
+        if config.kind != "lora" and have["kind"] != "lora":
+            have.update(num_experts=layer.num_experts, router_input=layer.router_input, top_k=layer.top_k)
+            want.update(num_experts=config.num_experts, router_input=config.router_input, top_k=config.top_k)
+        diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
+        if config.target_modules is not None and not any(
+                target_matches(path, p, config.target_match) for p in config.target_modules):
+            diff["target_modules"] = (path, list(config.target_modules))
+        if getattr(layer, "B_is_tied", False) and not config.share_B_across_layers:
+            diff["share_B_across_layers"] = (True, False)
+        if diff:
+            problems.append(f"{path}: " + ", ".join(f"{k} is {h!r} in the model but {w!r} in the config"
+                                                     for k, (h, w) in diff.items()))
+    if config.share_B_across_layers:
+        groups: dict[str, set[int]] = {}
+        for path, layer in adapter_layers(model).items():
+            groups.setdefault(projection_type(path), set()).add(id(layer.B))
+        untied = [g for g, ids in groups.items() if len(ids) > 1]
+        if untied:
+            problems.append(f"share_B_across_layers is set in the config but B is not tied within {untied}")
+    if problems:
+        raise ValueError("config does not describe the model's adapters, so the folder would not load "
+                         "back into the same model: " + "; ".join(problems[:5])
+                         + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+
+
 def save_adapter(model: nn.Module, directory, config: AdapterConfig) -> None:
     """Write the adapter folder (see the module doc) atomically: a reader, or a process killed
     mid-save, sees the complete old or the complete new adapter.  Files get the user's umask."""
@@ -273,6 +310,7 @@ def save_adapter(model: nn.Module, directory, config: AdapterConfig) -> None:
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_tensors(model).items()}
     if not tensors:
         raise ValueError(f"model ({type(model).__name__}) has no adapter layers to save: inject() first")
+    _check_config_describes(model, config)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"directory {directory} exists and is not a folder")
     if _is_peft_folder(directory):
