@@ -46,6 +46,7 @@ TRAIN_METHODS = ("lora", "moelora-code", "moelora-input", "talklora-official", "
 MATCHED_BUDGET_RULES = ("same-rank", "match-params")
 MINILM_TARGETS = ("query", "key", "value", "up", "down")   # up = intermediate.dense, down = output.dense
 TWIN_OPTIMIZERS = ("adamw", "sgd")
+SCALE_CONTROLS = ("spectral", "frobenius")   # C5 control: W_r rescaled to ‖W_r(T⊗I)‖ in this norm
 
 
 class ConfigError(ValueError):
@@ -159,6 +160,9 @@ class PerturbConfig(_Section):
     ``d_in -> d_out``, probed on ``n_tokens`` random tokens at every ``eps`` and ``kinds``.
     Real models: adapters injected into ``models`` (``minilm``, ``smollm``), probed on the hidden
     states of ``n_sentences`` real sentences tokenised to at most ``max_length`` tokens.
+    ``controls``: the scale-matched MoELoRA-code controls of every talk setting (C5; ``spectral``:
+    ‖W_r'‖₂ = ‖W_r(T⊗I)‖₂, ``frobenius``: the same in ‖·‖_F).  ``mc_draws`` independent draws of
+    the official init per E in ``mc_experts`` (C8).
     """
 
     SECTION = "perturb"
@@ -175,6 +179,9 @@ class PerturbConfig(_Section):
     models: list = field(default_factory=lambda: ["minilm"])
     n_sentences: int = 32
     max_length: int = 64
+    controls: list = field(default_factory=lambda: list(SCALE_CONTROLS))
+    mc_draws: int = 20_000
+    mc_experts: list = field(default_factory=lambda: [2, 4, 8, 16, 32])
 
     def __post_init__(self):
         p = self.SECTION
@@ -205,6 +212,9 @@ class PerturbConfig(_Section):
         self.models = list(self.models)
         _int(f"{p}.n_sentences", self.n_sentences, lo=1)
         _int(f"{p}.max_length", self.max_length, lo=2, hi=512)
+        self.controls = _choice_list(f"{p}.controls", self.controls, SCALE_CONTROLS)
+        _int(f"{p}.mc_draws", self.mc_draws, lo=1)
+        self.mc_experts = _int_list(f"{p}.mc_experts", self.mc_experts, lo=1)
 
 
 @dataclass
