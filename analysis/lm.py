@@ -132,10 +132,48 @@ def first_adapted_layer(model, adapt_top_layers: int) -> int:
     return n - adapt_top_layers
 
 
-def target_patterns(first: int, num_layers: int) -> list[str]:
-    """Regex patterns (``target_match="regex"``) for q/k/v/up/down of layers ``first .. num_layers-1``."""
-    idx = "|".join(str(i) for i in range(first, num_layers))
-    return [rf"model\.layers\.({idx})\.(self_attn|mlp)\.{t}" for t in TARGETS]
+def target_patterns(num_layers: int) -> list[str]:
+    """Regex patterns (``target_match="regex"``) for q/k/v/up/down of every layer of a top model."""
+    return [rf"model\.layers\.\d+\.(self_attn|mlp)\.{t}" for t in TARGETS]
+
+
+def load_smollm_top(adapt_top_layers: int):
+    """SmolLM2-135M's top ``adapt_top_layers`` decoder layers, final norm and (tied) LM head as a
+    ``LlamaForCausalLM`` of that depth (fp32, eval, frozen): layer ``i`` here is layer
+    ``30 − adapt_top_layers + i`` of the full model.  Loads only those tensors from the cached
+    safetensors copy (:func:`analysis.models.load_smollm` makes it on first use), so a training run
+    does not pay for the frozen prefix it never executes.  Returns ``(model, first)`` with
+    ``first`` the index of the first adapted layer in the full model."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models import smollm_cache_path
+
+    path = smollm_cache_path()
+    if not (path / ".complete").is_file():
+        load_smollm()
+    config = AutoConfig.from_pretrained(path)
+    n = config.num_hidden_layers
+    if not 1 <= adapt_top_layers <= n:
+        raise ValueError(f"adapt_top_layers must be in [1, {n}], got {adapt_top_layers}")
+    first = n - adapt_top_layers
+    config.num_hidden_layers = adapt_top_layers
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {}
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        for key in f.keys():
+            parts = key.split(".")
+            if key.startswith("model.layers."):
+                if int(parts[2]) < first:
+                    continue
+                parts[2] = str(int(parts[2]) - first)
+            state[".".join(parts)] = f.get_tensor(key)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise RuntimeError(f"load_smollm_top: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    model.requires_grad_(False)
+    return model.eval(), first
 
 
 @torch.no_grad()
@@ -150,11 +188,11 @@ def compute_lm_prefix(model, tokenizer, texts, ids, max_length: int, first: int,
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
                         max_length=max_length, return_tensors="pt")
-        out = model.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                          output_hidden_states=True)
+        out = model.model(input_ids=enc["input_ids"].to(model.device),
+                          attention_mask=enc["attention_mask"].to(model.device), output_hidden_states=True)
         h = out.hidden_states[first]
         for row, ids_row, n in zip(h, enc["input_ids"], enc["attention_mask"].sum(1).tolist()):
-            hidden.append(row[:n].float())
+            hidden.append(row[:n].float().cpu())
             tokens.append(ids_row[:n])
             lengths.append(n)
     offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
@@ -162,24 +200,25 @@ def compute_lm_prefix(model, tokenizer, texts, ids, max_length: int, first: int,
     return PrefixCache(torch.cat(hidden).contiguous(), offsets, [str(i) for i in ids]), torch.cat(tokens)
 
 
-def forward_top(model, first: int, hidden: Tensor) -> Tensor:
-    """Final hidden states (after the final norm) from prefix states ``hidden (B, T, H)`` entering
-    layer ``first``.  Causal attention without a padding mask: correct for right-padded batches on
-    every real token (a real token only attends to earlier, real tokens)."""
+def forward_top(model, hidden: Tensor) -> Tensor:
+    """Final hidden states (after the final norm) of a top model (:func:`load_smollm_top`) from
+    prefix states ``hidden (B, T, H)``.  Causal attention without a padding mask: correct for
+    right-padded batches on every real token (a real token only attends to earlier, real tokens)."""
     inner = model.model
     position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0).expand(hidden.shape[0], -1)
     pos = inner.rotary_emb(hidden, position_ids)
     h = hidden
-    for layer in inner.layers[first:]:
+    for layer in inner.layers:
         out = layer(h, attention_mask=None, position_ids=position_ids, position_embeddings=pos)
         h = out[0] if isinstance(out, tuple) else out
     return inner.norm(h)
 
 
-def token_losses(model, first: int, hidden: Tensor, mask: Tensor, tokens: Tensor) -> Tensor:
+def token_losses(model, hidden: Tensor, mask: Tensor, tokens: Tensor) -> Tensor:
     """Per predicted token ``−log p(x_{t+1} | x_{≤t})`` for all real (t, t+1) pairs, flattened;
     the LM head runs on those positions only."""
-    final = forward_top(model, first, hidden)
+    final = forward_top(model, hidden)
+    mask = mask.to(hidden.device)
     pairs = (mask[:, :-1] * mask[:, 1:]).bool()
     logits = model.lm_head(final[:, :-1][pairs])
     return F.cross_entropy(logits.float(), tokens[:, 1:][pairs], reduction="none")
@@ -229,31 +268,27 @@ def init_adapters(model, method: str, seed: int) -> None:
         layer.B.zero_()
 
 
-def build_lm(method: str, seed: int, adapt_top_layers: int, rank: int, num_experts: int, dropout: float,
-             model=None):
-    """SmolLM2-135M with ``method`` adapters on the top layers (official layout); returns
-    ``(model, first_adapted_layer)``."""
+def build_lm(method: str, seed: int, adapt_top_layers: int, rank: int, num_experts: int, dropout: float):
+    """The top ``adapt_top_layers`` layers of SmolLM2-135M (:func:`load_smollm_top`) with ``method``
+    adapters on q/k/v/up/down in the official layout (B tied per projection type, s = 1, dropout in
+    the three official places), CRN-initialised (:func:`init_adapters`).  Returns ``(model, first)``."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-    if model is None:
-        model = load_smollm()[0]
-    first = first_adapted_layer(model, adapt_top_layers)
+    model, first = load_smollm_top(adapt_top_layers)
     kind = {"lora": dict(kind="lora"), "talklora-official": dict(kind="talklora", talk_init="official")}.get(
         method, dict(kind="moelora", router_input="code"))
     inject(model, AdapterConfig.official(rank=rank, num_experts=num_experts, dropout=dropout,
                                          gate_dropout=dropout > 0, target_match="regex",
-                                         target_modules=target_patterns(first, len(model.model.layers)),
-                                         **kind))
+                                         target_modules=target_patterns(adapt_top_layers), **kind))
     init_adapters(model, method, seed)
     return model, first
 
 
-def short_name(name: str) -> str:
-    """``model.layers.29.self_attn.q_proj`` -> ``L29.q_proj``."""
+def short_name(name: str, first: int = 0) -> str:
+    """``model.layers.1.self_attn.q_proj`` of a top model starting at layer ``first`` ->
+    ``L<first + 1>.q_proj`` (the layer's index in the full model)."""
     parts = name.split(".")
-    return f"L{parts[2]}.{parts[-1]}"
-
-
+    return f"L{first + int(parts[2])}.{parts[-1]}"
 def batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[Tensor]:
     """Seeded mini-batches, epoch by epoch; the same for every method of a seed."""
     g = torch.Generator().manual_seed(10_000 + seed)
@@ -283,17 +318,18 @@ def _batches(n: int, size: int):
 
 
 @torch.no_grad()
-def held_out_loss(model, first: int, cache: PrefixCache, tokens: Tensor, domains: Tensor,
+def held_out_loss(model, cache: PrefixCache, tokens: Tensor, domains: Tensor,
                   batch_size: int = 32) -> dict[str, tuple[float, int]]:
     """``{domain: (mean token loss, predicted tokens)}`` over every held-out text, and ``all``."""
     model.eval()
-    sums = torch.zeros(len(DOMAINS), dtype=torch.float64)
-    counts = torch.zeros(len(DOMAINS), dtype=torch.long)
+    device = cache.hidden.device
+    sums = torch.zeros(len(DOMAINS), dtype=torch.float64, device=device)
+    counts = torch.zeros(len(DOMAINS), dtype=torch.long, device=device)
     for index in _batches(len(cache), batch_size):
         hidden, mask = cache.batch(index)
-        losses = token_losses(model, first, hidden, mask, padded_tokens(tokens, cache, index))
-        pairs = (mask[:, :-1] * mask[:, 1:]).bool()
-        dom = domains[index].unsqueeze(1).expand_as(pairs)[pairs]
+        losses = token_losses(model, hidden, mask, padded_tokens(tokens, cache, index).to(hidden.device))
+        pairs = (mask[:, :-1] * mask[:, 1:]).bool().to(device)
+        dom = domains[index].to(pairs.device).unsqueeze(1).expand_as(pairs)[pairs]
         sums.index_add_(0, dom, losses.double())
         counts.index_add_(0, dom, torch.ones_like(dom))
     out = {name: (float(sums[d] / counts[d]), int(counts[d])) for d, name in enumerate(DOMAINS)}
@@ -312,9 +348,9 @@ def held_out_routing(model, first: int, cache: PrefixCache, domains: Tensor,
         for index in _batches(len(cache), batch_size):
             hidden, mask = cache.batch(index)
             rec.set_mask(mask)
-            forward_top(model, first, hidden)
+            forward_top(model, hidden.to(cache.hidden.device))
             token_domain.append(domains[index].unsqueeze(1).expand_as(mask)[mask.bool()])
-        gates = {short_name(n): rec.gates(n).double() for n in rec.layer_names}
+        gates = {short_name(n, first): rec.gates(n).double() for n in rec.layer_names}
     gates["_domain"] = torch.cat(token_domain)
     return gates
 
@@ -384,24 +420,31 @@ def prepare_prefix(cfg: dict, exp_dir: str | Path, device: str = "cpu") -> dict[
             model = model.to(device)
             first = first_adapted_layer(model, cfg["adapt_top_layers"])
         cache, tokens = compute_lm_prefix(model, tokenizer, part["text"], ids, cfg["max_length"], first)
+        cache = PrefixCache(cache.hidden.cpu(), cache.offsets, ids)
         exp_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             save_file({"hidden": cache.hidden.cpu().contiguous(), "offsets": cache.offsets,
                        "tokens": tokens.cpu()}, str(tmp), metadata={"ids": json.dumps(ids)})
-        out[name] = (PrefixCache(cache.hidden.cpu(), cache.offsets, ids), tokens.cpu(), domains)
+        out[name] = (cache, tokens.cpu(), domains)
     return out
 
 
+def _cache_on(cache: PrefixCache, device) -> PrefixCache:
+    return PrefixCache(cache.hidden.to(device), cache.offsets, cache.ids)
+
+
 def lm_cell(method: str, seed: int, cfg: dict, exp_dir: str, device: str = "cpu") -> list[dict]:
-    """One causal-LM training run (rows: module docstring)."""
+    """One causal-LM training run (rows: module docstring).  ``method = "base"``: no adapters, no
+    training — the frozen model's held-out loss (= every method's step-0 loss, since B = 0)."""
     t_start = time.perf_counter()
     data = prepare_prefix(cfg, exp_dir)
     (train_cache, train_tokens, _), (test_cache, test_tokens, test_domains) = data["train"], data["test"]
+    test_cache, train_cache = _cache_on(test_cache, device), _cache_on(train_cache, device)
+    if method == "base":
+        model = load_smollm_top(cfg["adapt_top_layers"])[0].to(device)
+        return loss_rows(0, held_out_loss(model, test_cache, test_tokens, test_domains))
     model, first = build_lm(method, seed, cfg["adapt_top_layers"], cfg["rank"], cfg["num_experts"], cfg["dropout"])
     model.to(device)
-    dev = lambda t: t.to(device)
-    test_cache = PrefixCache(dev(test_cache.hidden), test_cache.offsets, test_cache.ids)
-    train_cache = PrefixCache(dev(train_cache.hidden), train_cache.offsets, train_cache.ids)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     routed = method != "lora"
@@ -409,17 +452,13 @@ def lm_cell(method: str, seed: int, cfg: dict, exp_dir: str, device: str = "cpu"
                  value=float(count_parameters(model, True)))]
 
     def checkpoint(step: int, previous, with_loss: bool):
-        out = []
-        if with_loss:
-            losses = held_out_loss(model, first, test_cache, dev(test_tokens), dev(test_domains))
-            out += loss_rows(step, losses)
-        gates = held_out_routing(model, first, test_cache, test_domains.to(device)) if routed else None
-        if gates is not None:
-            gates = {k: v.cpu() for k, v in gates.items()}
-            out += routing_rows(step, gates, previous)
-        return out, gates
+        out = loss_rows(step, held_out_loss(model, test_cache, test_tokens, test_domains)) if with_loss else []
+        if not routed:
+            return out, None
+        gates = {k: v.cpu() for k, v in held_out_routing(model, first, test_cache, test_domains).items()}
+        return out + routing_rows(step, gates, previous), gates
 
-    new, previous = checkpoint(0, None, True)
+    new, previous = checkpoint(0, None, False)               # step-0 loss: the "base" cell
     rows += new
     torch.manual_seed(seed)                      # dropout masks: the same stream for every method
     step_times = []
@@ -427,12 +466,14 @@ def lm_cell(method: str, seed: int, cfg: dict, exp_dir: str, device: str = "cpu"
         t0 = time.perf_counter()
         model.train()
         hidden, mask = train_cache.batch(index)
-        loss = token_losses(model, first, hidden, mask, dev(padded_tokens(train_tokens, train_cache, index))).mean()
+        targets = padded_tokens(train_tokens, train_cache, index).to(device)
+        loss = token_losses(model, hidden, mask.to(device), targets).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step_times.append(time.perf_counter() - t0)
-        rows.append(dict(step=step, split="train", layer="all", domain="all", metric="train_loss", value=float(loss)))
+        rows.append(dict(step=step, split="train", layer="all", domain="all", metric="train_loss",
+                         value=loss.item()))
         if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
             new, previous = checkpoint(step, previous, cfg["loss_every_eval"] or step == cfg["steps"])
             rows += new
@@ -445,15 +486,17 @@ def lm_cell(method: str, seed: int, cfg: dict, exp_dir: str, device: str = "cpu"
 
 def run(config, *, results_dir="results", workers: int = 1, executor=None, force: bool = False,
         device: str = "cpu"):
-    """Every (method, seed) of ``config.lm``; the frozen prefix is computed once, before the cells."""
+    """Every (method, seed) of ``config.lm`` plus one ``base`` cell (frozen model); the frozen
+    prefix is computed once, before the cells, and cached under ``<results_dir>/lm/``."""
     from .results import Cell, ResultStore, run_sweep
 
     cfg = config.lm.to_dict()
     store = ResultStore("lm", results_dir)
     prepare_prefix(cfg, store.path, device)
-    train_cfg = {k: v for k, v in cfg.items() if k not in ("methods", "seeds")}
-    dev = {} if device == "cpu" else {"device": device}
-    cells = [Cell(lm_cell, dict(method=m, seed=s), dict(cfg=train_cfg, exp_dir=str(store.path), **dev))
-             for s in cfg["seeds"] for m in cfg["methods"]]
+    run_cfg = {k: v for k, v in cfg.items() if k not in ("methods", "seeds")}
+    params = dict(cfg=run_cfg, exp_dir=str(store.path), **({} if device == "cpu" else {"device": device}))
+    base_cfg = {k: run_cfg[k] for k in ("adapt_top_layers", "max_length", "n_train", "n_test", "split_seed")}
+    cells = [Cell(lm_cell, dict(method="base", seed=-1), {**params, "cfg": base_cfg})]
+    cells += [Cell(lm_cell, dict(method=m, seed=s), params) for s in cfg["seeds"] for m in cfg["methods"]]
     return run_sweep("lm", cells, results_dir=results_dir, workers=workers, executor=executor,
                      force=force, config=config)
