@@ -60,13 +60,13 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from talklora_min import AdapterConfig, adapter_layers, count_parameters, inject
 from talklora_min.layers import absorbed_router
 from talklora_min.probes import gini, load_entropy, record_routing
 
-from .data import DataPackMissing, load_movie_reviews, pack_file
+from .data import load_movie_reviews, pack_file
 from .models import PrefixCache, load_smollm
 
 DOMAINS = ("movie", "news", "math")
@@ -294,6 +294,8 @@ def short_name(name: str, first: int = 0) -> str:
     ``L<first + 1>.q_proj`` (the layer's index in the full model)."""
     parts = name.split(".")
     return f"L{first + int(parts[2])}.{parts[-1]}"
+
+
 def batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[Tensor]:
     """Seeded mini-batches, epoch by epoch; the same for every method of a seed."""
     g = torch.Generator().manual_seed(10_000 + seed)

@@ -34,7 +34,6 @@ Cells (one per key; each returns tidy rows, ``experiment`` = the cell kind):
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from torch import nn

@@ -1,6 +1,5 @@
 """Issue 10 experiment data: the scale-matched MoELoRA-code control (C5), per-ε router rows (C10),
 the top-k flag (C4), C3 on centred rows with B ≠ 0, and the C8 Monte Carlo."""
-import math
 
 import pandas as pd
 import pytest
