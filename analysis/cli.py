@@ -46,12 +46,14 @@ EXPERIMENTS = {
                "layers (C1-C5, C8, C10; F2, F3, F6, F7, F9)",
     "train": "two-domain MiniLM training of LoRA / MoELoRA / TalkLoRA (C4-C7; F1, F3, F4, F5)",
     "twins": "function-matched TalkLoRA / MoELoRA-code twin runs, AdamW and SGD (C9; F8)",
+    "lm": "causal-LM training of SmolLM2-135M (official layout) on movie reviews / BBC news / GSM8K: "
+          "LoRA, MoELoRA-code, scale-matched control, TalkLoRA (C6, C11, C12)",
     "figures": "draw every figure of the evidence topics (analysis/topics/) from saved results into figures/",
     "claims": "judge every claim of the evidence topics (analysis/topics/) and write CLAIMS.md / claims.csv",
 }
 # The commands whose run() takes device=...; the others get no --device option (rather than one
 # that would be silently ignored).
-TAKES_DEVICE = frozenset({"perturb", "train", "twins"})
+TAKES_DEVICE = frozenset({"perturb", "train", "twins", "lm"})
 DEVICES = ("cpu", "cuda", "mps", "auto")
 EXECUTORS = ("local", "slurm")
 SLURM_OPTIONS = ("partition", "time", "gpus_per_node", "cpus_per_task", "slurm_folder")
@@ -84,7 +86,7 @@ def _nonnegative_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{perturb,train,twins,figures,claims,config}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{perturb,train,twins,lm,figures,claims,config}")
     for name, help_text in {**EXPERIMENTS, "config": "print the resolved config as TOML"}.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--profile", choices=available_profiles(), default=None,

@@ -51,6 +51,7 @@ TRAIN_METHODS = ("lora", "moelora-code", "moelora-input", "talklora-official", "
 MATCHED_BUDGET_RULES = ("same-rank", "match-params")
 MINILM_TARGETS = ("query", "key", "value", "up", "down")   # up = intermediate.dense, down = output.dense
 TWIN_OPTIMIZERS = ("adamw", "sgd")
+SCALE_CONTROLS = ("spectral", "frobenius")   # C5 control: W_r rescaled to ‖W_r(T⊗I)‖ in this norm
 
 
 class ConfigError(ValueError):
@@ -164,6 +165,9 @@ class PerturbConfig(_Section):
     ``d_in -> d_out``, probed on ``n_tokens`` random tokens at every ``eps`` and ``kinds``.
     Real models: adapters injected into ``models`` (``minilm``, ``smollm``), probed on the hidden
     states of ``n_sentences`` real sentences tokenised to at most ``max_length`` tokens.
+    ``controls``: the scale-matched MoELoRA-code controls of every talk setting (C5; ``spectral``:
+    ‖W_r'‖₂ = ‖W_r(T⊗I)‖₂, ``frobenius``: the same in ‖·‖_F).  ``mc_draws`` independent draws of
+    the official init per E in ``mc_experts`` (C8).
     """
 
     SECTION = "perturb"
@@ -180,6 +184,9 @@ class PerturbConfig(_Section):
     models: list = field(default_factory=lambda: ["minilm"])
     n_sentences: int = 32
     max_length: int = 64
+    controls: list = field(default_factory=lambda: list(SCALE_CONTROLS))
+    mc_draws: int = 20_000
+    mc_experts: list = field(default_factory=lambda: [2, 4, 8, 16, 32])
 
     def __post_init__(self):
         p = self.SECTION
@@ -210,6 +217,9 @@ class PerturbConfig(_Section):
         self.models = list(self.models)
         _int(f"{p}.n_sentences", self.n_sentences, lo=1)
         _int(f"{p}.max_length", self.max_length, lo=2, hi=512)
+        self.controls = _choice_list(f"{p}.controls", self.controls, SCALE_CONTROLS)
+        _int(f"{p}.mc_draws", self.mc_draws, lo=1)
+        self.mc_experts = _int_list(f"{p}.mc_experts", self.mc_experts, lo=1)
 
 
 @dataclass
@@ -310,7 +320,71 @@ class TwinsConfig(_Section):
         self.talk_init = _talk_setting(f"{p}.talk_init", self.talk_init)
 
 
-SECTIONS = {"perturb": PerturbConfig, "train": TrainConfig, "twins": TwinsConfig}
+LM_METHODS = ("lora", "moelora-code", "moelora-code-scaled", "talklora-official")
+LM_MAX_TEXTS = 1319          # per domain: GSM8K's test split, the smallest of the three domains
+SMOLLM_LAYERS = 30
+
+
+@dataclass
+class LMConfig(_Section):
+    """Causal-LM training of SmolLM2-135M on a three-domain mix (movie reviews, BBC news, GSM8K;
+    SPEC §7) with the official TalkLoRA layout (q/k/v/up/down, ``rank`` 32, ``num_experts`` 4,
+    B tied, s = 1, ``dropout`` 0.05, AdamW ``lr`` 3e-4) on the top ``adapt_top_layers`` layers,
+    the frozen prefix cached (claims C6, C11, C12; ``analysis/lm.py``).
+
+    ``n_train`` / ``n_test`` texts per domain (drawn with ``split_seed``), truncated to
+    ``max_length`` tokens.  Checkpoints every ``eval_every`` steps (routing load, specialisation,
+    churn on all held-out tokens); the held-out loss at step 0 and the last step, or at every
+    checkpoint with ``loss_every_eval``.
+    """
+
+    SECTION = "lm"
+    methods: list = field(default_factory=lambda: list(LM_METHODS))
+    seeds: list = field(default_factory=lambda: list(range(8)))
+    steps: int = 200
+    eval_every: int = 50
+    batch_size: int = 8
+    max_length: int = 64
+    adapt_top_layers: int = 4
+    n_train: int = 400
+    n_test: int = 50
+    split_seed: int = 0
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    rank: int = 32
+    num_experts: int = 4
+    dropout: float = 0.05
+    loss_every_eval: bool = False
+
+    def __post_init__(self):
+        p = self.SECTION
+        self.methods = _choice_list(f"{p}.methods", self.methods, LM_METHODS)
+        self.seeds = _int_list(f"{p}.seeds", self.seeds, lo=0)
+        _int(f"{p}.steps", self.steps, lo=1)
+        _int(f"{p}.eval_every", self.eval_every, lo=1)
+        if self.eval_every > self.steps:
+            _fail(f"{p}.eval_every", f"an int <= lm.steps ({self.steps})", self.eval_every)
+        _int(f"{p}.batch_size", self.batch_size, lo=1)
+        _int(f"{p}.max_length", self.max_length, lo=2, hi=2048)
+        _int(f"{p}.adapt_top_layers", self.adapt_top_layers, lo=1, hi=SMOLLM_LAYERS)
+        _int(f"{p}.n_train", self.n_train, lo=1)
+        _int(f"{p}.n_test", self.n_test, lo=1)
+        if self.n_train + self.n_test > LM_MAX_TEXTS:
+            _fail(f"{p}.n_test", f"an int with lm.n_train + lm.n_test <= {LM_MAX_TEXTS} (GSM8K has "
+                  f"{LM_MAX_TEXTS} problems; n_train = {self.n_train})", self.n_test)
+        _int(f"{p}.split_seed", self.split_seed, lo=0)
+        self.lr = _float(f"{p}.lr", self.lr, lo=0.0, lo_open=True)
+        self.weight_decay = _float(f"{p}.weight_decay", self.weight_decay, lo=0.0)
+        _int(f"{p}.rank", self.rank, lo=1)
+        _int(f"{p}.num_experts", self.num_experts, lo=1)
+        if self.rank % self.num_experts:
+            _fail(f"{p}.rank", f"a multiple of lm.num_experts ({self.num_experts})", self.rank)
+        self.dropout = _float(f"{p}.dropout", self.dropout, lo=0.0, hi=0.99)
+        if not isinstance(self.loss_every_eval, bool):
+            _fail(f"{p}.loss_every_eval", "a bool", self.loss_every_eval)
+
+
+SECTIONS = {"perturb": PerturbConfig, "train": TrainConfig, "twins": TwinsConfig, "lm": LMConfig}
 
 
 @dataclass
@@ -321,6 +395,7 @@ class ExperimentConfig:
     perturb: PerturbConfig = field(default_factory=PerturbConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     twins: TwinsConfig = field(default_factory=TwinsConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
 
     def __post_init__(self):
         if not isinstance(self.profile, str) or not self.profile:

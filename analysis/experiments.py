@@ -14,9 +14,10 @@ from .results import ResultStore
 # experiment -> the command (``analysis.<command>.run``) that produces it
 EXPERIMENTS = {
     "perturb_synthetic": "perturb", "perturb_routers": "perturb", "talk_norms": "perturb",
-    "equivalence": "perturb", "perturb_real": "perturb", "train": "train", "twins": "twins",
+    "equivalence": "perturb", "perturb_real": "perturb", "perturb_controls": "perturb",
+    "train": "train", "twins": "twins", "lm": "lm",
 }
-COMMANDS = tuple(dict.fromkeys(EXPERIMENTS.values()))      # perturb, train, twins (run in this order)
+COMMANDS = tuple(dict.fromkeys(EXPERIMENTS.values()))      # perturb, train, twins, lm (run in this order)
 
 
 def command_for(experiment: str, results_dir="results") -> str:

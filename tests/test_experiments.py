@@ -83,12 +83,21 @@ def test_synthetic_cell_is_deterministic_and_sandwich_ordered():
 
 
 def test_talk_norm_cell_matches_direct_computation():
-    rows = pd.DataFrame(perturb.talk_norm_cell(4, 0, draws=50))
+    rows = pd.DataFrame(perturb.talk_norm_cell(4, 0, draws=50, r_per_expert=3, chunk=16))
     norms = rows[rows.metric == "talk_norm"].value.to_numpy()
-    g = torch.Generator().manual_seed(0)
-    T = (torch.rand(50, 4, 4, generator=g, dtype=torch.float64) * 2 - 1) / 2
+    ratios = rows[rows.metric == "certified_ratio"].value.to_numpy()
+    g_T, g_W = perturb.talk_norm_streams(4, 0)
+    T = (torch.rand(50, 4, 4, generator=g_T, dtype=torch.float64) * 2 - 1) / 2
+    W = (torch.rand(50, 4, 12, generator=g_W, dtype=torch.float64) * 2 - 1) / math.sqrt(12)
+    eye = torch.eye(3, dtype=torch.float64)
+    direct = [float(torch.linalg.matrix_norm(w @ torch.kron(t, eye), ord=2) / torch.linalg.matrix_norm(w, ord=2))
+              for t, w in zip(T, W)]
     assert norms == pytest.approx(torch.linalg.matrix_norm(T, ord=2).numpy(), rel=1e-12)
-    assert 0 < (norms > 1).mean() < 1        # the official init can both raise and keep the bound
+    assert ratios == pytest.approx(direct, rel=1e-10)
+    assert 0 < (norms > 1).mean() < 1        # the official init can both raise and keep ‖T‖₂ ≤ 1
+    share = rows[rows.metric.str.startswith("share_")].set_index("metric")
+    assert share.loc["share_talk_norm_gt_1", "k"] == (norms > 1).sum() and (share.n == 50).all()
+    assert share.loc["share_bound_rises", "k"] == (ratios > 1).sum()
 
 
 def test_equivalence_cell_residuals():

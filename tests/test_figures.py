@@ -278,14 +278,14 @@ def test_missing_experiment_names_it_and_the_command(tmp_path):
 
 
 def test_run_ensures_results_with_the_same_arguments(tmp_path, monkeypatch):
-    from analysis import perturb, train, twins
+    from analysis import lm, perturb, train, twins
     calls = []
-    for mod in (perturb, train, twins):
+    for mod in (perturb, train, twins, lm):
         monkeypatch.setattr(mod, "run", lambda config, mod=mod, **kw: calls.append((mod.__name__, config, kw)))
     monkeypatch.setattr(F, "draw_all", lambda results_dir, figures_dir: calls.append(("draw", results_dir,
                                                                                          figures_dir)))
     F.run("CFG", results_dir=tmp_path / "results", workers=3, force=True, figures_dir=tmp_path / "figs")
-    assert [c[0] for c in calls] == ["analysis.perturb", "analysis.train", "analysis.twins", "draw"]
+    assert [c[0] for c in calls] == ["analysis.perturb", "analysis.train", "analysis.twins", "analysis.lm", "draw"]
     assert all(c[1] == "CFG" and c[2] == dict(results_dir=tmp_path / "results", workers=3, executor=None,
-                                               force=True) for c in calls[:3])
-    assert calls[3] == ("draw", tmp_path / "results", tmp_path / "figs")
+                                               force=True) for c in calls[:4])
+    assert calls[4] == ("draw", tmp_path / "results", tmp_path / "figs")

@@ -136,10 +136,10 @@ def test_missing_results_message_uses_the_results_dir(tmp_path):
 
 
 def test_ensure_results_runs_each_command_once_in_order(monkeypatch, tmp_path):
-    from analysis import perturb, train, twins
+    from analysis import lm, perturb, train, twins
     calls = []
-    for mod in (perturb, train, twins):
+    for mod in (perturb, train, twins, lm):
         monkeypatch.setattr(mod, "run", lambda config, mod=mod, **kw: calls.append((mod.__name__, kw)))
     X.ensure_results("CFG", results_dir=tmp_path, workers=2, force=True)
-    assert [c[0] for c in calls] == ["analysis.perturb", "analysis.train", "analysis.twins"]
+    assert [c[0] for c in calls] == ["analysis.perturb", "analysis.train", "analysis.twins", "analysis.lm"]
     assert all(c[1] == dict(results_dir=tmp_path, workers=2, executor=None, force=True) for c in calls)
