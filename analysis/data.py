@@ -210,7 +210,16 @@ def make_task_split(task: str, n_train: int, n_val: int, n_test: int, seed: int 
     rng = np.random.default_rng(seed)
     pools = [frame[frame["label"] == k].sort_values("id", kind="stable") for k in range(len(TASKS[task]))]
     sizes = [len(p) for p in pools]
-    counts = {s: _stratified(sizes, n) for s, n in zip(SPLITS, (n_train, n_val, n_test))}
+    counts = {s: _stratified(sizes, n) for s, n in (("val", n_val), ("test", n_test))}
+    rest = [size - v - t for size, v, t in zip(sizes, counts["val"], counts["test"])]
+    if min(rest) < 0:
+        raise ValueError(f"task {task!r}: a class is too small for n_val = {n_val} and n_test = {n_test} "
+                         f"(class sizes {sizes}): lower them")
+    train = [min(c, r) for c, r in zip(_stratified(rest, n_train), rest)]
+    for k in sorted(range(len(rest)), key=lambda k: -(rest[k] - train[k])):   # rounding deficit, if any
+        add = min(n_train - sum(train), rest[k] - train[k])
+        train[k] += add
+    counts["train"] = train
     parts = []
     for k, pool in enumerate(pools):
         picked = pool.iloc[rng.permutation(len(pool))]
