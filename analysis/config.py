@@ -317,7 +317,8 @@ class TwinsConfig(_Section):
     """Function-matched twin runs (C9, F8): TalkLoRA and the MoELoRA-code twin obtained by talk
     absorption start from the same function and are trained on the same batches, per ``tasks`` ×
     ``optimizers`` × ``seeds`` (the splits, probe set and model settings are those of ``[train]``).
-    ``models`` must contain ``talklora`` (the reference the others are compared to)."""
+    ``models`` must contain ``talklora`` (the reference the others are compared to).  AdamW trains the
+    head at ``train.head_lr``, SGD at ``head_lr_sgd`` (adapters: ``lr_adamw`` / ``lr_sgd``)."""
 
     SECTION = "twins"
     tasks: list = field(default_factory=lambda: ["sentiment"])
@@ -328,6 +329,7 @@ class TwinsConfig(_Section):
     optimizers: list = field(default_factory=lambda: list(TWIN_OPTIMIZERS))
     lr_adamw: float = 3e-4
     lr_sgd: float = 1e-2
+    head_lr_sgd: float = 0.1
     weight_decay: float = 0.01
     talk_init: str = "official"
 
@@ -345,6 +347,7 @@ class TwinsConfig(_Section):
         self.optimizers = _choice_list(f"{p}.optimizers", self.optimizers, TWIN_OPTIMIZERS)
         self.lr_adamw = _float(f"{p}.lr_adamw", self.lr_adamw, lo=0.0, lo_open=True)
         self.lr_sgd = _float(f"{p}.lr_sgd", self.lr_sgd, lo=0.0, lo_open=True)
+        self.head_lr_sgd = _float(f"{p}.head_lr_sgd", self.head_lr_sgd, lo=0.0, lo_open=True)
         self.weight_decay = _float(f"{p}.weight_decay", self.weight_decay, lo=0.0)
         if self.talk_init != "official":
             _fail(f"{p}.talk_init", "'official' (the twins start from the seed's official T)", self.talk_init)

@@ -13,7 +13,7 @@ order, with the same dropout masks:
 * ``talklora-identity``  TalkLoRA with ``T = I`` and ``W_r = W'`` (function-matched identity init)
 
 Optimisers: AdamW at ``twins.lr_adamw`` (official 3e-4, weight decay ``twins.weight_decay``) and
-plain SGD at ``twins.lr_sgd`` (same lr for the head).  With B = 0 at init the router gets no
+plain SGD at ``twins.lr_sgd`` (head: ``twins.head_lr_sgd``).  With B = 0 at init the router gets no
 gradient until B has grown, so a too small SGD lr leaves the routers where they started: the
 ``router_rel_change`` rows (‖W_eff(end) − W_eff(0)‖_F/‖W_eff(0)‖_F per layer) say whether an arm moved.
 
@@ -93,8 +93,8 @@ def twins_cell(optimizer: str, seed: int, cfg: dict, twins: dict, exp_dir: str, 
     models = {k: m.to(device) for k, m in
               build_twins(seed, cfg, encoder, twins["models"], len(TASKS[task])).items()}
     lr = twins["lr_adamw"] if optimizer == "adamw" else twins["lr_sgd"]
-    opts = {k: optimizer_for(m, optimizer, lr, cfg["head_lr"] if optimizer == "adamw" else lr,
-                             twins["weight_decay"]) for k, m in models.items()}
+    head_lr = cfg["head_lr"] if optimizer == "adamw" else twins["head_lr_sgd"]
+    opts = {k: optimizer_for(m, optimizer, lr, head_lr, twins["weight_decay"]) for k, m in models.items()}
     at = probe_index(len(caches["val"]), cfg["n_probe"])
     probe, probe_labels = caches["val"].select(at), labels["val"][at]
     hidden, mask = (t.to(device) for t in probe.batch(torch.arange(len(probe))))

@@ -131,7 +131,7 @@ def test_twins_are_identical_at_step_0_and_diverge_under_adamw(tmp_path):
 def test_twins_cell_rows_and_router_movement(tmp_path):
     cfg = tiny_train_cfg()
     spec = dict(models=["talklora", "moelora-twin"], steps=4, eval_every=2, lr_adamw=3e-4, lr_sgd=1e-3,
-                weight_decay=0.01)
+                head_lr_sgd=0.1, weight_decay=0.01)
     rows = pd.DataFrame(twins.twins_cell("adamw", 0, cfg, spec, str(tmp_path), "sentiment"))
     assert set(rows.split) == {"probe", "val", "test", "weights"}
     test = rows[rows.split == "test"].pivot_table(index="model", columns="metric", values="value")
