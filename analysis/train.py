@@ -55,8 +55,8 @@ model-level metrics.  Splits:
 
 C7 budget cells (``train.budget_ranks``, sweep ``train_budget``): TalkLoRA-official at rank r and
 each other method of ``train.budget_methods`` at the rank whose exact trainable-parameter count is
-closest to TalkLoRA's (:func:`matched_rank`); rows ``budget_gap`` (relative count gap) besides the
-others.  The budget at ``train.rank`` is the main sweep (same-rank counts are within ±2 % there).
+closest to TalkLoRA's (:func:`matched_rank`); their rows: the ``test`` metrics, the counts and
+``budget_gap`` (relative count gap to TalkLoRA), ``weights`` (no val/probe/router-probe rows).  The budget at ``train.rank`` is the main sweep (same-rank counts are within ±2 % there).
 """
 from __future__ import annotations
 
@@ -432,7 +432,8 @@ def train_cell(method: str, seed: int, cfg: dict, exp_dir: str, task: str = "sen
     opt = optimizer_for(model, "adamw", cfg["lr"], cfg["head_lr"], cfg["weight_decay"])
     probe_at = probe_index(len(caches["val"]), cfg["n_probe"])
     probe = caches["val"].select(probe_at)
-    rows = eval_rows(0, "val", *evaluate(model, caches["val"], labels["val"])[:2])
+    main = budget is None                  # budget cells: test metrics and counts only (C7)
+    rows = eval_rows(0, "val", *evaluate(model, caches["val"], labels["val"])[:2]) if main else []
     start = effective_routers(model)
 
     def checkpoint(step: int, previous: dict | None) -> dict:
@@ -443,14 +444,15 @@ def train_cell(method: str, seed: int, cfg: dict, exp_dir: str, task: str = "sen
                              value=float((top1[k] != previous[k]).double().mean())) for k in top1)
         return top1
 
-    top1 = checkpoint(0, None) if is_routed(model) else None
+    top1 = checkpoint(0, None) if is_routed(model) and main else None
     torch.manual_seed(int(crn_generator(seed, "dropout").initial_seed()))    # CRN dropout masks
     for step, index in enumerate(batch_order(len(caches["train"]), cfg["batch_size"], cfg["steps"], seed), 1):
         train_step(model, opt, caches["train"], labels["train"], index)
         if top1 is not None and (step % cfg["eval_every"] == 0 or step == cfg["steps"]):
             top1 = checkpoint(step, top1)
     last = cfg["steps"]
-    rows += eval_rows(last, "val", *evaluate(model, caches["val"], labels["val"])[:2])
+    if main:
+        rows += eval_rows(last, "val", *evaluate(model, caches["val"], labels["val"])[:2])
     rows += eval_rows(last, "test", *evaluate(model, caches["test"], labels["test"])[:2])
     rows += movement_rows(last, start, effective_routers(model))
     common = dict(step=last, split="test", layer="all", domain="all")
@@ -460,9 +462,9 @@ def train_cell(method: str, seed: int, cfg: dict, exp_dir: str, task: str = "sen
              dict(common, metric="n_test", value=len(caches["test"]))]
     if gap is not None:
         rows.append(dict(common, metric="budget_gap", value=gap))
-    if is_routed(model) and budget is None:
+    if is_routed(model) and main:
         rows += router_rows(model, caches["test"], seed)
-    if METHODS[method] is not None and budget is None:
+    if METHODS[method] is not None and main:
         save_adapter(model, exp_dir / "adapters" / f"{task}-{method}-seed{seed}",
                      adapter_config(method, cfg, model.num_layers, rank))
     rows.append(dict(common, metric="wall_seconds", value=time.perf_counter() - t0))
