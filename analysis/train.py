@@ -1,29 +1,69 @@
-"""Training on real labelled text (claims C6, C7; figures F1, F4, F5).
+"""Training on real labelled text (claims C5–C7, C9, C11, C12; figures F1, F4, F5, F10, F11).
 
-Task: 7-way classification of Rotten Tomatoes snippets (fresh/rotten) and BBC headlines (5 topics)
-with a frozen all-MiniLM-L6-v2; only the top ``adapt_top_layers`` BERT layers carry adapters and
-run during training (the frozen prefix's hidden states are computed once and cached — this changes
-nothing in the math).  Every method trains the same linear head on mean-pooled tokens, from the same
-seeded head init, on the same batches in the same order (seeded by ``seed``).
+Tasks (``train.tasks``, :data:`analysis.data.TASKS`), each trained and scored on its own:
+``sentiment`` (Rotten Tomatoes fresh/rotten) and ``topic`` (BBC, 5 topics, headline + first
+paragraph).  A frozen all-MiniLM-L6-v2; only the top ``adapt_top_layers`` BERT layers carry adapters
+and run during training (the frozen prefix's hidden states are computed once per task and cached —
+this changes nothing in the math).  Every method trains a linear head on mean-pooled tokens.
 
-Methods (``train.methods``): ``lora``, ``moelora-code``, ``moelora-input``, ``talklora-official``,
-``talklora-identity`` (+ the LoRA-Mixer style routers ``topk-entropy`` and ``switch``).
+**Common random numbers (CRN).**  For one seed every method draws *identical* A, C, B, W_r, head
+init, dropout masks and batch order in every adapted layer: each tensor comes from its own generator
+keyed by ``(seed, layer, tensor name)`` (:func:`crn_generator`), never from the global RNG, so
+building one layer cannot shift another layer's draws.  T (official init) and W_g come from their
+own keyed streams ``(seed, layer, "T")`` / ``(seed, layer, "W_g")``.  Methods at a different rank
+(the C7 budgets) read the same streams, but their tensors have other shapes and are not equal.
 
-Rows (tidy, one per measurement; the cell adds ``method, seed``):
-``step, split, layer, domain, metric, value`` — ``layer`` is ``"all"`` for model-level metrics,
-``domain`` is ``"all"``, ``"movie"`` or ``"news"``.  Per evaluation step: accuracy, loss, and per
-adapted layer the soft-load Gini, the normalised load entropy, the mean per-token gate entropy
-and the mutual information (bits) between the example's domain and the token's top-1 expert.
-At the end (``split="test"``): accuracy per domain, trainable parameters (tied tensors once) and,
-with ``step = -1`` and the extra columns ``kind, eps, statistic``, the router Lipschitz sandwich of
-every trained router (``metric = lipschitz``, ``kind = lipschitz_input``, ``statistic`` = certified /
-local_max / empirical, w.r.t. the layer input x) and the probe rows of
-:func:`~talklora_min.probes.perturbation_response` at ``FINAL_EPS`` (same metric names as there).
+Methods (``train.methods``):
+
+====================  =======================================================================
+``head-only``         no adapters: the baseline showing how much the adapters add
+``lora``              LoRA (A from the CRN stream, B = 0)
+``moelora-code``      MoELoRA, router on the code, W_r from the CRN stream
+``moelora-input``     MoELoRA, router on the input, W_g from its own stream
+``talklora-official`` TalkLoRA, official T ~ U(±1/√E) from its own stream
+``talklora-identity`` TalkLoRA with T = I (= MoELoRA-code at step 0)
+``moelora-code-scaled`` scale-matched control: MoELoRA-code with W_r' = W_r · ‖W_r(T⊗I)‖₂/‖W_r‖₂
+                      (T the seed's official T of that layer): TalkLoRA-official's router
+                      temperature (same ‖W_eff‖₂), no communication
+``moelora-twin``      function-matched twin: MoELoRA-code with W' = W_r(T⊗I) — the same function
+                      as TalkLoRA-official at step 0 (SPEC §3), trained on the same batches
+``topk-entropy``      LoRA-Mixer hard–soft top-2 + entropy balance loss (code router)
+``switch``            dense code router + Switch balance loss
+====================  =======================================================================
+
+Rows (tidy; the cell adds ``task, method, seed``, C7 budget cells also ``budget``); every row has
+``step, split, layer, domain ("all"), rank, metric, value`` — ``layer`` is ``"all"`` for
+model-level metrics.  Splits:
+
+* ``val`` (the whole validation split; the split C6 and F1 should use) at step 0 and at the last
+  step: ``accuracy``, ``loss`` (mean cross-entropy, nats) and per routed layer ``gini``,
+  ``gini_normalized``, ``load_entropy`` (normalised), ``token_entropy`` (mean per-token gate
+  entropy / log E);
+* ``test`` (every held-out test example) at the last step: the same metrics, plus
+  ``trainable_parameters`` (adapters; head and tied tensors excluded/counted once), ``n_train``,
+  ``n_test``, ``wall_seconds``;
+* ``probe`` (a fixed set of ``n_probe`` validation examples, all their tokens) at every checkpoint
+  (step 0, every ``eval_every`` steps, the last step): ``gini``, ``load_entropy`` per layer, and
+  from the second checkpoint on ``churn`` = share of probe tokens whose top-1 expert changed since
+  the previous checkpoint (C12, F11);
+* ``weights`` at the last step, per routed layer: ``router_rel_change`` = ‖W_eff(end) − W_eff(0)‖_F
+  / ‖W_eff(0)‖_F (W_eff = W_r(T⊗I), W_r or W_g), ``talk_rel_change`` = ‖ΔT‖_F/‖T(0)‖_F (TalkLoRA),
+  ``router_norm`` (‖W_eff‖₂ at the end) and ``router_norm_init`` (at step 0);
+* ``test`` with ``step = -1`` and the extra columns ``kind, eps, statistic``: the router Lipschitz
+  sandwich of every trained router (``metric = lipschitz``, ``kind = lipschitz_input``) and the
+  probe rows of :func:`~talklora_min.probes.perturbation_response` at ``FINAL_EPS``.
+
+C7 budget cells (``train.budget_ranks``, sweep ``train_budget``): TalkLoRA-official at rank r and
+each other method of ``train.budget_methods`` at the rank whose exact trainable-parameter count is
+closest to TalkLoRA's (:func:`matched_rank`); their rows: the ``test`` metrics, the counts and
+``budget_gap`` (relative count gap to TalkLoRA), ``weights`` (no val/probe/router-probe rows).  The budget at ``train.rank`` is the main sweep (same-rank counts are within ±2 % there).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import hashlib
 import math
 import time
 from pathlib import Path
@@ -34,49 +74,62 @@ from torch import Tensor, nn
 
 from talklora_min import AdapterConfig, adapter_layers, auxiliary_loss, count_parameters, inject
 from talklora_min.io import save_adapter
+from talklora_min.layers import absorbed_router, talk_matrix
 from talklora_min.probes import (capture_layer_inputs, gini, load_entropy, perturbation_response,
                                  record_routing, routed_layers, router_lipschitz)
 
-from .data import DOMAINS, experiment_split
+from .data import TASKS, task_split
 from .models import PrefixCache, SentenceClassifier, compute_prefix, load_minilm, minilm_targets
 
 METHODS = {
+    "head-only": None,
     "lora": dict(kind="lora"),
     "moelora-code": dict(kind="moelora", router_input="code"),
     "moelora-input": dict(kind="moelora", router_input="input"),
     "talklora-official": dict(kind="talklora", talk_init="official"),
     "talklora-identity": dict(kind="talklora", talk_init="identity"),
+    "moelora-code-scaled": dict(kind="moelora", router_input="code"),
+    "moelora-twin": dict(kind="moelora", router_input="code"),
     "topk-entropy": dict(kind="moelora", router_input="code", top_k=2, balance_loss="entropy"),
     "switch": dict(kind="moelora", router_input="code", balance_loss="switch"),
 }
+ROUTER_INIT = {"moelora-code-scaled": "scaled", "moelora-twin": "absorbed"}   # else: the CRN W_r
 AUX_WEIGHT = 0.01          # weight of a balance loss in the objective (LoRA-Mixer / Switch scale)
 FINAL_EPS = (0.01, 0.1)    # relative perturbation sizes probed on the trained routers
 FINAL_KINDS = ("gaussian_input", "adversarial")
+ROUTER_PROBE_TOKENS = 256  # tokens per layer for the final Lipschitz / amplification probes
 
 
 # ----------------------------------------------------------------------------- data
-def prefix_caches(cfg: dict, exp_dir: Path) -> dict[str, PrefixCache]:
-    """Cached prefix hidden states per split (computed once, saved under ``exp_dir/prefix_*.safetensors``)."""
-    split = experiment_split(exp_dir, cfg["n_train"], cfg["n_val"], cfg["n_test"], cfg["split_seed"])
+@functools.lru_cache(maxsize=1)
+def frozen_encoder():
+    """MiniLM, loaded once per process (2 s each time otherwise); :func:`build_model` deep-copies it,
+    so the cached module itself is never modified."""
+    return load_minilm()[0]
+
+
+def prefix_caches(cfg: dict, exp_dir: Path, task: str) -> dict[str, PrefixCache]:
+    """Cached prefix hidden states per split of ``task`` (computed once, saved under
+    ``exp_dir/<task>/prefix_*.safetensors``)."""
+    split = task_split(exp_dir, task, cfg["n_train"], cfg["n_val"], cfg["n_test"], cfg["split_seed"])
     caches, encoder = {}, None
     for name in ("train", "val", "test"):
         part = split[split["split"] == name]
-        path = exp_dir / f"prefix_{name}_top{cfg['adapt_top_layers']}_len{cfg['max_length']}.safetensors"
+        path = Path(exp_dir) / task / f"prefix_{name}_top{cfg['adapt_top_layers']}_len{cfg['max_length']}.safetensors"
         if path.is_file() and PrefixCache.load(path).ids == [str(i) for i in part["id"]]:
             caches[name] = PrefixCache.load(path)
             continue
         if encoder is None:
             encoder, tokenizer = load_minilm()
-        clf = SentenceClassifier(encoder, adapt_top=cfg["adapt_top_layers"])
+        clf = SentenceClassifier(encoder, num_labels=len(TASKS[task]), adapt_top=cfg["adapt_top_layers"])
         caches[name] = compute_prefix(clf, tokenizer, part["text"], part["id"], cfg["max_length"], cache_path=path)
     return caches
 
 
-def split_targets(exp_dir: Path, cfg: dict) -> dict[str, tuple[Tensor, Tensor]]:
-    """(labels, domains) per split, aligned with the prefix caches."""
-    split = experiment_split(exp_dir, cfg["n_train"], cfg["n_val"], cfg["n_test"], cfg["split_seed"])
-    return {name: (torch.tensor(part["label"].to_numpy()), torch.tensor(part["domain"].to_numpy()))
-            for name, part in split.groupby("split")}
+def split_labels(exp_dir: Path, cfg: dict, task: str) -> dict[str, Tensor]:
+    """Labels per split of ``task``, aligned with the prefix caches."""
+    split = task_split(exp_dir, task, cfg["n_train"], cfg["n_val"], cfg["n_test"], cfg["split_seed"])
+    return {name: torch.tensor(part["label"].to_numpy()) for name, part in split.groupby("split")}
 
 
 # ----------------------------------------------------------------------------- model
@@ -87,8 +140,10 @@ MINILM_DIMS = {"query": (384, 384), "key": (384, 384), "value": (384, 384),
 def closed_form_parameters(method: str, rank: int, num_experts: int, layers: int, targets,
                            dims: dict = MINILM_DIMS, shared_B: bool = False) -> int:
     """Trainable adapter parameters (head excluded).  Per adapted layer: A r·d_in + C E·m² +
-    B d_out·r + T E² + W_r E·r (MoELoRA-input: W_g E·d_in instead of W_r; LoRA: A and B only).
-    ``shared_B``: one B per projection type across layers (official layout)."""
+    B d_out·r + T E² + W_r E·r (MoELoRA-input: W_g E·d_in instead of W_r; LoRA: A and B only;
+    head-only: 0).  ``shared_B``: one B per projection type across layers (official layout)."""
+    if method == "head-only":
+        return 0
     r, E = rank, num_experts
     m = r // E
     total = 0
@@ -105,39 +160,100 @@ def closed_form_parameters(method: str, rank: int, num_experts: int, layers: int
     return total
 
 
+def matched_rank(method: str, talk_rank: int, cfg: dict) -> tuple[int, int, int]:
+    """``(rank, count, talk_count)``: the rank (a multiple of E for the MoE methods) whose exact
+    trainable-parameter count is closest to talklora-official's at ``talk_rank``."""
+    E, layers, targets = cfg["num_experts"], cfg["adapt_top_layers"], cfg["targets"]
+    target = closed_form_parameters("talklora-official", talk_rank, E, layers, targets)
+    step = 1 if method in ("lora", "head-only") else E
+    rank = min(range(step, 4 * talk_rank + 1, step),
+               key=lambda r: (abs(closed_form_parameters(method, r, E, layers, targets) - target), r))
+    return rank, closed_form_parameters(method, rank, E, layers, targets), target
+
+
 def method_rank(method: str, cfg: dict) -> int:
     """The rank a method trains with.  ``matched_budget = "same-rank"``: ``cfg["rank"]`` for all;
-    ``"match-params"``: the rank (a multiple of E for the MoE methods) whose trainable-parameter
-    count is closest to talklora-official's at ``cfg["rank"]``."""
+    ``"match-params"``: :func:`matched_rank` at ``cfg["rank"]``."""
     if cfg["matched_budget"] == "same-rank":
         return cfg["rank"]
-    E, layers, targets = cfg["num_experts"], cfg["adapt_top_layers"], cfg["targets"]
-    target = closed_form_parameters("talklora-official", cfg["rank"], E, layers, targets)
-    step = 1 if method == "lora" else E
-    return min(range(step, 4 * cfg["rank"] + 1, step),
-               key=lambda r: abs(closed_form_parameters(method, r, E, layers, targets) - target))
+    return matched_rank(method, cfg["rank"], cfg)[0]
 
 
-def adapter_config(method: str, cfg: dict, num_layers: int) -> AdapterConfig:
+def adapter_config(method: str, cfg: dict, num_layers: int, rank: int | None = None) -> AdapterConfig:
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-    return AdapterConfig(rank=method_rank(method, cfg), num_experts=cfg["num_experts"],
+    if METHODS[method] is None:
+        raise ValueError(f"method {method!r} has no adapters")
+    return AdapterConfig(rank=rank or method_rank(method, cfg), num_experts=cfg["num_experts"],
                          alpha=None if not cfg["alpha"] else cfg["alpha"], dropout=cfg["dropout"],
                          target_modules=[r"encoder\." + p for p in minilm_targets(num_layers, cfg["adapt_top_layers"], cfg["targets"])],
                          target_match="regex", **METHODS[method])
 
 
-def build_model(method: str, seed: int, cfg: dict, encoder) -> SentenceClassifier:
-    """MiniLM classifier with adapters of ``method`` on a private copy of ``encoder``; adapter init
-    and head init seeded by ``seed``.  The frozen encoder's own dropout is switched off (p = 0) so
-    the only noise in training is the adapters' dropout."""
+def crn_generator(seed: int, *keys) -> torch.Generator:
+    """A CPU generator seeded from ``(seed, *keys)`` by SHA-256: one independent stream per key,
+    e.g. ``crn_generator(3, "L5.query", "A")``.  Same key, same stream, in any process."""
+    digest = hashlib.sha256("|".join(str(k) for k in (seed, *keys)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
+
+
+def crn_uniform(shape, bound: float, seed: int, *keys) -> Tensor:
+    """``U(±bound)`` of ``shape`` (float32) from the stream :func:`crn_generator` ``(seed, *keys)``."""
+    return torch.empty(*shape).uniform_(-bound, bound, generator=crn_generator(seed, *keys))
+
+
+def official_talk(num_experts: int, seed: int, layer: str) -> Tensor:
+    """The seed's official ``T ~ U(±1/√E)`` of ``layer``, from its own stream ``(seed, layer, "T")``."""
+    return talk_matrix(num_experts, "official", generator=crn_generator(seed, layer, "T"))
+
+
+def crn_weights(method: str, layer: nn.Module, seed: int, name: str) -> dict[str, Tensor]:
+    """The CRN initial tensors of one adapter layer (``name`` its short name, e.g. ``L5.query``).
+
+    Official init (SPEC §1) drawn from keyed streams: A U(±1/√d_in), C U(±1/√m), W_r U(±1/√r),
+    W_g U(±1/√d_in), B = 0; T official / identity.  ``moelora-code-scaled``: W_r · ‖W_r(T⊗I)‖₂/‖W_r‖₂;
+    ``moelora-twin``: W_r(T⊗I) (T the official T of the same seed and layer)."""
+    d_in, r = layer.in_features, layer.rank
+    w = {"A": crn_uniform((r, d_in), d_in ** -0.5, seed, name, "A"), "B": torch.zeros_like(layer.B)}
+    if not hasattr(layer, "num_experts"):
+        return w
+    E, m = layer.num_experts, layer.expert_rank
+    w["C"] = crn_uniform((E, m, m), m ** -0.5, seed, name, "C")
+    if layer.router_input == "input":
+        w["W_g"] = crn_uniform((E, d_in), d_in ** -0.5, seed, name, "W_g")
+        return w
+    W_r = crn_uniform((E, r), r ** -0.5, seed, name, "W_r")
+    if hasattr(layer, "T"):
+        w["T"] = official_talk(E, seed, name) if layer.talk_init == "official" else layer.T.detach().clone()
+    init = ROUTER_INIT.get(method)
+    if init is not None:
+        W_eff = absorbed_router(W_r, official_talk(E, seed, name), m)
+        W_r = W_eff if init == "absorbed" else W_r * (torch.linalg.matrix_norm(W_eff, ord=2)
+                                                      / torch.linalg.matrix_norm(W_r, ord=2))
+    w["W_r"] = W_r
+    return w
+
+
+def build_model(method: str, seed: int, cfg: dict, encoder, num_labels: int = 2,
+                rank: int | None = None) -> SentenceClassifier:
+    """MiniLM classifier with adapters of ``method`` on a private copy of ``encoder``; every adapter
+    tensor and the head drawn from the CRN streams of ``seed`` (:func:`crn_weights`).  The frozen
+    encoder's own dropout is switched off (p = 0) so the only noise in training is the adapters'."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     encoder = copy.deepcopy(encoder)
     for module in encoder.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
-    clf = SentenceClassifier(encoder, adapt_top=cfg["adapt_top_layers"], seed=seed)
-    torch.manual_seed(seed)
-    inject(clf, adapter_config(method, cfg, clf.num_layers))
+    clf = SentenceClassifier(encoder, num_labels=num_labels, adapt_top=cfg["adapt_top_layers"])
+    with torch.no_grad():
+        bound = clf.head.in_features ** -0.5
+        clf.head.weight.copy_(crn_uniform(tuple(clf.head.weight.shape), bound, seed, "head", "weight"))
+        clf.head.bias.copy_(crn_uniform(tuple(clf.head.bias.shape), bound, seed, "head", "bias"))
+    if METHODS[method] is not None:
+        inject(clf, adapter_config(method, cfg, clf.num_layers, rank))
+        for name, layer in adapter_layers(clf).items():
+            layer.set_weights(**crn_weights(method, layer, seed, short_name(name)))
     clf.head.requires_grad_(True)
     return clf
 
@@ -151,8 +267,8 @@ def short_name(name: str) -> str:
 
 
 def batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[Tensor]:
-    """Seeded mini-batch indices, epoch by epoch, the same for every method of a seed."""
-    g = torch.Generator().manual_seed(10_000 + seed)
+    """Seeded mini-batch indices, epoch by epoch, the same for every method of a seed (CRN)."""
+    g = crn_generator(seed, "batches")
     out, perm = [], torch.empty(0, dtype=torch.long)
     while len(out) < steps:
         if len(perm) < batch_size:
@@ -165,7 +281,7 @@ def batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[Tensor]:
 def optimizer_for(model: nn.Module, name: str, lr: float, head_lr: float, weight_decay: float):
     adapters = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
     head = list(model.head.parameters())
-    groups = [dict(params=adapters, lr=lr), dict(params=head, lr=head_lr)]
+    groups = [dict(params=head, lr=head_lr)] + ([dict(params=adapters, lr=lr)] if adapters else [])
     if name == "adamw":
         return torch.optim.AdamW(groups, weight_decay=weight_decay)
     if name == "sgd":
@@ -175,8 +291,9 @@ def optimizer_for(model: nn.Module, name: str, lr: float, head_lr: float, weight
 
 def train_step(model: SentenceClassifier, opt, cache: PrefixCache, labels: Tensor, index: Tensor) -> float:
     model.train()
-    hidden, mask = cache.batch(index)
-    loss = F.cross_entropy(model.forward_top(hidden, mask), labels[index])
+    device = model.head.weight.device
+    hidden, mask = (t.to(device) for t in cache.batch(index))
+    loss = F.cross_entropy(model.forward_top(hidden, mask), labels[index].to(device))
     aux = auxiliary_loss(model)
     total = loss + AUX_WEIGHT * aux if torch.is_tensor(aux) else loss
     opt.zero_grad(set_to_none=True)
@@ -191,60 +308,82 @@ def is_routed(model: nn.Module) -> bool:
     return any(hasattr(m, "add_routing_hook") for m in adapter_layers(model).values())
 
 
-def mutual_information_bits(domain: Tensor, expert: Tensor, num_experts: int) -> float:
-    """``I(D; Z) = Σ p(d,z) log2 p(d,z) / (p(d) p(z))`` over tokens (plug-in estimate)."""
-    joint = torch.zeros(len(DOMAINS), num_experts, dtype=torch.float64)
-    joint.index_put_((domain.long(), expert.long()), torch.ones(len(domain), dtype=torch.float64), accumulate=True)
-    joint /= joint.sum()
-    outer = joint.sum(1, keepdim=True) * joint.sum(0, keepdim=True)
-    nz = joint > 0
-    return float((joint[nz] * (joint[nz] / outer[nz]).log2()).sum())
-
-
 @torch.no_grad()
-def evaluate(model: SentenceClassifier, cache: PrefixCache, labels: Tensor, domains: Tensor,
-             batch_size: int = 128, routing: bool = True) -> tuple[dict, dict[str, dict], Tensor]:
-    """Model metrics ``{accuracy, loss, accuracy_<domain>}``, per-layer routing metrics, and logits."""
+def evaluate(model: SentenceClassifier, cache: PrefixCache, labels: Tensor, batch_size: int = 64,
+             routing: bool = True) -> tuple[dict, dict[str, dict], Tensor, dict[str, Tensor]]:
+    """On every example of ``cache``: model metrics ``{accuracy, loss}`` (loss = mean cross-entropy,
+    nats), per-layer routing metrics, the logits (in ``cache`` order) and the top-1 expert of every
+    token per layer (in a fixed order: examples sorted by length, the batches' padding is the least)."""
     model.eval()
-    logits, token_domain = [], []
+    device = model.head.weight.device
+    order = torch.argsort(cache.lengths, stable=True)
+    logits = []
     routed = routing and is_routed(model)
     with (record_routing(model) if routed else contextlib.nullcontext()) as rec:
         for start in range(0, len(cache), batch_size):
-            index = torch.arange(start, min(start + batch_size, len(cache)))
-            hidden, mask = cache.batch(index)
+            hidden, mask = (t.to(device) for t in cache.batch(order[start:start + batch_size]))
             if routed:
                 rec.set_mask(mask)
-            logits.append(model.forward_top(hidden, mask))
-            token_domain.append(domains[index].unsqueeze(1).expand_as(mask)[mask.bool()])
-    logits = torch.cat(logits)
-    correct = logits.argmax(-1) == labels
-    metrics = {"accuracy": float(correct.double().mean()), "loss": float(F.cross_entropy(logits, labels))}
-    for d, name in enumerate(DOMAINS):
-        metrics[f"accuracy_{name}"] = float(correct[domains == d].double().mean())
-    layers = {}
+            logits.append(model.forward_top(hidden, mask).cpu())
+    logits = torch.empty_like(torch.cat(logits)).index_copy_(0, order, torch.cat(logits))
+    labels = labels.cpu()
+    metrics = {"accuracy": float((logits.argmax(-1) == labels).double().mean()),
+               "loss": float(F.cross_entropy(logits.double(), labels))}
+    layers, top1 = {}, {}
     if routed:
-        token_domain = torch.cat(token_domain)
         for name in rec.layer_names:
-            gates = rec.gates(name).double()
+            gates = rec.gates(name).double().cpu()
             E = gates.shape[-1]
             load = gates.sum(0)
             token_entropy = -(gates * gates.clamp_min(1e-300).log()).sum(-1).mean() / math.log(E)
             layers[short_name(name)] = {
                 "gini": gini(load), "gini_normalized": gini(load, normalized=True),
-                "load_entropy": load_entropy(load), "token_entropy": float(token_entropy),
-                "domain_expert_mi_bits": mutual_information_bits(token_domain, rec.top1(name), E),
-            }
-    return metrics, layers, logits
+                "load_entropy": load_entropy(load), "token_entropy": float(token_entropy)}
+            top1[short_name(name)] = rec.top1(name).cpu()
+    return metrics, layers, logits, top1
 
 
-def eval_rows(step: int, split: str, metrics: dict, layers: dict) -> list[dict]:
-    rows = []
-    for key, value in metrics.items():
-        metric, _, domain = key.partition("_")
-        rows.append(dict(step=step, split=split, layer="all", domain=domain or "all", metric=metric, value=value))
+def eval_rows(step: int, split: str, metrics: dict, layers: dict, keep=None) -> list[dict]:
+    rows = [dict(step=step, split=split, layer="all", domain="all", metric=k, value=v) for k, v in metrics.items()]
     for layer, values in layers.items():
-        rows += [dict(step=step, split=split, layer=layer, domain="all", metric=m, value=v) for m, v in values.items()]
+        rows += [dict(step=step, split=split, layer=layer, domain="all", metric=m, value=v)
+                 for m, v in values.items() if keep is None or m in keep]
     return rows
+
+
+def effective_routers(model: nn.Module) -> dict[str, tuple[Tensor, Tensor | None]]:
+    """``{short layer name: (W_eff, T or None)}`` (detached copies) of every routed layer:
+    W_eff = W_r(T⊗I) (TalkLoRA), W_r (MoELoRA-code), W_g (MoELoRA-input)."""
+    out = {}
+    for name, layer in adapter_layers(model).items():
+        if not hasattr(layer, "num_experts"):
+            continue
+        if hasattr(layer, "T"):
+            out[short_name(name)] = (layer.effective_router().detach().clone(), layer.T.detach().clone())
+        else:
+            W = layer.W_r if layer.router_input == "code" else layer.W_g
+            out[short_name(name)] = (W.detach().clone(), None)
+    return out
+
+
+def movement_rows(step: int, before: dict, after: dict) -> list[dict]:
+    """Router movement (split ``weights``): ‖ΔW_eff‖_F/‖W_eff‖_F, ‖ΔT‖_F/‖T‖_F, ‖W_eff‖₂ at both ends."""
+    rows = []
+    for layer, (W0, T0) in before.items():
+        W1, T1 = after[layer]
+        values = {"router_rel_change": float((W1 - W0).norm() / W0.norm()),
+                  "router_norm": float(torch.linalg.matrix_norm(W1.double(), ord=2)),
+                  "router_norm_init": float(torch.linalg.matrix_norm(W0.double(), ord=2))}
+        if T0 is not None:
+            values["talk_rel_change"] = float((T1 - T0).norm() / T0.norm())
+        rows += [dict(step=step, split="weights", layer=layer, domain="all", metric=k, value=v)
+                 for k, v in values.items()]
+    return rows
+
+
+def probe_index(n: int, n_probe: int) -> Tensor:
+    """``n_probe`` validation examples spread evenly over the (label-ordered) validation split."""
+    return torch.linspace(0, n - 1, min(n_probe, n)).round().long().unique()
 
 
 def layer_inputs(model: SentenceClassifier, cache: PrefixCache, max_tokens: int = 1024) -> dict[str, Tensor]:
@@ -253,13 +392,14 @@ def layer_inputs(model: SentenceClassifier, cache: PrefixCache, max_tokens: int 
     while n < max_tokens and len(index) < len(cache):
         index.append(len(index))
         n += int(cache.lengths[index[-1]])
-    hidden, mask = cache.batch(index)
+    device = model.head.weight.device
+    hidden, mask = (t.to(device) for t in cache.batch(index))
     model.eval()
     captured = capture_layer_inputs(routed_layers(model), lambda: model.forward_top(hidden, mask))
     return {name: torch.cat(xs)[mask.bool()][:max_tokens] for name, xs in captured.items()}
 
 
-def router_rows(model: SentenceClassifier, cache: PrefixCache, seed: int, max_tokens: int = 512) -> list[dict]:
+def router_rows(model: SentenceClassifier, cache: PrefixCache, seed: int, max_tokens: int = ROUTER_PROBE_TOKENS) -> list[dict]:
     """Lipschitz sandwich (w.r.t. x) and amplification of every trained router, ``split="test"``."""
     rows = []
     for name, x in layer_inputs(model, cache, max_tokens).items():
@@ -274,43 +414,88 @@ def router_rows(model: SentenceClassifier, cache: PrefixCache, seed: int, max_to
     return rows
 
 
-def train_cell(method: str, seed: int, cfg: dict, exp_dir: str) -> list[dict]:
-    """One training run: returns tidy rows (see module docstring); saves the adapter."""
+def train_cell(method: str, seed: int, cfg: dict, exp_dir: str, task: str = "sentiment",
+               budget: int | None = None, device: str = "cpu") -> list[dict]:
+    """One training run of ``method`` on ``task`` (see module docstring for the rows).  ``budget``:
+    a C7 cell — TalkLoRA-official at rank ``budget`` and every other method at :func:`matched_rank`."""
     exp_dir = Path(exp_dir)
-    encoder, _ = load_minilm()
-    caches = prefix_caches(cfg, exp_dir)
-    targets = split_targets(exp_dir, cfg)
-    model = build_model(method, seed, cfg, encoder)
+    t0 = time.perf_counter()
+    encoder = frozen_encoder()
+    caches = prefix_caches(cfg, exp_dir, task)
+    labels = split_labels(exp_dir, cfg, task)
+    rank, gap = method_rank(method, cfg), None
+    if budget is not None:
+        rank, count, target = ((budget, None, None) if method == "talklora-official"
+                               else matched_rank(method, budget, cfg))
+        gap = 0.0 if count is None else count / target - 1
+    model = build_model(method, seed, cfg, encoder, len(TASKS[task]), rank).to(device)
     opt = optimizer_for(model, "adamw", cfg["lr"], cfg["head_lr"], cfg["weight_decay"])
-    rows, t0 = [], time.perf_counter()
-    labels = targets["train"][0]
-    rows += eval_rows(0, "val", *evaluate(model, caches["val"], *targets["val"])[:2])
+    probe_at = probe_index(len(caches["val"]), cfg["n_probe"])
+    probe = caches["val"].select(probe_at)
+    main = budget is None                  # budget cells: test metrics and counts only (C7)
+    rows = eval_rows(0, "val", *evaluate(model, caches["val"], labels["val"])[:2]) if main else []
+    start = effective_routers(model)
+
+    def checkpoint(step: int, previous: dict | None) -> dict:
+        _, layers, _, top1 = evaluate(model, probe, labels["val"][probe_at])
+        rows.extend(eval_rows(step, "probe", {}, layers, keep=("gini", "load_entropy")))
+        if previous is not None:
+            rows.extend(dict(step=step, split="probe", layer=k, domain="all", metric="churn",
+                             value=float((top1[k] != previous[k]).double().mean())) for k in top1)
+        return top1
+
+    top1 = checkpoint(0, None) if is_routed(model) and main else None
+    torch.manual_seed(int(crn_generator(seed, "dropout").initial_seed()))    # CRN dropout masks
     for step, index in enumerate(batch_order(len(caches["train"]), cfg["batch_size"], cfg["steps"], seed), 1):
-        train_step(model, opt, caches["train"], labels, index)
-        if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
-            rows += eval_rows(step, "val", *evaluate(model, caches["val"], *targets["val"])[:2])
-    metrics, layers, _ = evaluate(model, caches["test"], *targets["test"])
-    rows += eval_rows(cfg["steps"], "test", metrics, layers)
-    rows.append(dict(step=cfg["steps"], split="test", layer="all", domain="all", metric="trainable_parameters",
-                     value=count_parameters(model) - sum(p.numel() for p in model.head.parameters())))
-    if is_routed(model):
+        train_step(model, opt, caches["train"], labels["train"], index)
+        if top1 is not None and (step % cfg["eval_every"] == 0 or step == cfg["steps"]):
+            top1 = checkpoint(step, top1)
+    last = cfg["steps"]
+    if main:
+        rows += eval_rows(last, "val", *evaluate(model, caches["val"], labels["val"])[:2])
+    rows += eval_rows(last, "test", *evaluate(model, caches["test"], labels["test"])[:2])
+    rows += movement_rows(last, start, effective_routers(model))
+    common = dict(step=last, split="test", layer="all", domain="all")
+    rows += [dict(common, metric="trainable_parameters",
+                  value=count_parameters(model) - sum(p.numel() for p in model.head.parameters())),
+             dict(common, metric="n_train", value=len(caches["train"])),
+             dict(common, metric="n_test", value=len(caches["test"]))]
+    if gap is not None:
+        rows.append(dict(common, metric="budget_gap", value=gap))
+    if is_routed(model) and main:
         rows += router_rows(model, caches["test"], seed)
-    rows.append(dict(step=cfg["steps"], split="test", layer="all", domain="all", metric="wall_seconds",
-                     value=time.perf_counter() - t0))
-    save_adapter(model, exp_dir / "adapters" / f"{method}-seed{seed}",
-                 adapter_config(method, cfg, model.num_layers))
+    if METHODS[method] is not None and main:
+        save_adapter(model, exp_dir / "adapters" / f"{task}-{method}-seed{seed}",
+                     adapter_config(method, cfg, model.num_layers, rank))
+    rows.append(dict(common, metric="wall_seconds", value=time.perf_counter() - t0))
+    for r in rows:
+        r["rank"] = 0 if METHODS[method] is None else rank
     return rows
 
 
-def run(config, *, results_dir="results", workers: int = 1, executor=None, force: bool = False, device: str = "cpu"):
-    """Run every (method, seed) cell of ``config.train`` not done yet; returns the sweep result."""
+def run(config, *, results_dir="results", workers: int = 1, executor=None, force: bool = False,
+        device: str = "cpu"):
+    """Run every (task, method, seed) cell of ``config.train`` not done yet (sweep ``train``; the
+    ``extra_methods`` only on the first task), then
+    the C7 budget cells (sweep ``train_budget``) when ``train.budget_ranks`` is set.  Returns the
+    ``train`` sweep result."""
     from .results import Cell, run_sweep
 
     cfg = config.train.to_dict()
     exp_dir = Path(results_dir) / "train"
     exp_dir.mkdir(parents=True, exist_ok=True)
-    prefix_caches(cfg, exp_dir)          # once, in this process, before the cells fan out
-    cells = [Cell(train_cell, dict(method=m, seed=s), dict(cfg=cfg, exp_dir=str(exp_dir)))
-             for m in cfg["methods"] for s in cfg["seeds"]]
-    return run_sweep("train", cells, results_dir=results_dir, workers=workers, executor=executor,
-                     force=force, config=config)
+    for task in cfg["tasks"]:
+        prefix_caches(cfg, exp_dir, task)          # once, in this process, before the cells fan out
+    params = dict(cfg=cfg, exp_dir=str(exp_dir), device=device)
+    cells = [Cell(train_cell, dict(task=t, method=m, seed=s), params)
+             for i, t in enumerate(cfg["tasks"])
+             for m in cfg["methods"] + (cfg["extra_methods"] if i == 0 else []) for s in cfg["seeds"]]
+    result = run_sweep("train", cells, results_dir=results_dir, workers=workers, executor=executor,
+                       force=force, config=config)
+    budget = [Cell(train_cell, dict(task=t, method=m, seed=s, budget=r), params)
+              for t in cfg["budget_tasks"] for r in cfg["budget_ranks"] for m in cfg["budget_methods"]
+              for s in cfg["seeds"]]
+    if budget:
+        run_sweep("train_budget", budget, results_dir=results_dir, workers=workers, executor=executor,
+                  force=force, config=config)
+    return result

@@ -2,64 +2,71 @@
 
 SPEC §3: a linear Talking Module is absorbed by the router, ``W' = W_r (T ⊗ I_m)``, so TalkLoRA and
 MoELoRA-code compute the same family of functions.  Any difference in training must come from the
-parameterisation and the optimiser.  Per (optimizer, seed) one cell builds four models that compute
-the SAME function at step 0 (asserted) and trains them on the same batches in the same order:
+parameterisation and the optimiser.  Per (task, optimizer, seed) one cell builds the models of
+``twins.models`` from the seed's common random numbers (:func:`analysis.train.build_model`), which
+compute the SAME function at step 0 (asserted), and trains them on the same batches, in the same
+order, with the same dropout masks:
 
-* ``talklora``           TalkLoRA, official init (A, C, B, T, W_r trained)
-* ``moelora-twin``       MoELoRA-code with the absorbed router ``W' = W_r (T ⊗ I)`` (A, C, B, W' trained)
+* ``talklora``           TalkLoRA, official init (A, C, B, T, W_r trained) = train's ``talklora-official``
+* ``moelora-twin``       MoELoRA-code with the absorbed router ``W' = W_r (T ⊗ I)`` = train's ``moelora-twin``
 * ``talklora-frozen-T``  TalkLoRA with T frozen at its init
 * ``talklora-identity``  TalkLoRA with ``T = I`` and ``W_r = W'`` (function-matched identity init)
 
-Adapter dropout is 0 here, so the only differences between the runs are the parameterisation
-and the optimiser (AdamW with the official lr 3e-4 / weight decay 0.01, or plain SGD).
-Rows (the cell adds ``optimizer, seed``): ``step, model, layer, metric, value`` — measured on a
-fixed held-out batch of ``HELD_OUT`` validation examples: distances ``logit_maxabs_diff`` /
-``logit_meanabs_diff`` of each model to ``talklora``, accuracy, loss, per-layer Gini, normalised load entropy, certified and max-local router
-Lipschitz constants (w.r.t. the code h), ``talk_norm`` (‖T‖₂) and ``router_norm`` (‖W_eff‖₂).
+Optimisers: AdamW at ``twins.lr_adamw`` (official 3e-4, weight decay ``twins.weight_decay``) and
+plain SGD at ``twins.lr_sgd`` (head: ``twins.head_lr_sgd``).  With B = 0 at init the router gets no
+gradient until B has grown, so a too small SGD lr leaves the routers where they started: the
+``router_rel_change`` rows (‖W_eff(end) − W_eff(0)‖_F/‖W_eff(0)‖_F per layer) say whether an arm moved.
+
+Rows (the cell adds ``task, optimizer, seed``): ``step, split, model, layer, metric, value``.
+``split = "probe"`` at every checkpoint (step 0, every ``eval_every``, the last step) on the fixed
+probe set of ``train.n_probe`` validation examples: ``logit_maxabs_diff`` / ``logit_meanabs_diff``
+of each model to ``talklora``, per-layer ``gini`` and ``load_entropy``, ``router_norm`` (‖W_eff‖₂),
+``talk_norm`` (‖T‖₂), ``lipschitz_certified`` / ``lipschitz_local_max`` (w.r.t. the code h), and
+``accuracy``/``loss`` at every checkpoint but the last.  ``split = "val"`` at step 0 and the last
+step on the whole validation split: per-layer ``gini`` and ``load_entropy`` (C6 against the twin).
+``split = "test"`` at the last step on every
+test example: ``accuracy``, ``loss`` (mean cross-entropy, nats).  ``split = "weights"`` at the last
+step: ``router_rel_change`` and ``talk_rel_change`` per layer.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from talklora_min import adapter_layers
 from talklora_min.probes import certified_lipschitz, local_lipschitz
 
-from .models import load_minilm
-from .train import (batch_order, build_model, evaluate, layer_inputs, optimizer_for, prefix_caches,
-                    short_name, split_targets, train_step)
+from .data import TASKS
+from .train import (batch_order, build_model, crn_generator, effective_routers, evaluate, frozen_encoder, layer_inputs,
+                    movement_rows, optimizer_for, prefix_caches, probe_index, short_name, split_labels,
+                    train_step)
 
 MODELS = ("talklora", "moelora-twin", "talklora-frozen-T", "talklora-identity")
-MATCH_ATOL = 1e-5      # float32: the four models agree at step 0 to this absolute tolerance
-HELD_OUT = 140         # examples of the validation split used for every measurement along training
+MATCH_ATOL = 1e-5      # float32: the models agree at step 0 to this absolute tolerance
 
 
-
-def build_twins(seed: int, cfg: dict, encoder, talk_init: str = "official") -> dict:
-    """The four function-matched models of a seed (see module docstring)."""
-    cfg = {**cfg, "dropout": 0.0}
-    talk = build_model("talklora-official" if talk_init == "official" else "talklora-identity", seed, cfg, encoder)
-    if talk_init not in ("official", "identity"):
-        for layer in adapter_layers(talk).values():
-            layer.talk_init = talk_init
-            layer._reset_talk()
-    twin = build_model("moelora-code", seed, cfg, encoder)
-    frozen = build_model("talklora-official", seed, cfg, encoder)
-    ident = build_model("talklora-identity", seed, cfg, encoder)
-    with torch.no_grad():
-        for name, src in adapter_layers(talk).items():
-            w = src.get_weights()
-            shared = {k: w[k] for k in ("A", "C", "B")}
-            absorbed = src.effective_router().detach().clone()
-            twin.get_submodule(name).set_weights(**shared, W_r=absorbed)
-            frozen.get_submodule(name).set_weights(**w)
-            frozen.get_submodule(name).T.requires_grad_(False)
-            ident.get_submodule(name).set_weights(**shared, T=torch.eye(src.num_experts), W_r=absorbed)
-        for m in (twin, frozen, ident):
-            m.head.load_state_dict(talk.head.state_dict())
-    return dict(zip(MODELS, (talk, twin, frozen, ident)))
+def build_twins(seed: int, cfg: dict, encoder, models=MODELS, num_labels: int = 2) -> dict:
+    """The function-matched models ``models`` of a seed (see module docstring)."""
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise ValueError(f"twin models must be among {list(MODELS)}, got {unknown}")
+    talk = build_model("talklora-official", seed, cfg, encoder, num_labels)
+    out = {"talklora": talk}
+    if "moelora-twin" in models:
+        out["moelora-twin"] = build_model("moelora-twin", seed, cfg, encoder, num_labels)
+    if "talklora-frozen-T" in models:
+        frozen = build_model("talklora-official", seed, cfg, encoder, num_labels)
+        for layer in adapter_layers(frozen).values():
+            layer.T.requires_grad_(False)
+        out["talklora-frozen-T"] = frozen
+    if "talklora-identity" in models:
+        ident = build_model("talklora-identity", seed, cfg, encoder, num_labels)
+        with torch.no_grad():
+            for name, src in adapter_layers(talk).items():
+                ident.get_submodule(name).set_weights(W_r=src.effective_router())
+        out["talklora-identity"] = ident
+    return {k: out[k] for k in MODELS if k in out}
 
 
 @torch.no_grad()
@@ -72,27 +79,28 @@ def router_state_rows(step: int, model_name: str, model, inputs: dict) -> list[d
                   "lipschitz_local_max": float(local_lipschitz(layer, inputs[name], wrt="code").max())}
         if hasattr(layer, "T"):
             values["talk_norm"] = float(torch.linalg.matrix_norm(layer.T, ord=2))
-        rows += [dict(step=step, model=model_name, layer=short_name(name), metric=k, value=v)
+        rows += [dict(step=step, split="probe", model=model_name, layer=short_name(name), metric=k, value=v)
                  for k, v in values.items()]
     return rows
 
 
-def twins_cell(optimizer: str, seed: int, cfg: dict, twins: dict, exp_dir: str) -> list[dict]:
+def twins_cell(optimizer: str, seed: int, cfg: dict, twins: dict, exp_dir: str, task: str = "sentiment",
+               device: str = "cpu") -> list[dict]:
     exp_dir = Path(exp_dir)
-    encoder, _ = load_minilm()
-    caches = prefix_caches(cfg, exp_dir)
-    targets = split_targets(exp_dir, cfg)
-    models = build_twins(seed, cfg, encoder, twins["talk_init"])
+    encoder = frozen_encoder()
+    caches = prefix_caches(cfg, exp_dir, task)
+    labels = split_labels(exp_dir, cfg, task)
+    models = {k: m.to(device) for k, m in
+              build_twins(seed, cfg, encoder, twins["models"], len(TASKS[task])).items()}
     lr = twins["lr_adamw"] if optimizer == "adamw" else twins["lr_sgd"]
-    opts = {k: optimizer_for(m, optimizer, lr, cfg["head_lr"] if optimizer == "adamw" else lr,
-                             twins["weight_decay"]) for k, m in models.items()}
-    # a fixed held-out batch spread evenly over the (label-ordered) validation split
-    held_out = torch.linspace(0, len(caches["val"]) - 1, min(HELD_OUT, len(caches["val"]))).round().long()
-    val = caches["val"].select(held_out)
-    val_targets = tuple(t[held_out] for t in targets["val"])
-    hidden, mask = val.batch(torch.arange(len(val)))
+    head_lr = cfg["head_lr"] if optimizer == "adamw" else twins["head_lr_sgd"]
+    opts = {k: optimizer_for(m, optimizer, lr, head_lr, twins["weight_decay"]) for k, m in models.items()}
+    at = probe_index(len(caches["val"]), cfg["n_probe"])
+    probe, probe_labels = caches["val"].select(at), labels["val"][at]
+    hidden, mask = (t.to(device) for t in probe.batch(torch.arange(len(probe))))
+    start = {k: effective_routers(m) for k, m in models.items()}
 
-    def measure(step: int) -> list[dict]:
+    def measure(step: int, last: bool) -> list[dict]:
         rows = []
         with torch.no_grad():
             for m in models.values():
@@ -100,40 +108,67 @@ def twins_cell(optimizer: str, seed: int, cfg: dict, twins: dict, exp_dir: str) 
             ref = models["talklora"].forward_top(hidden, mask)
             for name, m in models.items():
                 diff = (m.forward_top(hidden, mask) - ref).abs()
-                rows += [dict(step=step, model=name, layer="all", metric="logit_maxabs_diff", value=float(diff.max())),
-                         dict(step=step, model=name, layer="all", metric="logit_meanabs_diff", value=float(diff.mean()))]
+                rows += [dict(step=step, split="probe", model=name, layer="all", metric="logit_maxabs_diff",
+                              value=float(diff.max())),
+                         dict(step=step, split="probe", model=name, layer="all", metric="logit_meanabs_diff",
+                              value=float(diff.mean()))]
         for name, m in models.items():
-            metrics, layers, _ = evaluate(m, val, *val_targets)
-            rows += [dict(step=step, model=name, layer="all", metric=k, value=v)
-                     for k, v in metrics.items() if k in ("accuracy", "loss")]
+            metrics, layers, _, _ = evaluate(m, probe, probe_labels)
+            if not last:
+                rows += [dict(step=step, split="probe", model=name, layer="all", metric=k, value=v)
+                         for k, v in metrics.items()]
             for layer, values in layers.items():
-                rows += [dict(step=step, model=name, layer=layer, metric=k, value=values[k])
+                rows += [dict(step=step, split="probe", model=name, layer=layer, metric=k, value=values[k])
                          for k in ("gini", "load_entropy")]
-            rows += router_state_rows(step, name, m, layer_inputs(m, val, 256))
+            rows += router_state_rows(step, name, m, layer_inputs(m, probe, 256))
         return rows
 
-    rows = measure(0)
+    def validation(step: int) -> list[dict]:         # C6 against the twin: the whole validation split
+        rows = []
+        for name, m in models.items():
+            for layer, values in evaluate(m, caches["val"], labels["val"])[1].items():
+                rows += [dict(step=step, split="val", model=name, layer=layer, metric=k, value=values[k])
+                         for k in ("gini", "load_entropy")]
+        return rows
+
+    rows = measure(0, twins["steps"] == 0) + validation(0)
     gap = max(r["value"] for r in rows if r["metric"] == "logit_maxabs_diff")
     if gap > MATCH_ATOL:
         raise AssertionError(f"twins differ at step 0 by {gap:.3g} > {MATCH_ATOL} (seed {seed})")
-    labels = targets["train"][0]
+    dropout_seed = int(crn_generator(seed, "dropout").initial_seed())
+    rng = {k: torch.Generator().manual_seed(dropout_seed) for k in models}
     for step, index in enumerate(batch_order(len(caches["train"]), cfg["batch_size"], twins["steps"], seed), 1):
         for name, m in models.items():
-            train_step(m, opts[name], caches["train"], labels, index)
+            # the same dropout masks for every model: each keeps its own copy of the dropout stream
+            torch.set_rng_state(rng[name].get_state())
+            train_step(m, opts[name], caches["train"], labels["train"], index)
+            rng[name].set_state(torch.get_rng_state())
         if step % twins["eval_every"] == 0 or step == twins["steps"]:
-            rows += measure(step)
+            rows += measure(step, step == twins["steps"])
+    last = twins["steps"]
+    rows += validation(last)
+    for name, m in models.items():
+        metrics = evaluate(m, caches["test"], labels["test"], routing=False)[0]
+        rows += [dict(step=last, split="test", model=name, layer="all", metric=k, value=v) for k, v in metrics.items()]
+        rows += [dict(r, model=name) for r in movement_rows(last, start[name], effective_routers(m))
+                 if r["metric"] in ("router_rel_change", "talk_rel_change")]
+    for r in rows:
+        r.pop("domain", None)
     return rows
 
 
-def run(config, *, results_dir="results", workers: int = 1, executor=None, force: bool = False, device: str = "cpu"):
-    """Run every (optimizer, seed) twin cell of ``config.twins`` not done yet."""
+def run(config, *, results_dir="results", workers: int = 1, executor=None, force: bool = False,
+        device: str = "cpu"):
+    """Run every (task, optimizer, seed) twin cell of ``config.twins`` not done yet."""
     from .results import Cell, run_sweep
 
     cfg, twins = config.train.to_dict(), config.twins.to_dict()
-    exp_dir = Path(results_dir) / "train"           # the same split and prefix cache as training
+    exp_dir = Path(results_dir) / "train"           # the same splits and prefix caches as training
     exp_dir.mkdir(parents=True, exist_ok=True)
-    prefix_caches(cfg, exp_dir)
-    cells = [Cell(twins_cell, dict(optimizer=o, seed=s), dict(cfg=cfg, twins=twins, exp_dir=str(exp_dir)))
-             for o in twins["optimizers"] for s in twins["seeds"]]
+    for task in twins["tasks"]:
+        prefix_caches(cfg, exp_dir, task)
+    cells = [Cell(twins_cell, dict(task=t, optimizer=o, seed=s),
+                  dict(cfg=cfg, twins=twins, exp_dir=str(exp_dir), device=device))
+             for t in twins["tasks"] for o in twins["optimizers"] for s in twins["seeds"]]
     return run_sweep("twins", cells, results_dir=results_dir, workers=workers, executor=executor,
                      force=force, config=config)

@@ -91,7 +91,7 @@ def test_profiles_load_and_round_trip(tmp_path):
     quick, paper = load_profile("quick"), load_profile("paper")
     assert paper.train.lr == 3e-4 and quick.train.weight_decay == 0.01   # the official lr in the paper profile
     assert quick.twins.lr_adamw == 3e-4 and paper.twins.lr_adamw == 3e-4   # twins: official AdamW settings
-    assert quick.train.adapt_top_layers == 2 and len(quick.train.seeds) == 3
+    assert quick.train.adapt_top_layers == 1 and len(quick.train.seeds) >= 8
     assert paper.train.steps > quick.train.steps
     with pytest.raises(ConfigError, match="unknown profile"):
         load_profile("nope")

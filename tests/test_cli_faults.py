@@ -54,7 +54,7 @@ BAD_CONFIGS = [
     (b"", "empty config"),
     (b"# only a comment\n", "empty config"),
     (b'profile = "mine"\n', "empty config"),
-    (b"[train]\nseeds = [1]\n", "missing [perturb], train.methods"),
+    (b"[train]\nseeds = [1]\n", "missing [perturb], train.tasks, train.methods"),
     (b'extends = ["quick"]\n', "extends: must be a profile name"),
     (b'extends = "../profiles/quick"\n', "extends: must be a profile name"),
     (b'extends = "quick"\nprofile = ["a", "b"]\n', "profile: must be a non-empty string"),

@@ -14,8 +14,8 @@ from talklora_min import MoELoRALinear, adapter_layers
 
 def tiny_train_cfg(**overrides):
     cfg = load_profile("quick").train.to_dict()
-    cfg.update(steps=4, eval_every=2, n_train=14, n_val=7, n_test=7, adapt_top_layers=1, max_length=24,
-               batch_size=8)
+    cfg.update(steps=4, eval_every=2, n_train=14, n_val=7, n_test=9, n_probe=4, adapt_top_layers=1, max_length=24,
+               batch_size=8, rank=16, dropout=0.05)
     cfg.update(overrides)
     return cfg
 
@@ -110,12 +110,15 @@ def test_equivalence_cell_residuals():
 # ----------------------------------------------------------------------------- real models
 @pytest.mark.real_models
 def test_twins_are_identical_at_step_0_and_diverge_under_adamw(tmp_path):
-    from analysis.models import load_minilm
     cfg = tiny_train_cfg()
-    caches = train.prefix_caches(cfg, tmp_path)
-    targets = train.split_targets(tmp_path, cfg)
-    models = twins.build_twins(0, cfg, load_minilm()[0])
+    caches = train.prefix_caches(cfg, tmp_path, "sentiment")
+    labels = train.split_labels(tmp_path, cfg, "sentiment")
+    models = twins.build_twins(0, cfg, train.frozen_encoder())
+    assert list(models) == list(twins.MODELS)
     hidden, mask = caches["val"].batch(torch.arange(len(caches["val"])))
+    for model in models.values():          # B = 0 at init hides the router: give the experts an output
+        for layer in adapter_layers(model).values():
+            layer.set_weights(B=torch.full_like(layer.B, 0.05))
     with torch.no_grad():
         outs = {k: m.eval().forward_top(hidden, mask) for k, m in models.items()}
     for k, out in outs.items():
@@ -126,18 +129,35 @@ def test_twins_are_identical_at_step_0_and_diverge_under_adamw(tmp_path):
     # same batches, AdamW: the parameterisations take different paths
     opts = {k: train.optimizer_for(m, "adamw", 1e-2, 1e-2, 0.01) for k, m in (("t", talk), ("w", twin))}
     for index in train.batch_order(len(caches["train"]), 8, 3, 0):
-        train.train_step(talk, opts["t"], caches["train"], targets["train"][0], index)
-        train.train_step(twin, opts["w"], caches["train"], targets["train"][0], index)
+        train.train_step(talk, opts["t"], caches["train"], labels["train"], index)
+        train.train_step(twin, opts["w"], caches["train"], labels["train"], index)
     with torch.no_grad():
         gap = (talk.eval().forward_top(hidden, mask) - twin.eval().forward_top(hidden, mask)).abs().max()
     assert gap > 1e-6
 
 
 @pytest.mark.real_models
+def test_twins_cell_rows_and_router_movement(tmp_path):
+    cfg = tiny_train_cfg()
+    spec = dict(models=["talklora", "moelora-twin"], steps=4, eval_every=2, lr_adamw=3e-4, lr_sgd=1e-3,
+                head_lr_sgd=0.1, weight_decay=0.01)
+    rows = pd.DataFrame(twins.twins_cell("adamw", 0, cfg, spec, str(tmp_path), "sentiment"))
+    assert set(rows.split) == {"probe", "val", "test", "weights"}
+    test = rows[rows.split == "test"].pivot_table(index="model", columns="metric", values="value")
+    assert list(test.columns) == ["accuracy", "loss"] and (test["loss"] > 0).all()
+    assert not ((rows.split == "probe") & (rows.step == 4) & (rows.metric == "accuracy")).any()
+    step0 = rows[(rows.step == 0) & (rows.metric == "logit_maxabs_diff")].value
+    assert (step0 <= twins.MATCH_ATOL).all()
+    moved = rows[rows.metric == "router_rel_change"]
+    assert len(moved) == 2 * 5 and (moved.value > 0).all() and (moved.value < 1).all()
+    assert set(rows[rows.metric == "talk_rel_change"].model) == {"talklora"}
+
+
+@pytest.mark.real_models
 def test_train_cell_end_to_end_is_deterministic(tmp_path):
     cfg = tiny_train_cfg()
-    a = train.train_cell("talklora-official", 0, cfg, str(tmp_path))
-    b = train.train_cell("talklora-official", 0, cfg, str(tmp_path))
+    a = train.train_cell("talklora-official", 0, cfg, str(tmp_path), "topic")
+    b = train.train_cell("talklora-official", 0, cfg, str(tmp_path), "topic")
     strip = lambda rows: [{k: v for k, v in r.items()} for r in rows if r["metric"] != "wall_seconds"]
     assert strip(a) == strip(b)
     df = pd.DataFrame(a)
@@ -145,6 +165,9 @@ def test_train_cell_end_to_end_is_deterministic(tmp_path):
     assert set(final.layer) - {"all"} == {"L5.query", "L5.key", "L5.value", "L5.up", "L5.down"}
     gini = final[final.metric == "gini"].value
     assert ((gini >= 0) & (gini <= 0.75 + 1e-12)).all()
+    assert df[df.metric == "n_test"].value.item() == 9 and (df["rank"] == 16).all()
+    test = df[(df.split == "test") & (df.layer == "all")].set_index("metric").value
+    assert 0 <= test["accuracy"] <= 1 and test["loss"] > 0
     params = df[df.metric == "trainable_parameters"].value.item()
     # per adapted layer: A r·d_in + C E·m² + B d_out·r + T E² + W_r E·r   (r = 16, E = 4, m = 4)
     r, E, m = cfg["rank"], cfg["num_experts"], cfg["rank"] // cfg["num_experts"]
@@ -152,14 +175,33 @@ def test_train_cell_end_to_end_is_deterministic(tmp_path):
     assert params == sum(r * d_in + E * m * m + d_out * r + E * E + E * r for d_in, d_out in dims)
     lip = df[df.metric == "lipschitz"].pivot_table(index="layer", columns="statistic", values="value")
     assert (lip["local_max"] <= lip["certified"] * (1 + 1e-9)).all()
-    assert (tmp_path / "adapters" / "talklora-official-seed0" / "talklora_adapter.json").is_file()
+    # churn between consecutive checkpoints (steps 0, 2, 4) on the probe tokens, a share in [0, 1]
+    churn = df[df.metric == "churn"]
+    assert sorted(churn.step.unique()) == [2, 4] and churn.value.between(0, 1).all()
+    moved = df[df.split == "weights"].pivot_table(index="layer", columns="metric", values="value")
+    assert (moved["router_rel_change"] > 0).all() and (moved["talk_rel_change"] > 0).all()
+    assert (tmp_path / "adapters" / "topic-talklora-official-seed0" / "talklora_adapter.json").is_file()
 
 
 @pytest.mark.real_models
-def test_train_cell_lora_has_no_routing_rows(tmp_path):
+def test_train_cell_lora_has_no_routing_rows_and_head_only_trains_only_the_head(tmp_path):
     df = pd.DataFrame(train.train_cell("lora", 0, tiny_train_cfg(steps=2, eval_every=2), str(tmp_path)))
     assert not (df.metric == "gini").any() and (df.metric == "accuracy").any()
     assert df[df.metric == "trainable_parameters"].value.item() == 16 * (3 * 768 + 2 * 1920)
+    head = pd.DataFrame(train.train_cell("head-only", 0, tiny_train_cfg(steps=2, eval_every=2), str(tmp_path)))
+    assert head[head.metric == "trainable_parameters"].value.item() == 0 and (head["rank"] == 0).all()
+    assert not (head.split == "weights").any() and (head.metric == "loss").any()
+
+
+@pytest.mark.real_models
+def test_budget_cell_matches_talklora_count_within_two_percent(tmp_path):
+    cfg = tiny_train_cfg(steps=1, eval_every=1)
+    rows = pd.DataFrame(train.train_cell("lora", 0, cfg, str(tmp_path), "sentiment", budget=8))
+    gap = rows[rows.metric == "budget_gap"].value.item()
+    count = rows[rows.metric == "trainable_parameters"].value.item()
+    talk = train.closed_form_parameters("talklora-official", 8, 4, 1, cfg["targets"])
+    assert count == train.closed_form_parameters("lora", int(rows["rank"].iloc[0]), 4, 1, cfg["targets"])
+    assert gap == pytest.approx(count / talk - 1) and abs(gap) <= 0.02
 
 
 @pytest.mark.real_models
@@ -176,12 +218,13 @@ def test_real_model_perturbation_cell(model):
 def test_matched_budget_rules():
     cfg = tiny_train_cfg(rank=8, num_experts=4, adapt_top_layers=1, targets=["query", "up"])
     assert {m: train.method_rank(m, cfg) for m in train.METHODS} == {m: 8 for m in train.METHODS}
+    assert train.closed_form_parameters("head-only", 8, 4, 1, ["query"]) == 0
     cfg["matched_budget"] = "match-params"
     count = lambda m, r: train.closed_form_parameters(m, r, 4, 1, ["query", "up"])
     target = count("talklora-official", 8)
     for method in train.METHODS:
         r = train.method_rank(method, cfg)
-        step = 1 if method == "lora" else 4
+        step = 1 if method in ("lora", "head-only") else 4
         assert r % step == 0
         best = min(abs(count(method, k) - target) for k in range(step, 33, step))
         assert abs(count(method, r) - target) == best, method

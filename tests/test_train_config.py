@@ -1,0 +1,99 @@
+"""Config of the training experiments (issue 10): the new [train]/[twins] fields, the declared
+[margins], the profiles' power settings, and the separate sentiment/topic task splits."""
+import pandas as pd
+import pytest
+
+from analysis.config import ConfigError, ExperimentConfig, MarginsConfig, TrainConfig, TwinsConfig, load_profile
+
+BAD = [
+    (TrainConfig, {"tasks": ["sentiment", "news"]}, r"train\.tasks"),
+    (TrainConfig, {"tasks": []}, r"train\.tasks"),
+    (TrainConfig, {"methods": ["lora"], "extra_methods": ["lora"]}, r"train\.extra_methods"),
+    (TrainConfig, {"extra_methods": ["dora"]}, r"train\.extra_methods"),
+    (TrainConfig, {"n_probe": 400, "n_val": 300}, r"train\.n_probe"),
+    (TrainConfig, {"n_test": 0}, r"train\.n_test"),
+    (TrainConfig, {"budget_ranks": [10]}, r"train\.budget_ranks"),            # not a multiple of E = 4
+    (TrainConfig, {"budget_ranks": [16]}, r"train\.budget_ranks"),            # = train.rank
+    (TrainConfig, {"budget_ranks": [8, 8]}, r"train\.budget_ranks"),
+    (TrainConfig, {"budget_methods": ["lora"]}, r"train\.budget_methods"),    # no reference
+    (TrainConfig, {"budget_methods": ["talklora-official", "head-only"]}, r"train\.budget_methods"),
+    (TrainConfig, {"budget_tasks": ["movies"]}, r"train\.budget_tasks"),
+    (TwinsConfig, {"models": ["moelora-twin"]}, r"twins\.models"),
+    (TwinsConfig, {"models": ["talklora", "lora"]}, r"twins\.models"),
+    (TwinsConfig, {"tasks": ["news"]}, r"twins\.tasks"),
+    (TwinsConfig, {"talk_init": "identity"}, r"twins\.talk_init"),
+    (MarginsConfig, {"c6_gini": 0.0}, r"margins\.c6_gini"),
+    (MarginsConfig, {"c11_accuracy": -0.01}, r"margins\.c11_accuracy"),
+    (MarginsConfig, {"c9_loss": float("nan")}, r"margins\.c9_loss"),
+    (MarginsConfig, {"c7_accuracy": "1%"}, r"margins\.c7_accuracy"),
+]
+
+
+@pytest.mark.parametrize("cls, values, message", BAD, ids=[f"{c.SECTION}-{list(v)[0]}-{i}" for i, (c, v, _) in enumerate(BAD)])
+def test_invalid_values_name_the_field(cls, values, message):
+    with pytest.raises(ConfigError, match=message):
+        cls(**values)
+
+
+def test_unknown_margin_is_an_error_and_margins_round_trip():
+    with pytest.raises(ConfigError, match=r"^margins\.c13_x: unknown key"):
+        ExperimentConfig.from_dict({"margins": {"c13_x": 0.1}})
+    cfg = ExperimentConfig(margins=MarginsConfig(c6_gini=0.03))
+    assert ExperimentConfig.from_toml(cfg.to_toml()).margins.c6_gini == 0.03
+    assert ExperimentConfig.from_json(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize("name", ["quick", "paper"])
+def test_profiles_declare_margins_and_are_powered(name):
+    cfg = load_profile(name)
+    assert len(cfg.train.seeds) >= 8 and len(cfg.twins.seeds) >= 8
+    assert cfg.train.n_test >= 1000 and set(cfg.train.tasks) == {"sentiment", "topic"}
+    assert "head-only" in cfg.train.methods                  # every task has its head-only baseline
+    needed = {"lora", "moelora-code", "talklora-official", "moelora-code-scaled"}
+    assert needed <= set(cfg.train.methods)
+    assert {"moelora-input", "switch", "topk-entropy"} <= set(cfg.train.methods + cfg.train.extra_methods)
+    assert len(cfg.train.budget_ranks) + 1 >= 3              # C7: >= 3 budgets with train.rank
+    assert cfg.twins.lr_adamw == 3e-4 and "adamw" in cfg.twins.optimizers
+    with open(f"analysis/profiles/{name}.toml") as f:
+        assert "[margins]" in f.read()                      # declared in the file, not defaulted
+
+
+# ----------------------------------------------------------------------------- task splits
+@pytest.fixture(scope="module")
+def frames():
+    from analysis.data import load_task
+    return {t: load_task(t) for t in ("sentiment", "topic")}
+
+
+def test_tasks_load_with_their_own_labels(frames):
+    from analysis.data import TASKS
+    for task, frame in frames.items():
+        assert sorted(frame.label.unique()) == list(range(len(TASKS[task])))
+        assert frame.id.is_unique and frame.text.is_unique
+        assert all(TASKS[task][k] == n for k, n in zip(frame.label, frame.label_name))
+    assert len(frames["sentiment"]) > 12_000 and len(frames["topic"]) > 2_000
+    # topic text: headline + first paragraph, longer than a bare headline
+    assert frames["topic"].text.str.split().str.len().median() > 15
+
+
+@pytest.mark.parametrize("task", ["sentiment", "topic"])
+def test_task_split_is_exact_stratified_disjoint_and_deterministic(frames, task, tmp_path):
+    from analysis.data import make_task_split, task_split
+    frame = frames[task]
+    a = make_task_split(task, 5000, 250, 1000, seed=1, frame=frame)
+    pd.testing.assert_frame_equal(a, make_task_split(task, 5000, 250, 1000, seed=1, frame=frame))
+    assert not a.id.equals(make_task_split(task, 5000, 250, 1000, seed=2, frame=frame).id)
+    sizes = a.groupby("split").size()
+    assert sizes["test"] == 1000 and sizes["val"] == 250
+    assert sizes["train"] == min(5000, len(frame) - 1250) and a.id.is_unique
+    share = frame.label.value_counts(normalize=True)
+    test_share = a[a.split == "test"].label.value_counts(normalize=True)
+    assert (test_share - share).abs().max() <= 1 / 1000 + 1e-12    # stratified to one example
+    saved = task_split(tmp_path, task, 5000, 250, 1000, seed=1)
+    pd.testing.assert_frame_equal(saved.reset_index(drop=True), a.astype(saved.dtypes.to_dict()))
+    with pytest.raises(ValueError, match="was made with"):
+        task_split(tmp_path, task, 5000, 250, 1000, seed=2)
+    with pytest.raises(ValueError, match="leaves none for training"):
+        make_task_split(task, 10, 100, len(frame), frame=frame)
+    with pytest.raises(ValueError, match="task must be one of"):
+        make_task_split("news", 10, 10, 10, frame=frame)
