@@ -336,6 +336,9 @@ def slow_cell(seed, log_dir):
     with open(Path(log_dir) / f"calls_{seed}.txt", "a") as f:
         f.write(f"{os.getpid()}\\n")
     time.sleep(float(os.environ["FAULT_DELAY"]))     # not a param: a slower re-run is the same sweep
+    end = time.monotonic() + 60                        # a test holds the cell while <log_dir>/hold exists
+    while (Path(log_dir) / "hold").exists() and time.monotonic() < end:
+        time.sleep(0.05)
     return [{"metric": "x", "value": seed * 1.5}]
 
 if __name__ == "__main__":
@@ -378,11 +381,14 @@ def wait_for(predicate, timeout=60.0):
 
 
 def test_two_concurrent_runs_compute_each_cell_once(tmp_path, sweep_script):
+    hold = tmp_path / "calls" / "hold"
+    hold.touch()                                                   # A's first cell waits until B is done
     a = sweep_script(0.4)
     try:
         wait_for(lambda: calls(tmp_path))                          # A holds the lock and is computing
         b = sweep_script(0.4)
         _, err_b = b.communicate(timeout=60)
+        hold.unlink()
         assert b.returncode == 3 and "locked by another run" in err_b and f"pid {a.pid}" in err_b
         _, err_a = a.communicate(timeout=60)
         assert a.returncode == 0, err_a
