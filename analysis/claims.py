@@ -38,7 +38,9 @@ from .stats import fmt
 from .topics import CLAIM_IDS, CLAIMS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CSV_COLUMNS = ("id", "paper_wording", "statement", "verdict", "evidence", "figure")
+CSV_COLUMNS = ("id", "comparison", "paper_wording", "statement", "verdict", "evidence", "figure",
+               "n", "effect", "ci_low", "ci_high", "margin", "mde", "claimed_side", "conf")
+COMPARISON_FIELDS = ("n", "effect", "ci_low", "ci_high", "margin", "mde", "claimed_side", "conf")
 TEST_FILES = ("tests/test_properties.py", "tests/test_probes_lipschitz.py",
               "tests/test_probes_amplification.py", "tests/test_inject.py")
 
@@ -159,7 +161,8 @@ def _comparison_lines(claim: Claim) -> list[str]:
     """The claim's paired comparisons (SPEC §5: n, effect, 95 % interval, margin, MDE), if it has any."""
     if not claim.comparisons:
         return []
-    return ["- Paired comparisons (95 % t-interval over seeds; MDE at 80 % power):",
+    return ["- Paired comparisons (t-interval over seeds at the stated level, 95 % unless shown; MDE at 80 % "
+            "power; each comparison's verdict by SPEC §5):",
             md_table(["comparison", "n", "effect", "95 % interval", "margin", "MDE", "verdict"],
                      [cmp.row() for cmp in claim.comparisons])]
 
@@ -176,9 +179,15 @@ def _spaced(lines: list[str]) -> list[str]:
 
 
 def claims_frame(claims: list[Claim]) -> pd.DataFrame:
-    return pd.DataFrame([{"id": c.id, "paper_wording": c.paper_wording, "statement": c.statement,
-                          "verdict": c.verdict, "evidence": c.evidence_text(), "figure": c.figure}
-                         for c in claims], columns=list(CSV_COLUMNS))
+    """One row per claim (``comparison`` empty) followed by one row per paired comparison of that claim
+    (SPEC §5: ``n, effect, ci_low, ci_high, margin, mde`` and the comparison's own ``verdict``)."""
+    rows = []
+    for c in claims:
+        rows.append({"id": c.id, "comparison": "", "paper_wording": c.paper_wording, "statement": c.statement,
+                     "verdict": c.verdict, "evidence": c.evidence_text(), "figure": c.figure})
+        rows += [{"id": c.id, "comparison": cmp.name, "verdict": cmp.verdict, "figure": c.figure,
+                  **{f: getattr(cmp, f) for f in COMPARISON_FIELDS}} for cmp in c.comparisons]
+    return pd.DataFrame(rows, columns=list(CSV_COLUMNS))
 
 
 def write_report(claims: list[Claim], out_md, out_csv, **render_kw) -> tuple[Path, Path]:
