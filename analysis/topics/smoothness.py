@@ -22,7 +22,7 @@ from ..plotting import (KIND_LABELS, METHOD_ORDER, ROUTER_COLORS, ROUTER_MARKERS
 from ..stats import Comparison, combine, fmt, holm_family
 from .smoothness_churn import C12, F11, draw_f11, prepare_f11  # noqa: F401  (draw/prepare: notebook)
 from .smoothness_init import C8, F7, draw_f7, prepare_f7  # noqa: F401  (draw_f7/prepare_f7: notebook)
-from .smoothness_topk import C10, F9, draw_f9, prepare_f9  # noqa: F401  (draw_f9/prepare_f9: notebook)
+from .smoothness_topk import C10, F9, F9_PANELS, draw_f9, prepare_f9  # noqa: F401  (draw/prepare: notebook)
 
 LIP_REL_TOL = 1e-9                          # local/empirical <= certified * (1 + LIP_REL_TOL)
 C5_KINDS = ("gaussian_input", "adversarial")
@@ -205,19 +205,38 @@ def evaluate_c5(data: dict, config: dict, verdicts: dict) -> Outcome:
 
 
 # ----------------------------------------------------------------------------- F2 amplification vs eps
-def prepare_f2(synthetic: pd.DataFrame) -> pd.DataFrame:
+def prepare_f2(synthetic: pd.DataFrame, controls: pd.DataFrame) -> pd.DataFrame:
+    """``panel = quotient``: routing quotient (median, p95 over tokens) per (E, kind, talk, ε), mean
+    and 95 % CI over seeds; ``panel = ratio/<control>``: per seed the geometric mean over (E, r) of
+    the median quotient talk / scale-matched control, geometric mean and 95 % CI over seeds."""
     d = sel(synthetic, metric="routing_quotient", statistic=["median", "p95"])
-    return summarise(d, ["E", "kind", "talk", "statistic", "eps"])
+    out = [summarise(d, ["E", "kind", "talk", "statistic", "eps"]).assign(panel="quotient")]
+    keys = ["E", "r", "talk", "seed", "kind", "eps"]
+    q = sel(synthetic, metric="routing_quotient", statistic="median")
+    for ctrl, g in sel(controls, metric="routing_quotient", statistic="median").groupby("control"):
+        j = q[keys + ["value"]].merge(g[keys + ["value"]], on=keys, suffixes=("", "_control"))
+        j = j[(j["value"] > 0) & (j["value_control"] > 0)]
+        j = j.assign(value=np.log(j["value"] / j["value_control"]))
+        j = j.groupby(["talk", "kind", "eps", "seed"], as_index=False)["value"].mean()
+        r = summarise(j, ["kind", "talk", "eps"])
+        r[["mean", "lo", "hi"]] = np.exp(r[["mean", "lo", "hi"]])
+        out.append(r.assign(panel=f"ratio/{ctrl}", statistic="median", E=np.nan))
+    return pd.concat(out, ignore_index=True)
 
 
 def draw_f2(data: pd.DataFrame):
+    if "panel" not in data:                       # figure data written before the controls existed
+        data = data.assign(panel="quotient")
+    ratio = data[data["panel"].str.startswith("ratio/")]
+    data = data[data["panel"] == "quotient"]
     Es = sorted(data["E"].unique())
     kinds = order(data["kind"], list(KIND_LABELS))
     talks = talk_order(data["talk"])
     colors = talk_colors(talks)
     markers = dict(zip(talks, "osD^vP*X"))
-    fig, axes = plt.subplots(len(Es), len(kinds), figsize=(WIDTH, 2.5 * len(Es) + 0.6), squeeze=False,
-                             sharex=True, sharey="row")
+    extra = 1 if len(ratio) else 0
+    fig, axes = plt.subplots(len(Es) + extra, len(kinds), figsize=(WIDTH, 2.5 * (len(Es) + extra) + 0.6),
+                             squeeze=False, sharex=True, sharey="row")
     for i, E in enumerate(Es):
         for j, kind in enumerate(kinds):
             ax = axes[i, j]
@@ -226,7 +245,7 @@ def draw_f2(data: pd.DataFrame):
                     d = sel(data, E=E, kind=kind, talk=t, statistic=stat)
                     if len(d):
                         line_ci(ax, d, "eps", color=colors[t], ls=ls, marker=markers[t] if stat == "median" else "",
-                                 label=talk_label(t) if stat == "median" else None, band=stat == "median")
+                                label=talk_label(t) if stat == "median" else None, band=stat == "median")
             ax.set_xscale("log")
             ax.set_yscale("log")
             log_ylim_from(ax, sel(data, E=E)["mean"], pad=1.6)
@@ -235,13 +254,28 @@ def draw_f2(data: pd.DataFrame):
             if j == 0:
                 ax.set_ylabel(f"E = {E}\nrouting quotient ‖Δg‖₂/‖δ‖₂")
             nice_log(ax, "y")
+    if extra:
+        for j, kind in enumerate(kinds):
+            ax = axes[-1, j]
+            for t in talks:
+                for panel, ls in (("ratio/spectral", "-"), ("ratio/frobenius", "--")):
+                    d = ratio[(ratio["panel"] == panel) & (ratio["kind"] == kind) & (ratio["talk"] == t)]
+                    if len(d):
+                        line_ci(ax, d, "eps", color=colors[t], ls=ls, marker=markers[t], band=panel == "ratio/spectral")
+            ax.axhline(1.0, color="0.3", lw=0.9)
+            ax.set_xscale("log")
+            if j == 0:
+                ax.set_ylabel("talk / scale-matched\nMoELoRA-code control")
     fig.supxlabel("ε  (relative perturbation size ‖δ‖/‖x‖, or ‖δh‖/‖h‖ for the block kind)", fontsize=10)
     fig.tight_layout()
     h, lab = dedupe(axes)
     h += [matplotlib.lines.Line2D([], [], color="0.3", ls="-", marker="o"),
           matplotlib.lines.Line2D([], [], color="0.3", ls=":")]
     lab += ["median over tokens", "95th percentile"]
-    legend_below(fig, h, lab, ncol=4, title="talk setting T (shaded: 95% CI of the median over seeds)")
+    if extra:
+        h += [matplotlib.lines.Line2D([], [], color="0.3", ls="-"), matplotlib.lines.Line2D([], [], color="0.3", ls="--")]
+        lab += ["bottom: / spectral-norm-matched control", "bottom: / Frobenius-norm-matched control"]
+    legend_below(fig, h, lab, ncol=3, title="talk setting T (shaded: 95% CI over seeds)")
     return fig
 
 
@@ -340,11 +374,14 @@ C5 = ClaimSpec(
            r"tests/test_probes_amplification\.py::test_fixed_block_and_talk_spreading"),
     experiments=("perturb_synthetic", "perturb_controls"), optional=("train",), evaluate=evaluate_c5)
 F2 = FigureSpec(
-    "F2", "amplification_vs_eps", ("perturb_synthetic",), prepare_f2, draw_f2,
+    "F2", "amplification_vs_eps", ("perturb_synthetic", "perturb_controls"), prepare_f2, draw_f2,
     "Perturbation amplification ({claims}): routing quotient ‖Δg‖₂/‖δ‖₂ (median solid, 95th "
     "percentile dotted over tokens) vs relative perturbation size ε, per perturbation kind (columns) "
     "and number of experts (rows), for each talk setting; every setting shares A, C, B, W_r and "
-    "differs in T only. Shaded: 95% CI over seeds.")
+    "differs in T only. Bottom row: the median quotient of each talk setting divided by that of its "
+    "scale-matched MoELoRA-code control (W_r' = c·W_r with the same spectral norm, solid, or Frobenius "
+    "norm, dashed, as W_r(T⊗I)); below 1 = communication reduces amplification beyond the router's "
+    "scale. Shaded: 95% CI over seeds (geometric for the ratios).")
 F3 = FigureSpec(
     "F3", "lipschitz_sandwich", ("perturb_synthetic", "train"), prepare_f3, draw_f3,
     "Router Lipschitz sandwich ({claims}): certified bound ≥ max local Jacobian norm ≥ empirical "

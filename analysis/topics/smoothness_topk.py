@@ -25,6 +25,9 @@ def c10_relative_differences(routers: pd.DataFrame) -> pd.DataFrame:
     """Per (router, kind, ε, statistic, seed): ``(q_topk − q_dense) / q_dense`` of the routing quotient
     ‖Δg‖/‖δ‖ on the same weights and tokens (mean over layers within a seed); > 0 = top-k less stable."""
     q = routers[(routers.metric == "routing_quotient") & (routers.eps > 0) & routers.statistic.isin(list(C10_STATS))]
+    cols = ["router", "kind", "eps", "statistic", "seed", "value"]
+    if not len(q):
+        return pd.DataFrame(columns=cols)
     piv = q.pivot_table(index=["seed", "layer", "kind", "eps", "statistic"], columns="router", values="value",
                         aggfunc="first")
     if "dense" not in piv:
@@ -34,7 +37,6 @@ def c10_relative_differences(routers: pd.DataFrame) -> pd.DataFrame:
         rel = ((piv[k] - piv["dense"]) / piv["dense"]).rename("value").reset_index()
         rel = rel.groupby(["kind", "eps", "statistic", "seed"], as_index=False)["value"].mean()
         out.append(rel.assign(router=k))
-    cols = ["router", "kind", "eps", "statistic", "seed", "value"]
     return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
 
 
@@ -94,7 +96,8 @@ KIND_STYLES = {"gaussian_input": "-", "adversarial": "--", "gaussian_block": ":"
 
 def prepare_f9(routers: pd.DataFrame) -> pd.DataFrame:
     rel = c10_relative_differences(routers)
-    rel = summarise(rel.assign(panel="quotient_rel/" + rel["statistic"]), ["panel", "router", "kind", "eps"])
+    rel = summarise(rel.assign(panel="quotient_rel/" + rel["statistic"]), ["panel", "router", "kind", "eps"]) \
+        if len(rel) else None
     d = sel(routers, metric="topk_set_flip_rate", statistic="mean", kind="gaussian_input")
     flips = summarise(d.assign(panel="topk_set_flip_rate/gaussian_input"), ["panel", "router", "kind", "eps"])
     lip = sel(routers, metric="lipschitz", kind="lipschitz_code")
@@ -106,6 +109,8 @@ def prepare_f9(routers: pd.DataFrame) -> pd.DataFrame:
 
 def draw_f9(data: pd.DataFrame):
     fig, axes = plt.subplots(2, 2, figsize=(WIDTH, 5.8))
+    if "kind" not in data:                        # figure data written before the per-ε comparisons
+        data = data.assign(kind="gaussian_input")
     routers = order(data["router"], list(ROUTER_COLORS))
     for ax, (panel, title) in zip(axes.ravel(), F9_PANELS.items()):
         d = data[data["panel"] == panel]
