@@ -191,7 +191,7 @@ def evaluate_c5(data: dict, config: dict, verdicts: dict) -> Outcome:
           "Holm-ordered levels over the verdict's family; margin ±margins.c5_ratio (log scale).",
           "- Secondary (not in the verdict): the uniform-mix settings T = αI + (1−α)J/E against their "
           "controls (95 % intervals):",
-          md_table(["comparison", "n", "effect", "95 % interval", "margin", "MDE", "verdict"],
+          md_table(["secondary comparison", "n", "effect", "95 % interval", "margin", "MDE", "verdict"],
                    [c.row() for c in secondary]) if secondary else "- (no uniform-mix settings)",
           "- Router norms (mean over seeds and grid; the controls match the talk router's spectral resp. "
           "Frobenius norm):",
