@@ -311,7 +311,7 @@ def test_c4_counts_topk_apart_and_never_as_passing():
     assert claim.verdict == "holds"
     assert "top-k routers of perturb_routers" in "\n".join(claim.evidence)
     inf = judge("C4", PASS, perturb_synthetic=synth_frame({"official": 0.8}, certified=math.inf))
-    assert "without a finite certified bound" in "\n".join(inf.evidence) and inf.reason == "no Lipschitz rows"
+    assert "without a finite certified bound" in "\n".join(inf.evidence) and inf.reason == "no Lipschitz cell with a finite certified bound"
 
 
 def test_c3_evidence_uses_the_centred_rows():

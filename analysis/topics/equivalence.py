@@ -186,7 +186,7 @@ def draw_f6(data: pd.DataFrame):
         ax.axhline(eps, color=pal[dt], ls="--", lw=0.9, label=f"{dt} machine ε")
     ax.set_yscale("log")
     ax.set_ylim(F6_ZERO / 3, 1e-3)
-    ax.set_xticks(range(len(metrics)), [F6_LABELS[m] for m in metrics])
+    ax.set_xticks(range(len(metrics)), [F6_LABELS[m] for m in metrics], fontsize=7.5)
     ax.set_ylabel("relative max-abs output residual\nmax|Δy| / max|y|")
     ax.set_title("Exact reparameterisations (random configs)", fontsize=9.5)
     if ((data["value"] == 0) & data["metric"].isin(metrics)).any():

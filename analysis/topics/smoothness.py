@@ -89,7 +89,7 @@ def evaluate_c4(data: dict, config: dict, verdicts: dict) -> Outcome:
                 line.append("—")
         rows.append(line)
     if n_cells == 0:
-        verdict, reason = "inconclusive", "no Lipschitz rows"
+        verdict, reason = "inconclusive", "no Lipschitz cell with a finite certified bound"
     elif violations:
         verdict, reason = "refuted", "; ".join(violations)
     else:

@@ -96,8 +96,8 @@ def _binomial_mde(p: float, n: int, conf: float = 0.95, power: float = 0.8) -> f
 
 
 # ----------------------------------------------------------------------------- F7 ||T||_2 under official init
-F7_METRICS = {"talk_norm": "‖T‖₂ under the official init U(±1/√E)",
-              "certified_ratio": "certified bound ratio  ‖W_r(T⊗I)‖₂ / ‖W_r‖₂"}
+F7_METRICS = {"talk_norm": "‖T‖₂ under the\nofficial init U(±1/√E)",
+              "certified_ratio": "certified bound ratio\n‖W_r(T⊗I)‖₂ / ‖W_r‖₂"}
 
 
 def prepare_f7(talk_norms: pd.DataFrame) -> pd.DataFrame:
@@ -127,10 +127,12 @@ def draw_f7(data: pd.DataFrame):
             ax.errorbar(d["E"], 100 * d["share"], yerr=[100 * (d["share"] - d["share_lo"]), 100 * (d["share_hi"] - d["share"])],
                         color=color, marker="o", capsize=3, label=label)
     ax.set_xscale("log", base=2)
+    Es = sorted(data["E"].unique())
+    ax.set_xticks(Es, [str(int(E)) for E in Es])
     ax.set_xlabel("number of experts E")
     ax.set_ylabel("share of draws (%)")
     ax.set_ylim(bottom=0)
-    ax.set_title("share > 1 (Wilson 95 %)", fontsize=9.5)
+    ax.set_title("share of draws > 1\n(Wilson 95 %)", fontsize=9)
     ax.legend(fontsize=8, framealpha=0.9)
     for ax, metric in zip(axes[0], metrics):
         d = data[data["metric"] == metric].sort_values("E")
@@ -144,7 +146,7 @@ def draw_f7(data: pd.DataFrame):
         ax.set_ylim(0, top * 1.22)
         for k, r in enumerate(d.itertuples(), 1):
             ax.text(k, top * 1.08, f"{100 * r.frac_gt_1:.0f}%", ha="center", fontsize=8.5, color="#d62728")
-        ax.set_title(F7_METRICS[metric], fontsize=9.5)
+        ax.set_title(F7_METRICS[metric], fontsize=9)
         ax.set_xlabel("number of experts E")
         ax.set_ylabel("spectral norm (dimensionless)" if metric == "talk_norm" else "ratio (dimensionless)")
     fig.suptitle("Official Talking-Module init: box 25–75%, whiskers 2.5–97.5%, ◇ mean;\n"

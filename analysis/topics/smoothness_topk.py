@@ -123,7 +123,8 @@ def draw_f9(data: pd.DataFrame):
         ax.set_xscale("log")
         if panel.startswith("quotient_rel"):
             ax.axhline(0, color="0.3", lw=0.9)
-            ax.set_ylabel("relative difference\n(> 0: top-k less stable)")
+            ax.set_yscale("symlog", linthresh=1.0)
+            ax.set_ylabel("relative difference (symlog)\n(> 0: top-k less stable)")
         else:
             ax.set_ylim(-0.03, 1.03)
             ax.set_ylabel("fraction of tokens")
@@ -149,7 +150,7 @@ def draw_f9(data: pd.DataFrame):
     ax.legend(fontsize=8, loc="upper right", framealpha=0.9)
     ax.set_ylim(0, max(lip["hi"].max() * 1.45, 1e-3) if len(lip) and np.isfinite(lip["hi"].max()) else 1)
     fig.tight_layout()
-    h, lab = dedupe(axes[0])
+    h, lab = dedupe(axes.ravel()[:3])
     legend_below(fig, h, lab, ncol=2, title="router, perturbation kind (shaded: 95% CI over seeds)")
     return fig
 
