@@ -163,7 +163,7 @@ def _comparison_lines(claim: Claim) -> list[str]:
         return []
     return ["- Paired comparisons (t-interval over seeds at the stated level, 95 % unless shown; MDE at 80 % "
             "power; each comparison's verdict by SPEC §5):",
-            md_table(["comparison", "n", "effect", "95 % interval", "margin", "MDE", "verdict"],
+            md_table(["comparison", "n", "effect", "interval", "margin", "MDE", "verdict"],
                      [cmp.row() for cmp in claim.comparisons])]
 
 
