@@ -11,10 +11,11 @@
    topic's ``evaluate`` applies the rule in code, then the backing-test gate) and writes the report
    atomically.
 
-Verdicts are exactly one of :data:`VERDICTS`.  Intervals are two-sided 95 % Student-t intervals of
-the mean over seeds (:mod:`analysis.stats`; seeds are the replicates: the layers, ε values and kinds
-of one seed are averaged first); a comparison is *resolved* when its interval excludes the null
-value (0 for a difference, 1 for a ratio).  A missing experiment raises
+Verdicts are exactly one of :data:`VERDICTS`.  Intervals are two-sided Student-t intervals of the
+mean over seeds (:mod:`analysis.stats`; seeds are the replicates), 95 % unless a claim's family uses
+Holm-ordered levels (the level is reported).  ``claims.csv`` has one row per claim (``comparison``
+empty) and one row per paired comparison of that claim (:class:`analysis.stats.Comparison`: ``n,
+effect, ci_low, ci_high, margin, mde, claimed_side, conf`` and the comparison's own SPEC §5 verdict).  A missing experiment raises
 :class:`analysis.experiments.MissingResultsError` naming the command that produces it.
 """
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Verdict rules of the smoothness claims C5, C8, C10, C12 (analysis.topics.smoothness*) as tables:
 small synthetic frames in -> expected verdict, with data that gives each of holds / refuted /
 inconclusive; plus the SPEC §5 comparison rows they report (n, effect, interval, margin, MDE), the
-scale-matched control pairing of C5 and the per-ε / per-statistic split of C10."""
+scale-matched control pairing of C5 and the per-ε / per-statistic split of C10.  (The statistics
+helpers — Holm levels, ``combine`` — are tested in tests/test_stats.py.)"""
 from __future__ import annotations
 
 import math
@@ -255,25 +256,3 @@ def test_c12_compares_with_both_references_per_source():
     assert sent.effect == pytest.approx(-0.04)           # the budget cell's 0.9 is not counted
     assert 0.95 <= min(c.conf for c in claim.comparisons) and max(c.conf for c in claim.comparisons) == pytest.approx(
         1 - 0.05 / 6)
-
-
-# ----------------------------------------------------------------------------- stats helpers
-def test_holm_levels_and_combine():
-    assert S.holm_levels([0.01, 0.04, 0.03]) == pytest.approx([1 - 0.05 / 3, 0.95, 1 - 0.05 / 2])
-    assert S.holm_levels([math.nan, 0.01]) == pytest.approx([0.95, 0.975])
-    good = S.Comparison.from_differences("a", [0.10, 0.11, 0.12], 0.01)
-    none = S.Comparison.from_differences("b", [0.001, -0.001, 0.0], 0.01)
-    open_ = S.Comparison.from_differences("c", [0.1, -0.1, 0.05], 0.01)
-    assert (good.verdict, none.verdict, open_.verdict) == ("holds", "refuted", "inconclusive")
-    assert S.combine([good, good])[0] == "holds"
-    assert S.combine([good, open_, none])[0] == "refuted" and "b" in S.combine([good, none])[1]
-    assert S.combine([good, open_])[0] == "inconclusive" and S.combine([])[0] == "inconclusive"
-
-
-def test_holm_family_widens_the_intervals():
-    d = [0.1, 0.12, 0.08, 0.11]
-    fam = S.holm_family([("x", d, 0.01, "greater"), ("y", [0.2, 0.21, 0.19, 0.2], 0.01, "greater")])
-    plain = S.Comparison.from_differences("x", d, 0.01)
-    assert fam[0].ci_high - fam[0].ci_low >= plain.ci_high - plain.ci_low
-    assert fam[0].effect == pytest.approx(plain.effect) and {c.conf for c in fam} == {0.95, 0.975}
-    assert "(97.5 %)" in " ".join(" ".join(c.row()) for c in fam)
