@@ -11,10 +11,11 @@
    topic's ``evaluate`` applies the rule in code, then the backing-test gate) and writes the report
    atomically.
 
-Verdicts are exactly one of :data:`VERDICTS`.  Intervals are two-sided 95 % Student-t intervals of
-the mean over seeds (:mod:`analysis.stats`; seeds are the replicates: the layers, ε values and kinds
-of one seed are averaged first); a comparison is *resolved* when its interval excludes the null
-value (0 for a difference, 1 for a ratio).  A missing experiment raises
+Verdicts are exactly one of :data:`VERDICTS`.  Intervals are two-sided Student-t intervals of the
+mean over seeds (:mod:`analysis.stats`; seeds are the replicates), 95 % unless a claim's family uses
+Holm-ordered levels (the level is reported).  ``claims.csv`` has one row per claim (``comparison``
+empty) and one row per paired comparison of that claim (:class:`analysis.stats.Comparison`: ``n,
+effect, ci_low, ci_high, margin, mde, claimed_side, conf`` and the comparison's own SPEC §5 verdict).  A missing experiment raises
 :class:`analysis.experiments.MissingResultsError` naming the command that produces it.
 """
 from __future__ import annotations
@@ -38,7 +39,9 @@ from .stats import fmt
 from .topics import CLAIM_IDS, CLAIMS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CSV_COLUMNS = ("id", "paper_wording", "statement", "verdict", "evidence", "figure")
+CSV_COLUMNS = ("id", "comparison", "paper_wording", "statement", "verdict", "evidence", "figure",
+               "n", "effect", "ci_low", "ci_high", "margin", "mde", "claimed_side", "conf")
+COMPARISON_FIELDS = ("n", "effect", "ci_low", "ci_high", "margin", "mde", "claimed_side", "conf")
 TEST_FILES = ("tests/test_properties.py", "tests/test_probes_lipschitz.py",
               "tests/test_probes_amplification.py", "tests/test_inject.py")
 
@@ -159,8 +162,9 @@ def _comparison_lines(claim: Claim) -> list[str]:
     """The claim's paired comparisons (SPEC §5: n, effect, 95 % interval, margin, MDE), if it has any."""
     if not claim.comparisons:
         return []
-    return ["- Paired comparisons (95 % t-interval over seeds; MDE at 80 % power):",
-            md_table(["comparison", "n", "effect", "95 % interval", "margin", "MDE", "verdict"],
+    return ["- Paired comparisons (t-interval over seeds at the stated level, 95 % unless shown; MDE at 80 % "
+            "power; each comparison's verdict by SPEC §5):",
+            md_table(["comparison", "n", "effect", "interval", "margin", "MDE", "verdict"],
                      [cmp.row() for cmp in claim.comparisons])]
 
 
@@ -176,9 +180,15 @@ def _spaced(lines: list[str]) -> list[str]:
 
 
 def claims_frame(claims: list[Claim]) -> pd.DataFrame:
-    return pd.DataFrame([{"id": c.id, "paper_wording": c.paper_wording, "statement": c.statement,
-                          "verdict": c.verdict, "evidence": c.evidence_text(), "figure": c.figure}
-                         for c in claims], columns=list(CSV_COLUMNS))
+    """One row per claim (``comparison`` empty) followed by one row per paired comparison of that claim
+    (SPEC §5: ``n, effect, ci_low, ci_high, margin, mde`` and the comparison's own ``verdict``)."""
+    rows = []
+    for c in claims:
+        rows.append({"id": c.id, "comparison": "", "paper_wording": c.paper_wording, "statement": c.statement,
+                     "verdict": c.verdict, "evidence": c.evidence_text(), "figure": c.figure})
+        rows += [{"id": c.id, "comparison": cmp.name, "verdict": cmp.verdict, "figure": c.figure,
+                  **{f: getattr(cmp, f) for f in COMPARISON_FIELDS}} for cmp in c.comparisons]
+    return pd.DataFrame(rows, columns=list(CSV_COLUMNS))
 
 
 def write_report(claims: list[Claim], out_md, out_csv, **render_kw) -> tuple[Path, Path]:

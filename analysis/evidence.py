@@ -28,6 +28,18 @@ VERDICTS = ("holds", "holds under stated conditions", "refuted", "inconclusive")
 
 
 # ----------------------------------------------------------------------------- claims
+def declared_margin(config: dict, name: str) -> float:
+    """``config["margins"][name]``: a margin declared in the profile before anything runs (SPEC §5)."""
+    margins = (config or {}).get("margins") or {}
+    if name not in margins:
+        raise KeyError(f"margin {name!r} is not declared: config['margins'] must hold it (profile section "
+                       f"[margins]); declared: {sorted(margins)}")
+    value = float(margins[name])
+    if not value > 0:
+        raise ValueError(f"margins.{name} must be > 0, got {value!r}")
+    return value
+
+
 @dataclass
 class Outcome:
     """The numeric rule's result for one claim (before the backing-test gate)."""

@@ -7,7 +7,9 @@
 * :func:`tost` — equivalence by two one-sided t-tests against ``±margin``;
 * :func:`mde` — minimum detectable effect of a paired t-test;
 * :func:`verdict_from_interval` — the SPEC §5 verdict of one comparison from its interval;
-* :class:`Comparison` — one paired comparison as a claim reports it (n, effect, interval, margin, MDE).
+* :class:`Comparison` — one paired comparison as a claim reports it (n, effect, interval, margin, MDE);
+* :func:`holm_family` — a family of paired comparisons with Holm-ordered interval levels;
+* :func:`combine` — a claim's verdict from its comparisons' verdicts (the declared combination).
 """
 from __future__ import annotations
 
@@ -173,6 +175,7 @@ class Comparison:
     margin: float
     mde: float
     claimed_side: str = "greater"
+    conf: float = CONF
 
     def __post_init__(self):
         if self.claimed_side not in SIDES:
@@ -184,19 +187,75 @@ class Comparison:
 
     @classmethod
     def from_differences(cls, name: str, differences, margin: float, claimed_side: str = "greater",
-                         power: float = 0.8) -> "Comparison":
-        """From per-replicate paired differences (one per seed): mean, 95 % t-interval and the MDE at ``power``."""
+                         power: float = 0.8, conf: float = CONF) -> "Comparison":
+        """From per-replicate paired differences (one per seed): mean, ``conf`` t-interval and the MDE
+        at ``power`` (two-sided test at level ``1 − conf``)."""
         v = np.asarray(list(differences), dtype=float)
         v = v[np.isfinite(v)]
-        mean, lo, hi, n = t_interval(v)
+        mean, lo, hi, n = t_interval(v, conf)
         sd = float(v.std(ddof=1)) if n > 1 else math.nan
-        return cls(name, n, mean, lo, hi, margin, mde(sd, n, power=power), claimed_side)
+        return cls(name, n, mean, lo, hi, margin, mde(sd, n, conf=conf, power=power), claimed_side, conf)
 
     def row(self, digits: int = 3) -> list[str]:
         """``name, n, effect, interval, ±margin, MDE, verdict`` as report cells."""
         interval = f"[{fmt(self.ci_low, digits)}, {fmt(self.ci_high, digits)}]"
+        if abs(self.conf - CONF) > 1e-12:
+            interval += f" ({100 * self.conf:.3g} %)"
         return [self.name, str(self.n), fmt(self.effect, digits), interval, f"±{fmt(self.margin, digits)}",
                 fmt(self.mde, digits), self.verdict]
+
+
+def p_value(differences) -> float:
+    """Two-sided one-sample t-test p-value of mean(differences) = 0 (NaN for n < 2; 1 for all-equal
+    zeros, 0 for a constant non-zero difference)."""
+    v = np.asarray(list(differences), dtype=float)
+    v = v[np.isfinite(v)]
+    if len(v) < 2:
+        return math.nan
+    if float(v.std(ddof=1)) == 0:
+        return 1.0 if float(v.mean()) == 0 else 0.0
+    return float(stats.ttest_1samp(v, 0.0).pvalue)
+
+
+def holm_levels(pvalues, conf: float = CONF) -> list[float]:
+    """Holm-ordered interval levels of a family: the comparison with the i-th smallest p-value
+    (i = 1…m) gets a ``1 − α/(m − i + 1)`` interval (α = 1 − conf), so its interval excludes 0
+    exactly when it passes its Holm step; missing p-values (n < 2) count as the largest."""
+    p = np.asarray([x if math.isfinite(x) else 2.0 for x in pvalues], dtype=float)
+    alpha, m = 1 - conf, len(p)
+    out = [conf] * m
+    for i, j in enumerate(np.argsort(p, kind="stable")):
+        out[j] = 1 - alpha / (m - i)
+    return out
+
+
+def holm_family(items, conf: float = CONF) -> list["Comparison"]:
+    """Paired comparisons of one family with Holm-ordered levels (:func:`holm_levels`).  ``items``:
+    ``(name, differences, margin, claimed_side)`` tuples (differences: one per seed)."""
+    items = [(name, np.asarray(list(d), dtype=float), margin, side) for name, d, margin, side in items]
+    levels = holm_levels([p_value(d) for _, d, _, _ in items], conf)
+    return [Comparison.from_differences(name, d, margin, side, conf=lv)
+            for (name, d, margin, side), lv in zip(items, levels)]
+
+
+def combine(comparisons) -> tuple[str, str]:
+    """The declared combination of a claim's comparisons: ``holds`` if every comparison holds,
+    ``refuted`` if at least one is refuted (a general claim fails where the effect is absent or
+    reversed), else ``inconclusive`` (also for no comparisons).  Returns ``(verdict, reason)``."""
+    comparisons = list(comparisons)
+    if not comparisons:
+        return "inconclusive", "no comparisons"
+    verdicts = [c.verdict for c in comparisons]
+    if all(v == "holds" for v in verdicts):
+        return "holds", f"all {len(verdicts)} comparisons hold"
+    refuted = [c for c in comparisons if c.verdict == "refuted"]
+    if refuted:
+        return "refuted", ("refuted by " + "; ".join(
+            f"{c.name} {fmt(c.effect)} [{fmt(c.ci_low)}, {fmt(c.ci_high)}] (±{fmt(c.margin)})" for c in refuted[:4])
+            + (f" and {len(refuted) - 4} more" if len(refuted) > 4 else ""))
+    open_ = [c.name for c in comparisons if c.verdict == "inconclusive"]
+    return "inconclusive", (f"{len(open_)} of {len(comparisons)} comparisons undecided (interval neither "
+                            f"on the claimed side nor inside ±margin): " + ", ".join(open_[:4]))
 
 
 def fmt(x, digits: int = 3) -> str:

@@ -14,13 +14,15 @@
 # ---
 
 # %% [markdown]
-# # Evidence topic: smoothness (F2, F3, F7, F9)
+# # Evidence topic: smoothness (F2, F3, F7, F9, F11)
 #
-# Claims C4 (router Lipschitz bounds), C5 (communication mitigates perturbation amplification),
-# C8 (how often the official init has ‖T‖₂ > 1 and raises the router bound) and C10 (dense softmax
-# vs hard–soft top-k routing).  Claims, rules and figures: `analysis/topics/smoothness.py` (C8 and
-# F7: `analysis/topics/smoothness_init.py`).  The synthetic layers of a seed share A, C, B and
-# W_r and differ only in the Talking Module T, so any difference between talk settings is T's.
+# Claims C4 (router Lipschitz bounds), C5 (communication mitigates perturbation amplification,
+# against a scale-matched MoELoRA-code control), C8 (how often the official init raises the router
+# bound), C10 (dense softmax vs hard–soft top-k routing, per ε and statistic) and C12 (communication
+# smooths routing dynamics: top-1 churn over training).  Claims, rules and figures:
+# `analysis/topics/smoothness.py` (C8/F7: `smoothness_init.py`, C10/F9: `smoothness_topk.py`,
+# C12/F11: `smoothness_churn.py`).  The synthetic layers of a seed share A, C, B and W_r and differ
+# only in the Talking Module T, so any difference between talk settings is T's.
 
 # %% [markdown]
 # *Setup: the figure data is read from `figures/data/` (or `$TALKLORA_FIGURES_DIR/data`); the
@@ -37,10 +39,19 @@ set_style()
 # ## F2 — amplification vs ε
 # Routing quotient ‖Δg‖₂/‖δ‖₂ per token (median and 95th percentile) for Gaussian, expert-block
 # and adversarial perturbations.  A flat curve means the router responds linearly at that scale.
+# Bottom row: each talk setting against its scale-matched MoELoRA-code control (same spectral or
+# Frobenius norm of the effective router, i.e. the same router temperature); below 1 means
+# communication reduces amplification by more than its effect on the router's scale.
 
 # %%
 f2 = load("F2")
-f2[f2["statistic"] == "median"].pivot_table(index=["E", "kind", "eps"], columns="talk", values="mean").round(4)
+quot = f2[f2["panel"] == "quotient"] if "panel" in f2 else f2
+quot[quot["statistic"] == "median"].pivot_table(index=["E", "kind", "eps"], columns="talk", values="mean").round(4)
+
+# %%
+if "panel" in f2:       # talk / control ratios (absent from figure data written before the controls)
+    display(f2[f2["panel"].str.startswith("ratio/")].pivot_table(index=["kind", "eps"], columns=["panel", "talk"],
+                                                                 values="mean").round(3))
 
 # %%
 fig = T.draw_f2(f2)
@@ -56,7 +67,8 @@ fig = T.draw_f3(f3)
 
 # %% [markdown]
 # ## F9 — dense vs top-k routing
-# Flip rates of the top-1 expert and of the selected top-k set vs ε, and local Lipschitz
+# Per ε and statistic (median token, worst token): relative difference of the routing quotient
+# (top-k − dense)/dense on the same weights; the top-k set flip rate vs ε, and local Lipschitz
 # constants away from ties; the certified bound does not exist for top-k (the gates jump).
 
 # %%
@@ -74,3 +86,19 @@ f7[["metric", "E", "median", "mean", "frac_gt_1", "n"]]
 
 # %%
 fig = T.draw_f7(f7)
+
+# %% [markdown]
+# ## F11 — routing churn over training
+# Share of held-out tokens whose top-1 expert changed since the previous checkpoint, TalkLoRA vs
+# MoELoRA-code vs the scale-matched control, per task and model (mean ± 95 % CI over seeds).
+
+# %%
+from pathlib import Path
+from analysis.figures import default_figures_dir
+
+if (Path(default_figures_dir()) / "data" / f"{T.F11.name}.csv").is_file():
+    f11 = load("F11")
+    display(f11.pivot_table(index=["source", "step"], columns="method", values="mean").round(4))
+    fig = T.draw_f11(f11)
+else:   # figure data committed before F11 existed: `python -m analysis figures` writes it
+    print(f"no {T.F11.name}.csv yet: run `python -m analysis figures`")

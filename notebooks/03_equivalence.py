@@ -33,11 +33,14 @@ set_style()
 # %% [markdown]
 # ## F6 — residuals of the exact maps
 # Relative max-abs output residuals on random configurations: they should sit at the dtype's
-# rounding level.  The counterexample's row-space residual must be clearly positive.
+# rounding level.  Right panel (C3, "not conversely"): on centred router rows (I − J/E)W — softmax
+# ignores a common logit shift — with B ≠ 0, a random input router's centred row-space residual and
+# its output gap to the best code router must be clearly positive, while a code router plus a common
+# shift is non-zero uncentred but 0 once centred.
 
 # %%
 f6 = load("F6")
-f6.groupby(["metric", "dtype"])["value"].agg(["count", "median", "max"])
+f6.groupby(["metric", "dtype"])["value"].agg(["count", "median", "min", "max"])
 
 # %%
 fig = T.draw_f6(f6)

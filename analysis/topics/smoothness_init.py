@@ -10,73 +10,130 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from ..evidence import ClaimSpec, FigureSpec, Outcome, md_table
+import math
+
+from scipy import stats
+
+from ..evidence import ClaimSpec, FigureSpec, Outcome, declared_margin, md_table
 from ..plotting import WIDTH
-from ..stats import fmt, pct, wilson
+from ..stats import Comparison, fmt, pct, wilson
 
 
 # C8 -------------------------------------------------------------------------
+def c8_shares(tn: pd.DataFrame) -> pd.DataFrame:
+    """Per E: ``k`` of ``n`` independent official-init draws with ‖T‖₂ > 1 (``norm``) and with a raised
+    certified bound (``rises``: ½‖W_r(T⊗I)‖₂ > ½‖W_r‖₂), from the ``share_*`` rows when present,
+    else counted from the per-draw rows; with Wilson 95 % intervals."""
+    out = []
+    for E, g in tn.groupby("E"):
+        row = dict(E=int(E))
+        for name, share, metric in (("norm", "share_talk_norm_gt_1", "talk_norm"),
+                                    ("rises", "share_bound_rises", "certified_ratio")):
+            s = g[g.metric == share]
+            if len(s) and {"k", "n"} <= set(s.columns):
+                k, n = int(s["k"].iloc[0]), int(s["n"].iloc[0])
+            else:
+                v = g[(g.metric == metric) & (g.draw >= 0)].value if "draw" in g else g[g.metric == metric].value
+                k, n = int((v > 1).sum()), len(v)
+            p, lo, hi = wilson(k, n)
+            row.update({f"{name}_k": k, f"{name}_n": n, name: p, f"{name}_lo": lo, f"{name}_hi": hi})
+        draws = g[g.metric == "talk_norm"]
+        draws = draws[draws.draw >= 0] if "draw" in draws else draws
+        ratios = g[(g.metric == "certified_ratio") & ((g.draw >= 0) if "draw" in g else True)].value
+        row.update(median_norm=float(draws.value.median()) if len(draws) else math.nan,
+                   median_ratio=float(ratios.median()) if len(ratios) else math.nan,
+                   max_ratio=float(ratios.max()) if len(ratios) else math.nan)
+        out.append(row)
+    return pd.DataFrame(out)
+
+
 def evaluate_c8(data: dict, config: dict, verdicts: dict) -> Outcome:
     """Apply the rule declared in ``C8.rule`` (below) to the saved rows."""
-    tn = data["talk_norms"]
-    rows, fr = [], {}
-    for E, g in tn.groupby("E"):
-        norm = g[g.metric == "talk_norm"].value
-        ratio = g[g.metric == "certified_ratio"].value
-        kn, n = int((norm > 1).sum()), len(norm)
-        kr, nr = int((ratio > 1).sum()), len(ratio)
-        p, lo, hi = wilson(kn, n)
-        q, qlo, qhi = wilson(kr, nr)
-        fr[int(E)] = dict(p=p, lo=lo, hi=hi, q=q, qlo=qlo, qhi=qhi, n=n, kr=kr, nr=nr)
-        rows.append([int(E), n, f"{pct(p)} [{pct(lo)}, {pct(hi)}]", fmt(float(norm.median())),
-                     f"{pct(q)} [{pct(qlo)}, {pct(qhi)}]", fmt(float(ratio.median())), fmt(float(ratio.max()))])
-    raises = [E for E, f in fr.items() if f["qlo"] > 0]
-    if not fr:
+    share = declared_margin(config, "c8_share")
+    sh = c8_shares(data["talk_norms"])
+    comps = [Comparison(f"E = {r.E}: share of draws where the bound rises − declared share {pct(share)}",
+                        r.rises_n, r.rises - share, r.rises_lo - share, r.rises_hi - share, 0.0,
+                        _binomial_mde(r.rises, r.rises_n), "greater") for r in sh.itertuples()]
+    holds = [c for c in comps if c.verdict == "holds"]
+    if not comps:
         verdict, reason = "inconclusive", "no talk_norms rows"
-    elif raises:
+    elif holds:
         verdict = "holds"
-        reason = ("the official init raises the certified router bound in a resolved fraction of draws at E ∈ "
-                  + ", ".join(f"{E} ({pct(fr[E]['q'])}, Wilson lower {pct(fr[E]['qlo'])})" for E in raises))
-    elif all(f["kr"] == 0 for f in fr.values()):
+        reason = ("the Wilson lower bound of the share of draws where the bound rises exceeds the declared "
+                  f"share {pct(share)} at " + ", ".join(c.name.split(":")[0] for c in holds))
+    elif all(c.verdict == "refuted" for c in comps):
         verdict = "refuted"
-        reason = ("no draw at any E raised the certified bound (upper Wilson bounds: "
-                  + ", ".join(f"E={E} {pct(f['qhi'])}" for E, f in fr.items()) + ")")
+        reason = (f"at every E the Wilson upper bound of the share is below the declared share {pct(share)} ("
+                  + ", ".join(f"E = {r.E} {pct(r.rises_hi)}" for r in sh.itertuples()) + ")")
     else:
         verdict = "inconclusive"
-        reason = "some draws raise the bound but no Wilson lower bound is above 0"
-    key = ("‖T‖₂ > 1: " + ", ".join(f"E={E} {pct(f['p'])}" for E, f in fr.items())
-           + "; bound raised: " + ", ".join(f"E={E} {pct(f['q'])}" for E, f in fr.items()))
-    statement = ("Under the official initialisation T ~ U(±1/√E), ‖T‖₂ > 1 in "
-                 + ", ".join(f"{pct(f['p'])} (E = {E})" for E, f in fr.items())
-                 + " of draws, but communication raises the certified router bound ½‖W_r(T⊗I)‖₂ above "
-                 "½‖W_r‖₂ (same W_r ~ U(±1/√r), m = 8) in only "
-                 + ", ".join(f"{pct(f['q'])} [{pct(f['qlo'])}, {pct(f['qhi'])}] (E = {E})" for E, f in fr.items())
-                 + ". ‖T‖₂ > 1 does not imply a raised bound: the bound depends on ‖W_r(T⊗I)‖₂, and a "
-                 "random T shrinks most directions.")
+        reason = f"no E has its interval above {pct(share)}, and at some E it includes {pct(share)}"
+    rows = [[r.E, r.norm_n, f"{pct(r.norm)} [{pct(r.norm_lo)}, {pct(r.norm_hi)}]", fmt(r.median_norm),
+             f"{pct(r.rises)} [{pct(r.rises_lo)}, {pct(r.rises_hi)}]", fmt(r.median_ratio), fmt(r.max_ratio)]
+            for r in sh.itertuples()]
+    key = ("bound raised in " + ", ".join(f"E={r.E} {pct(r.rises)} [{pct(r.rises_lo)}, {pct(r.rises_hi)}]"
+                                          for r in sh.itertuples()) + f" of draws (declared share {pct(share)})")
+    statement = ("Under the official initialisation T ~ U(±1/√E), communication raises the certified router bound "
+                 "½‖W_r(T⊗I)‖₂ above ½‖W_r‖₂ (same W_r) in a practically relevant share of independent draws "
+                 f"(more than margins.c8_share = {pct(share)}) at some E. Measured: ‖T‖₂ > 1 in "
+                 + ", ".join(f"{pct(r.norm)} (E = {r.E})" for r in sh.itertuples())
+                 + " of draws; the bound rises in "
+                 + ", ".join(f"{pct(r.rises)} (E = {r.E})" for r in sh.itertuples())
+                 + ". ‖T‖₂ > 1 does not imply a raised bound: the bound depends on ‖W_r(T⊗I)‖₂.")
     ev = ["- Monte Carlo over independent draws per E (Wilson 95 % intervals):",
-          md_table(["E", "draws", "P(‖T‖₂ > 1)", "median ‖T‖₂", "P(certified ratio > 1)",
-                    "median ratio", "max ratio"], rows)]
-    return Outcome(verdict, reason, key, ev, statement=statement)
+          md_table(["E", "draws", "P(‖T‖₂ > 1)", "median ‖T‖₂", "P(bound rises)", "median ratio", "max ratio"], rows),
+          "- Comparisons: effect = share where the bound rises − the declared share (interval: Wilson, shifted); "
+          "holds above 0, refuted below 0; MDE = (z₀.₉₇₅ + z₀.₈)·√(p(1−p)/n)."]
+    return Outcome(verdict, reason, key, ev, statement=statement, comparisons=comps)
+
+
+def _binomial_mde(p: float, n: int, conf: float = 0.95, power: float = 0.8) -> float:
+    """Smallest share difference a two-sided test at ``1 − conf`` detects with ``power``: (z + z_power)·√(p(1−p)/n)."""
+    if n < 1 or not math.isfinite(p):
+        return math.nan
+    z = stats.norm.ppf((1 + conf) / 2) + stats.norm.ppf(power)
+    return float(z * math.sqrt(max(p * (1 - p), 1 / n ** 2) / n))
 
 
 # ----------------------------------------------------------------------------- F7 ||T||_2 under official init
-F7_METRICS = {"talk_norm": "‖T‖₂ under the official init U(±1/√E)",
-              "certified_ratio": "certified bound ratio  ‖W_r(T⊗I)‖₂ / ‖W_r‖₂"}
+F7_METRICS = {"talk_norm": "‖T‖₂ under the\nofficial init U(±1/√E)",
+              "certified_ratio": "certified bound ratio\n‖W_r(T⊗I)‖₂ / ‖W_r‖₂"}
 
 
 def prepare_f7(talk_norms: pd.DataFrame) -> pd.DataFrame:
-    """Box-plot statistics per (metric, E): 2.5/25/50/75/97.5 % quantiles, mean, P(value > 1)."""
+    """Box-plot statistics per (metric, E) of the per-draw rows: 2.5/25/50/75/97.5 % quantiles, mean,
+    P(value > 1) with its Wilson 95 % interval (``share, share_lo, share_hi``)."""
+    draws = talk_norms[talk_norms.metric.isin(list(F7_METRICS))]
+    if "draw" in draws:
+        draws = draws[draws.draw >= 0]
     out = []
-    for (metric, E), v in talk_norms.groupby(["metric", "E"])["value"]:
+    for (metric, E), v in draws.groupby(["metric", "E"])["value"]:
         q = v.quantile([0.025, 0.25, 0.5, 0.75, 0.975]).to_numpy()
+        share, lo, hi = wilson(int((v > 1).sum()), len(v))
         out.append(dict(metric=metric, E=int(E), q025=q[0], q25=q[1], median=q[2], q75=q[3], q975=q[4],
-                        mean=float(v.mean()), frac_gt_1=float((v > 1).mean()), n=len(v)))
+                        mean=float(v.mean()), frac_gt_1=float((v > 1).mean()), share=share, share_lo=lo,
+                        share_hi=hi, n=len(v)))
     return pd.DataFrame(out)
 
 
 def draw_f7(data: pd.DataFrame):
     metrics = [m for m in F7_METRICS if m in set(data["metric"])]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(WIDTH, 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(WIDTH, 3.4), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.2] * len(metrics) + [1]})
+    ax = axes[0, -1]
+    for metric, color, label in (("talk_norm", "#9ecae1", "‖T‖₂ > 1"), ("certified_ratio", "#d62728", "bound rises")):
+        d = data[data["metric"] == metric].sort_values("E")
+        if len(d) and "share" in d:
+            ax.errorbar(d["E"], 100 * d["share"], yerr=[100 * (d["share"] - d["share_lo"]), 100 * (d["share_hi"] - d["share"])],
+                        color=color, marker="o", capsize=3, label=label)
+    ax.set_xscale("log", base=2)
+    Es = sorted(data["E"].unique())
+    ax.set_xticks(Es, [str(int(E)) for E in Es])
+    ax.set_xlabel("number of experts E")
+    ax.set_ylabel("share of draws (%)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("share of draws > 1\n(Wilson 95 %)", fontsize=9)
+    ax.legend(fontsize=8, framealpha=0.9)
     for ax, metric in zip(axes[0], metrics):
         d = data[data["metric"] == metric].sort_values("E")
         stats = [dict(med=r.median, q1=r.q25, q3=r.q75, whislo=r.q025, whishi=r.q975, mean=r.mean,
@@ -89,7 +146,7 @@ def draw_f7(data: pd.DataFrame):
         ax.set_ylim(0, top * 1.22)
         for k, r in enumerate(d.itertuples(), 1):
             ax.text(k, top * 1.08, f"{100 * r.frac_gt_1:.0f}%", ha="center", fontsize=8.5, color="#d62728")
-        ax.set_title(F7_METRICS[metric], fontsize=9.5)
+        ax.set_title(F7_METRICS[metric], fontsize=9)
         ax.set_xlabel("number of experts E")
         ax.set_ylabel("spectral norm (dimensionless)" if metric == "talk_norm" else "ratio (dimensionless)")
     fig.suptitle("Official Talking-Module init: box 25–75%, whiskers 2.5–97.5%, ◇ mean;\n"
@@ -103,15 +160,17 @@ def draw_f7(data: pd.DataFrame):
 C8 = ClaimSpec(
     "C8", paper=("(ours) how often the official initialisation gives ‖T‖₂ > 1, i.e. lets communication "
                  "raise the router bound"),
-    statement=("Under the official initialisation T ~ U(±1/√E), ‖T‖₂ > 1 in some draws; how often "
-               "communication raises the certified router bound ½‖W_r(T⊗I)‖₂ above ½‖W_r‖₂."),
-    rule=("fractions of official-init draws with ‖T‖₂ > 1 and with certified ratio "
-          "½‖W_r(T⊗I)‖₂ / ½‖W_r‖₂ > 1, per E, Wilson 95 % intervals. Holds (communication can raise "
-          "the router bound under the official init) if the Wilson lower bound of the certified-ratio "
-          "fraction is > 0 for some E; refuted if no draw at any E raises it."),
+    statement=("Under the official initialisation T ~ U(±1/√E), communication raises the certified router "
+               "bound ½‖W_r(T⊗I)‖₂ above ½‖W_r‖₂ (same W_r) in a practically relevant share of draws at some E."),
+    rule=("per E, the share of independent official-init draws (≥ 20,000 per E) whose certified ratio "
+          "½‖W_r(T⊗I)‖₂ / ½‖W_r‖₂ exceeds 1, with its Wilson 95 % interval, against the declared share "
+          "margins.c8_share. Holds (the official init lets communication raise the router bound in a "
+          "practically relevant share of draws) if the interval lies above the declared share at some E; "
+          "refuted if at every E it lies below it; otherwise inconclusive. ‖T‖₂ > 1 is reported, not judged."),
     figures=("F7",), tests=(), experiments=("talk_norms",), evaluate=evaluate_c8)
 F7 = FigureSpec(
     "F7", "talk_norm_official_init", ("talk_norms",), prepare_f7, draw_f7,
     "Distribution of ‖T‖₂ under the official init U(±1/√E) (left) and of the ratio of certified router "
     "bounds with that T vs T = I for the same W_r (right), per number of experts E ({claims}). "
-    "Red numbers: share of draws above 1, i.e. where communication raises the bound.")
+    "Red numbers: share of draws above 1, i.e. where communication raises the bound; right: those shares "
+    "with Wilson 95 % intervals over the independent draws.")

@@ -1,0 +1,124 @@
+"""Evidence topic **smoothness**, part 4: routing dynamics during training — claim C12
+(communication "smooths routing dynamics") and figure F11 (top-1 routing churn over training).
+
+Part of the smoothness topic (:mod:`analysis.topics.smoothness` collects it; notebook
+``notebooks/02_smoothness.py``).  Rows: ``lm`` (causal LM: ``top1_churn`` of held-out tokens per
+checkpoint from the second on, ``layer = "mean"`` the mean over routed layers) and ``train``
+(classification tasks: ``split = "probe"``, ``metric = "churn"`` per routed layer).  Churn between
+consecutive checkpoints = share of held-out tokens whose top-1 expert changed (SPEC §4).
+"""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from ..evidence import ClaimSpec, FigureSpec, Outcome, declared_margin, md_table
+from ..plotting import WIDTH, dedupe, empty, legend_below, line_ci, summarise
+from ..stats import combine, fmt, holm_family
+
+TALK = "talklora-official"
+C12_REFERENCES = ("moelora-code", "moelora-code-scaled")       # MoELoRA-code, scale-matched control
+C12_METHODS = (TALK, *C12_REFERENCES)
+C12_COLORS = {TALK: "#d62728", "moelora-code": "#1f77b4", "moelora-code-scaled": "#17becf"}
+C12_MARKERS = {TALK: "D", "moelora-code": "s", "moelora-code-scaled": "^"}
+LM_SOURCE = "lm (SmolLM2)"
+
+
+def churn_rows(lm: pd.DataFrame | None, train: pd.DataFrame | None) -> pd.DataFrame:
+    """Churn per (source, method, seed, step), mean over routed layers: ``source`` is the train task
+    or :data:`LM_SOURCE`.  Methods other than :data:`C12_METHODS` and C7 budget cells are dropped."""
+    parts = []
+    if lm is not None and len(lm):
+        d = lm[(lm.metric == "top1_churn") & (lm.layer == "mean") & lm.method.isin(C12_METHODS)]
+        parts.append(d.assign(source=LM_SOURCE)[["source", "method", "seed", "step", "value"]])
+    if train is not None and len(train) and "split" in train:
+        d = train[(train.split == "probe") & (train.metric == "churn") & train.method.isin(C12_METHODS)]
+        if "budget" in d:
+            d = d[d["budget"].isna()]
+        d = d[~d.layer.isin(["all", "mean"])]
+        src = d["task"].astype(str) if "task" in d else pd.Series("train", index=d.index)
+        d = d.assign(source="train: " + src).groupby(["source", "method", "seed", "step"], as_index=False)["value"].mean()
+        parts.append(d)
+    cols = ["source", "method", "seed", "step", "value"]
+    return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
+
+
+def evaluate_c12(data: dict, config: dict, verdicts: dict) -> Outcome:
+    """Apply the rule declared in ``C12.rule`` (below) to the saved rows."""
+    margin = declared_margin(config, "c12_churn")
+    ch = churn_rows(data.get("lm"), data.get("train"))
+    per_seed = ch.groupby(["source", "method", "seed"])["value"].mean().unstack("method")
+    fam, level_rows = [], []
+    for source, g in per_seed.groupby(level="source"):
+        for m in C12_METHODS:
+            if m in g:
+                level_rows.append([source, m, g[m].notna().sum(), fmt(float(g[m].mean()))])
+        if TALK not in g:
+            continue
+        for ref in C12_REFERENCES:
+            if ref in g:
+                diff = (g[TALK] - g[ref]).dropna().to_numpy()
+                fam.append((f"{source}: churn TalkLoRA − {ref}", diff, margin, "less"))
+    comps = holm_family(fam)
+    verdict, reason = combine(comps)
+    if not comps:
+        reason = f"no churn rows with {TALK} and a reference method ({', '.join(C12_REFERENCES)})"
+    key = "; ".join(f"{c.name} {fmt(c.effect)} [{fmt(c.ci_low)}, {fmt(c.ci_high)}]" for c in comps[:4]) or "n/a"
+    ev = ["- Effect per seed: mean over checkpoints (from the second on) and routed layers of the top-1 churn "
+          "of held-out tokens (share whose top-1 expert changed since the previous checkpoint), TalkLoRA-official "
+          "minus the reference of the same seed (same init seed and data order); < 0 = TalkLoRA churns less. "
+          "Intervals at Holm-ordered levels over all comparisons; margin ±margins.c12_churn.",
+          "- Mean churn per source and method (mean over seeds):",
+          md_table(["source", "method", "seeds", "mean churn"], level_rows) if level_rows else "- (no churn rows)"]
+    return Outcome(verdict, reason, key, ev, comparisons=comps)
+
+
+# ----------------------------------------------------------------------------- F11 churn over training
+def prepare_f11(lm: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
+    """``mean, lo, hi, n`` over seeds of the layer-mean churn per (source, method, step)."""
+    ch = churn_rows(lm, train)
+    if not len(ch):
+        return pd.DataFrame(columns=["source", "method", "step", "mean", "lo", "hi", "n"])
+    return summarise(ch, ["source", "method", "step"], bounds=(0.0, 1.0))
+
+
+def draw_f11(data: pd.DataFrame):
+    sources = sorted(data["source"].unique(), key=lambda s: (s != LM_SOURCE, s)) or ["no data"]
+    fig, axes = plt.subplots(1, len(sources), figsize=(WIDTH, 3.3), squeeze=False)
+    for ax, source in zip(axes[0], sources):
+        d = data[data["source"] == source]
+        if not len(d):
+            empty(ax)
+            continue
+        for m in C12_METHODS:
+            dm = d[d["method"] == m]
+            if len(dm):
+                line_ci(ax, dm, "step", color=C12_COLORS[m], marker=C12_MARKERS[m], label=m)
+        ax.set_ylim(bottom=0)
+        ax.set_title(source, fontsize=9.5)
+        ax.set_xlabel("training step")
+    axes[0, 0].set_ylabel("top-1 churn since the\nprevious checkpoint")
+    fig.tight_layout()
+    h, lab = dedupe(axes)
+    legend_below(fig, h, lab, ncol=3, title="method (shaded: 95% CI over seeds; moelora-code-scaled = "
+                                             "scale-matched control)")
+    return fig
+
+
+# ----------------------------------------------------------------------------- declarations
+C12 = ClaimSpec(
+    "C12", paper='communication "smooths routing dynamics" during training',
+    statement=("During training, TalkLoRA's routing of held-out tokens changes less between consecutive "
+               "checkpoints (lower top-1 churn) than MoELoRA-code's and than that of the scale-matched "
+               "MoELoRA-code control, on every task × model."),
+    rule=("one comparison per (task × model, reference ∈ {moelora-code, moelora-code-scaled}): per seed, "
+          "churn of TalkLoRA-official − churn of the reference (mean over checkpoints and routed layers), "
+          "claimed side < 0, margin ±margins.c12_churn, intervals at Holm-ordered levels over all the "
+          "comparisons; each comparison's verdict is SPEC §5's. C12 holds if every comparison holds, is "
+          "refuted if any comparison is refuted (no relevant difference or more churn), else inconclusive."),
+    figures=("F11",), tests=(), experiments=("lm",), optional=("train",), evaluate=evaluate_c12)
+F11 = FigureSpec(
+    "F11", "routing_churn_over_training", ("lm", "train"), prepare_f11, draw_f11,
+    "Routing dynamics over training ({claims}): share of held-out tokens whose top-1 expert changed since the "
+    "previous checkpoint (mean over routed layers), TalkLoRA-official vs MoELoRA-code vs the scale-matched "
+    "MoELoRA-code control, per task and model; mean and 95% CI over seeds.")
