@@ -443,7 +443,10 @@ class MarginsConfig(_Section):
     * ``c6_gini``: soft-load Gini (0 … 1 − 1/E), absolute; ``c6_entropy``: normalised load entropy;
     * ``c7_accuracy``, ``c9_accuracy``, ``c11_accuracy``: held-out accuracy, absolute (0.01 = 1 point);
     * ``c9_loss``, ``c11_loss``: held-out mean cross-entropy, nats;
-    * ``c12_churn``: share of probe tokens whose top-1 expert changes between checkpoints, absolute.
+    * ``c12_churn``: share of probe tokens whose top-1 expert changes between checkpoints, absolute;
+    * ``c8_share``: share of official-init draws in which communication raises the certified router
+      bound that counts as "it happens" (absolute, 0.01 = 1 % of draws);
+    * ``c10_relative``: relative routing-quotient difference (top-k − dense) / dense.
     """
 
     SECTION = "margins"
@@ -456,6 +459,8 @@ class MarginsConfig(_Section):
     c11_accuracy: float = 0.005
     c11_loss: float = 0.02
     c12_churn: float = 0.01
+    c8_share: float = 0.01
+    c10_relative: float = 0.05
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
