@@ -151,7 +151,7 @@ def c7_cells(data: dict, default_rank=None) -> pd.DataFrame:
                      rank=t["rank"] if "rank" in t else default_rank)
         if name == "train" or "budget" not in t:
             talk_rank = t[t["method"] == TALK]["rank"].max() if "rank" in tr else default_rank
-            t = t.assign(budget=talk_rank)
+            t = t.assign(budget=talk_rank if talk_rank is not None and pd.notna(talk_rank) else 0)
         t = at_last_step(t, ["task", "budget", "method", "seed"])
         t = t[t["metric"].isin(["accuracy", "loss", "trainable_parameters"])]
         parts.append(t.pivot_table(index=["task", "budget", "method", "seed"], columns="metric", values="value",
@@ -159,7 +159,8 @@ def c7_cells(data: dict, default_rank=None) -> pd.DataFrame:
                      .merge(t.groupby(["task", "budget", "method", "seed"])["rank"].first().reset_index()))
     if not parts:
         return pd.DataFrame(columns=["task", "budget", "method", "seed", "rank", "trainable_parameters", "accuracy"])
-    return pd.concat(parts, ignore_index=True).rename(columns={"trainable_parameters": "params"})
+    out = pd.concat(parts, ignore_index=True).rename(columns={"trainable_parameters": "params"})
+    return out.reindex(columns=list(dict.fromkeys([*out.columns, "params", "accuracy", "loss"])))
 
 
 def evaluate_c7(data: dict, config: dict, verdicts: dict) -> Outcome:

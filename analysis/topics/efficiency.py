@@ -91,7 +91,7 @@ def every(verdicts) -> str:
 
 def comparison_table(comps, verdicts=None, extra: dict | None = None) -> str:
     """Markdown table of comparisons (``verdicts``: the verdicts that count, e.g. after Holm)."""
-    header = ["comparison", "n", "effect", "95 % interval", "margin", "MDE", "verdict"]
+    header = ["paired difference", "n", "effect", "95 % interval", "margin", "MDE", "verdict"]
     rows = [c.row() for c in comps]
     if verdicts is not None:
         rows = [r[:-1] + [v] for r, v in zip(rows, verdicts)]
