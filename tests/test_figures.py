@@ -118,8 +118,29 @@ def twin_rows() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def budget_rows() -> pd.DataFrame:
+    """``train_budget``-like rows: TalkLoRA and LoRA at two more budgets (C7, F5)."""
+    rows = []
+    for r, m, s in itertools.product((8, 32), ("lora", "talklora-official"), SEEDS):
+        base = dict(budget=r, method=m, seed=s, step=10, split="test", layer="all", domain="all", rank=r)
+        rows += [dict(base, metric="accuracy", value=0.6 + 0.001 * r + 0.01 * s),
+                 dict(base, metric="trainable_parameters", value=100.0 * r)]
+    return pd.DataFrame(rows)
+
+
+def lm_rows() -> pd.DataFrame:
+    rows = []
+    for m, s in itertools.product(("lora", "moelora-code", "talklora-official"), SEEDS):
+        rows += [dict(method=m, seed=s, step=4, split="test", layer="all", domain=d, metric="loss",
+                      value=3.0 - 0.01 * s - (0.1 if m == "talklora-official" else 0)) for d in ("movie", "news", "math")]
+    return pd.DataFrame(rows)
+
+
 ROWS = {"train": train_rows, "perturb_synthetic": synthetic_rows, "perturb_routers": router_rows,
-        "talk_norms": talk_norm_rows, "equivalence": equivalence_rows, "twins": twin_rows}
+        "talk_norms": talk_norm_rows, "equivalence": equivalence_rows, "twins": twin_rows,
+        "train_budget": budget_rows, "lm": lm_rows,
+        "perturb_real": lambda: synthetic_rows().assign(model="minilm").drop(columns=["E", "r"]),
+        "perturb_controls": lambda: pd.DataFrame([dict(seed=0, metric="none", value=0.0)])}
 
 
 @pytest.fixture(autouse=True)
@@ -158,11 +179,13 @@ CASES = {
     "F2": (["perturb_synthetic"], {"E", "kind", "talk", "statistic", "eps", "mean", "lo", "hi", "n"}),
     "F3": (["perturb_synthetic", "train"], {"panel", "E", "group", "statistic", "mean", "lo", "hi", "n"}),
     "F4": (["train"], {"metric", "method", "step", "mean", "lo", "hi", "n"}),
-    "F5": (["train"], {"method", "trainable_parameters", "mean", "lo", "hi", "n"}),
+    "F5": (["train", "train_budget"], {"task", "budget", "method", "trainable_parameters", "mean", "lo", "hi", "n"}),
     "F6": (["equivalence"], {"dtype", "metric", "value"}),
     "F7": (["talk_norms"], {"metric", "E", "median", "q25", "q75", "frac_gt_1", "n"}),
     "F8": (["twins"], {"panel", "optimizer", "model", "metric", "step", "mean", "lo", "hi", "n"}),
     "F9": (["perturb_routers"], {"panel", "router", "eps", "statistic", "mean", "lo", "hi", "n"}),
+    "F10": (list(F.FIGURE_BY_ID["F10"].experiments), {"claim", "comparison", "n", "effect", "ci_low", "ci_high",
+                                                      "margin", "verdict"}),
 }
 
 
@@ -183,7 +206,8 @@ def test_f1_values_are_seed_means_of_the_final_validation_step():
     rows = train_rows()
     rows.loc[(rows["split"] == "test") & (rows["metric"] == "gini"), "value"] = 0.9      # must not be drawn
     data = balance.prepare_f1(rows).set_index(["metric", "layer", "method"])
-    assert set(data.index.get_level_values("method")) == set(balance.ROUTED)     # LoRA has no router
+    assert set(data.index.get_level_values("method")) <= set(balance.ROUTED)     # LoRA has no router
+    assert "lora" not in set(data.index.get_level_values("method"))
     row = data.loc[("gini", "L5.value", "talklora-official")]
     assert row["mean"] == pytest.approx(0.21) and row["n"] == 3 and row["lo"] < 0.21 < row["hi"]
 
@@ -210,7 +234,7 @@ def test_f3_orders_alpha_grid_and_includes_trained():
     assert P.talk_order(["official", "identity", "uniform-mix:0.75", "uniform-mix:0.25"]) == [
         "uniform-mix:0.25", "uniform-mix:0.75", "identity", "official"]
     trained = data[data["panel"].str.startswith("trained")]
-    assert set(trained["group"]) == set(balance.ROUTED) and (trained["n"] == 6).all()     # 3 seeds x 2 layers
+    assert set(trained["group"]) == set(balance.ROUTED) & set(METHODS) and (trained["n"] == 6).all()     # 3 seeds x 2 layers
 
 
 def test_f4_averages_layers_then_seeds():
@@ -220,8 +244,10 @@ def test_f4_averages_layers_then_seeds():
 
 
 def test_f5_accuracy_and_parameters():
-    data = balance.prepare_f5(train_rows()).set_index("method")
-    assert data.loc["lora", "trainable_parameters"] == 1000 and data.loc["lora", "mean"] == pytest.approx(0.61)
+    data = balance.prepare_f5(train_rows(), budget_rows()).set_index(["budget", "method"])
+    assert data.loc[(0, "lora"), "trainable_parameters"] == 1000 and data.loc[(0, "lora"), "mean"] == pytest.approx(0.61)
+    assert data.loc[(32, "talklora-official"), "trainable_parameters"] == 3200
+    assert data.loc[(32, "talklora-official"), "mean"] == pytest.approx(0.642) and data.loc[(32, "lora"), "n"] == 3
 
 
 def test_f7_fraction_above_one():

@@ -213,7 +213,8 @@ F10_EXPERIMENTS = tuple(EXPERIMENTS)          # every claim's rows: the comparis
 def prepare_f10(*rows: pd.DataFrame) -> pd.DataFrame:
     """Every paired comparison the claims of :data:`FOREST_CLAIMS` return (``Outcome.comparisons``),
     evaluated on ``rows`` (one frame per experiment of :data:`F10_EXPERIMENTS`) with the declared
-    default margins; a claim whose experiments are missing (empty frame) contributes nothing."""
+    default margins; a claim whose experiments are missing (empty frame) contributes nothing, and a
+    claim whose rule cannot read the rows contributes one row naming the error (drawn without a point)."""
     from . import CLAIMS                      # the registry (this module is part of it)
 
     data = {e: r for e, r in zip(F10_EXPERIMENTS, rows) if r is not None and len(r)}
@@ -222,7 +223,14 @@ def prepare_f10(*rows: pd.DataFrame) -> pd.DataFrame:
         if spec.id not in FOREST_CLAIMS or any(e not in data for e in spec.experiments):
             continue
         used = {u: "inconclusive" for u in spec.uses_verdicts}
-        for c in spec.evaluate(data, {}, used).comparisons:
+        try:
+            comps = spec.evaluate(data, {}, used).comparisons
+        except (KeyError, ValueError) as err:     # rows the rule cannot read: one row naming why, drawn empty
+            out.append(dict(claim=spec.id, comparison=f"not evaluated: {type(err).__name__} {err}", n=0,
+                            effect=math.nan, ci_low=math.nan, ci_high=math.nan, margin=math.nan, mde=math.nan,
+                            claimed_side="", verdict="inconclusive"))
+            continue
+        for c in comps:
             out.append(dict(claim=spec.id, comparison=c.name, n=c.n, effect=c.effect, ci_low=c.ci_low,
                             ci_high=c.ci_high, margin=c.margin, mde=c.mde, claimed_side=c.claimed_side,
                             verdict=c.verdict))
@@ -256,7 +264,8 @@ def draw_f10(data: pd.DataFrame):
             lo, hi, eff = (r[k] / scale[i] for k in ("ci_low", "ci_high", "effect"))
             if np.isfinite(lo) and np.isfinite(hi):
                 ax.plot([lo, hi], [y[i]] * 2, color=col, lw=1.8)
-            ax.plot(eff, y[i], "o", color=col, ms=4.5)
+            if np.isfinite(eff):
+                ax.plot(eff, y[i], "o", color=col, ms=4.5)
         ax.set_yticks(y, [f"{c}  (n={n})" for c, n in zip(d["comparison"], d["n"])], fontsize=7)
         ax.set_ylim(-0.7, len(d) - 0.3)
         ax.set_title(f"{cid}", fontsize=9.5, loc="left")
