@@ -1,8 +1,10 @@
-"""Evidence topic **balance and efficiency**: claims C6 (expert-load balance) and C7 (parameter
-efficiency), figures F1, F4, F5.
+"""Evidence topic **balance and efficiency**: claims C6 (expert-load balance), C7 (parameter
+efficiency at matched budgets) and C11 (consistently better than LoRA / MoELoRA, declared in
+:mod:`analysis.topics.efficiency`), figures F1, F4, F5 and F10 (forest plot of every paired comparison).
 
-Notebook: ``notebooks/01_balance.py``.  Rows: the ``train`` experiment (MiniLM adapters trained on
-the two-domain text task; per method, seed, step, split and adapted layer).
+Notebook: ``notebooks/01_balance.py``.  Rows: ``train`` (MiniLM adapters per task, method, seed,
+step, split and adapted layer), ``train_budget`` (C7's matched budgets), ``twins`` (C6 against the
+function-matched twin) and ``lm`` (SmolLM2, C6 and C11).
 """
 from __future__ import annotations
 
@@ -343,6 +345,7 @@ def prepare_f5(train: pd.DataFrame, train_budget: pd.DataFrame | None = None) ->
 
 
 def draw_f5(data: pd.DataFrame):
+    data = _with_task(data)
     tasks = list(dict.fromkeys(data["task"]))
     fig, axes = plt.subplots(1, len(tasks), figsize=(WIDTH, 3.4), squeeze=False, sharey=True)
     for ax, task in zip(axes[0], tasks):
