@@ -403,7 +403,7 @@ F1 = FigureSpec(
     "F1", "load_balance_per_layer", ("train",), prepare_f1, draw_f1,
     "Expert-load balance per adapted layer after training on real text ({claims}), per task: Gini of the "
     "soft expert load (top) and normalised load entropy (bottom) on the validation split at the final "
-    "step (the split and step of the C6 verdict), for every routed method. Mean ± 95% CI over seeds.")
+    "step (the split and step of its verdict), for every routed method. Mean ± 95% CI over seeds.")
 F4 = FigureSpec(
     "F4", "balance_over_training", ("train",), prepare_f4, draw_f4,
     "Load balance during training ({claims}), per task: Gini of the expert load and normalised load "

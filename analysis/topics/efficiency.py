@@ -278,7 +278,8 @@ def draw_f10(data: pd.DataFrame):
 
 F10 = FigureSpec(
     "F10", "forest_of_comparisons", F10_EXPERIMENTS, prepare_f10, draw_f10,
-    "Every paired comparison behind claims C5–C7, C9, C11 and C12 (drawn here for {claims}): mean "
+    "Every paired comparison behind the verdicts ({claims}, and every other claim that returns paired "
+    "comparisons: the smoothness and twins claims): mean "
     "paired difference over seeds and its 95 % t-interval, each divided by its declared margin so the "
     "shaded band ±1 is ±margin in every row; colour: the comparison's SPEC §5 verdict (before any "
     "Holm correction a claim applies). Labels name the task and model.")
