@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 
 from analysis.evidence import judge  # noqa: E402
 from analysis.stats import Comparison  # noqa: E402
-from analysis.topics import balance, claim_spec, efficiency, twins  # noqa: E402
+from analysis.topics import balance, claim_spec, efficiency  # noqa: E402
 from analysis.train import closed_form_parameters, matched_rank  # noqa: E402
 
 SEEDS = tuple(range(8))
