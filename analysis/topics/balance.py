@@ -178,7 +178,7 @@ def evaluate_c7(data: dict, config: dict, verdicts: dict) -> Outcome:
             mismatch.append(f"{m} r={r}: count differs across seeds")
         untied = shared = math.nan
         match = "no closed form"
-        if have_cfg and pd.notna(r) and (m in ("lora", "moelora-code", "moelora-input") or m.startswith("talklora")):
+        if have_cfg and pd.notna(r):            # every router variant counts like MoELoRA-code (train.METHODS)
             args = (m, int(r), cfg["num_experts"], cfg["adapt_top_layers"], cfg["targets"])
             untied, shared = closed_form_parameters(*args), closed_form_parameters(*args, shared_B=True)
             match = "untied ✓" if row["max"] == untied else "shared-B ✓" if row["max"] == shared else "✗"
@@ -206,24 +206,23 @@ def evaluate_c7(data: dict, config: dict, verdicts: dict) -> Outcome:
                 continue
             comps.append(c)
             if matched and b in C7_BASELINES:
-                decide.append(c.verdict)
+                decide.append(c)
                 budgets.add((task, budget))
     n_budgets = max((sum(1 for t, _ in budgets if t == task) for task, _ in budgets), default=0)
-    verdict = every(decide)
+    verdict = every(c.verdict for c in decide)
     if mismatch:
         verdict, reason = "inconclusive", "parameter accounting does not match the closed form: " + "; ".join(mismatch)
     elif not have_cfg:
         verdict, reason = "inconclusive", "no train config (rank, num_experts, adapt_top_layers, targets) for the closed form"
     elif verdict == "refuted":
         reason = "at a matched budget TalkLoRA is not more accurate: " + "; ".join(
-            f"{c.name} {fmt(c.effect)} [{fmt(c.ci_low)}, {fmt(c.ci_high)}]" for c in comps if c.verdict == "refuted"
-            and any(c.name.endswith(b) for b in C7_BASELINES))
+            f"{c.name} {fmt(c.effect)} [{fmt(c.ci_low)}, {fmt(c.ci_high)}]" for c in decide if c.verdict == "refuted")
     elif n_budgets < C7_MIN_BUDGETS:
         verdict, reason = "inconclusive", f"only {n_budgets} matched budget(s) on one task (the rule needs ≥ {C7_MIN_BUDGETS})"
     elif verdict == "holds":
         reason = f"TalkLoRA more accurate than LoRA and MoELoRA-code at all {n_budgets} matched budgets"
     else:
-        reason = "undecided at some matched budget: " + "; ".join(c.name for c in comps if c.verdict == "inconclusive")
+        reason = "undecided at some matched budget: " + "; ".join(c.name for c in decide if c.verdict == "inconclusive")
     overhead = rel = math.nan
     main_rank = cfg.get("rank", cells[cells["method"] == TALK]["rank"].min() if len(cells) else math.nan)
     p = cells[cells["rank"] == main_rank].groupby("method")["params"].median()
