@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from ..evidence import ClaimSpec, FigureSpec, Outcome, Topic, md_table
-from ..plotting import (METHOD_COLORS, METHOD_MARKERS, METHOD_ORDER, WIDTH, dedupe, legend_below, line_ci, order,
-                        sel, summarise)
+from ..plotting import (METHOD_COLORS, METHOD_MARKERS, METHOD_ORDER, WIDTH, dedupe, legend_below, line_ci, nice_log,
+                        order, sel, summarise)
 from ..stats import Comparison, estimate, fmt, pct
 from ..train import closed_form_parameters
 from .efficiency import (C11, F10, TALK, at_last_step, compare, comparison_table, draw_f10, every,  # noqa: F401
@@ -346,7 +346,7 @@ def prepare_f5(train: pd.DataFrame, train_budget: pd.DataFrame | None = None) ->
 def draw_f5(data: pd.DataFrame):
     data = _with_task(data)
     tasks = list(dict.fromkeys(data["task"]))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(WIDTH, 3.4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(WIDTH, 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for m in order(data["method"], METHOD_ORDER):
             d = sel(data, task=task, method=m).sort_values("trainable_parameters")
@@ -355,9 +355,13 @@ def draw_f5(data: pd.DataFrame):
             ax.errorbar(d["trainable_parameters"], d["mean"], yerr=[d["mean"] - d["lo"], d["hi"] - d["mean"]],
                         fmt=METHOD_MARKERS.get(m, "o") + "-", ms=7, mfc="none", mew=1.5, capsize=3,
                         color=METHOD_COLORS.get(m), label=m)
-        lo, hi = data["trainable_parameters"].min(), data["trainable_parameters"].max()
-        if hi / max(lo, 1) > 4:
+        lo, hi = sel(data, task=task)["trainable_parameters"].agg(["min", "max"])
+        if hi / max(lo, 1) > 1.5:
             ax.set_xscale("log")
+            nice_log(ax, "x")
+        else:
+            pad = max(hi - lo, 0.1 * hi) * 0.12
+            ax.set_xlim(lo - pad, hi + pad)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1e3:g}k"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(f"{task}", fontsize=10)
