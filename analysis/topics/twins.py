@@ -94,7 +94,7 @@ def evaluate_c9(data: dict, config: dict, verdicts: dict) -> Outcome:
 
 # ----------------------------------------------------------------------------- F8 twin divergence
 F8_ROWS = {"logit_diff": "logit distance to TalkLoRA\n(max |Δ| solid, mean |Δ| dashed)",
-           "accuracy_gap": "val accuracy − TalkLoRA's\n(fraction)",
+           "accuracy_gap": "accuracy − TalkLoRA's\n(probe set; test at the end)",
            "gini_gap": "Gini − TalkLoRA's\n(mean over layers)"}
 
 
@@ -180,8 +180,9 @@ F8 = FigureSpec(
     "F8", "twin_divergence", ("twins",), prepare_f8, draw_f8,
     "Function-matched twins ({claims}): models that compute TalkLoRA's function at step 0 "
     "(MoELoRA-code with the absorbed router, TalkLoRA with frozen T, identity-T TalkLoRA) trained "
-    "on the same batches. Top: logit distance to TalkLoRA on a held-out batch (log scale; geometric mean "
-    "and interval over seeds); below: validation-accuracy and Gini gaps to TalkLoRA. Columns: optimizer. "
+    "on the same batches. Top: logit distance to TalkLoRA on the fixed probe set (log scale; geometric mean "
+    "and interval over seeds); below: accuracy gap (probe set at the checkpoints, every test example at the "
+    "last step) and Gini gap to TalkLoRA. Columns: optimizer. "
     "Shaded: 95% CI over seeds.")
 
 TOPIC = Topic("twins", "04_twins.py", claims=(C9,), figures=(F8,))
