@@ -242,8 +242,9 @@ VERDICT_COLORS = {"holds": "#2ca02c", "refuted": "#d62728", "inconclusive": "#7f
 
 
 def draw_f10(data: pd.DataFrame):
-    """One panel per claim (rows: comparisons); each difference is drawn relative to its margin
-    (effect / margin), so the ±margin band is [−1, 1] in every panel whatever the metric's unit."""
+    """One panel per claim (rows: comparisons); each difference is drawn relative to its margin and
+    signed so that the claimed direction is positive (``±effect / margin``, − for a claimed decrease),
+    so the ±margin band is [−1, 1] and "better as claimed" is to the right in every row."""
     claims = list(dict.fromkeys(data["claim"])) if len(data) else []
     heights = [max(len(data[data["claim"] == c]), 1) for c in claims] or [1]
     fig, axes = plt.subplots(len(heights), 1, figsize=(WIDTH, 0.9 + 0.24 * sum(heights) + 0.5 * len(heights)),
@@ -255,13 +256,14 @@ def draw_f10(data: pd.DataFrame):
     for ax, cid in zip(axes[:, 0], claims):
         d = data[data["claim"] == cid].reset_index(drop=True)
         m = d["margin"].to_numpy(float)
-        scale = np.where(m > 0, m, 1.0)
+        scale = np.where(m > 0, m, 1.0) * np.where(d["claimed_side"] == "less", -1.0, 1.0)
         y = np.arange(len(d))[::-1]
         ax.axvspan(-1, 1, color="0.9", zorder=0)
         ax.axvline(0, color="0.3", lw=0.8)
         for i, r in d.iterrows():
             col = VERDICT_COLORS.get(r["verdict"], "k")
             lo, hi, eff = (r[k] / scale[i] for k in ("ci_low", "ci_high", "effect"))
+            lo, hi = min(lo, hi), max(lo, hi)
             if np.isfinite(lo) and np.isfinite(hi):
                 ax.plot([lo, hi], [y[i]] * 2, color=col, lw=1.8)
             if np.isfinite(eff):
@@ -270,8 +272,8 @@ def draw_f10(data: pd.DataFrame):
         ax.set_ylim(-0.7, len(d) - 0.3)
         ax.set_title(f"{cid}", fontsize=9.5, loc="left")
         ax.grid(axis="y", visible=False)
-    axes[-1, 0].set_xlabel("paired difference / its margin (shaded: ±margin; green holds, red refuted, grey "
-                           "inconclusive)")
+    axes[-1, 0].set_xlabel("paired difference / its margin, claimed direction → (shaded: ±margin; green holds, "
+                           "red refuted, grey inconclusive)")
     fig.tight_layout()
     return fig
 
@@ -280,6 +282,6 @@ F10 = FigureSpec(
     "F10", "forest_of_comparisons", F10_EXPERIMENTS, prepare_f10, draw_f10,
     "Every paired comparison behind the verdicts ({claims}, and every other claim that returns paired "
     "comparisons: the smoothness and twins claims): mean "
-    "paired difference over seeds and its 95 % t-interval, each divided by its declared margin so the "
-    "shaded band ±1 is ±margin in every row; colour: the comparison's SPEC §5 verdict (before any "
+    "paired difference over seeds and its 95 % t-interval, each divided by its declared margin and signed "
+    "so that the claimed direction points right (the shaded band ±1 is ±margin in every row); colour: the comparison's SPEC §5 verdict (before any "
     "Holm correction a claim applies). Labels name the task and model.")
