@@ -187,6 +187,9 @@ def test_holm_turns_a_marginal_difference_inconclusive():
     assert weak.verdict == "holds" and 0.025 < efficiency.p_value(weak) < 0.05
     adj, v = efficiency.holm_verdicts([strong, weak, weak])
     assert v == ["holds", "inconclusive", "inconclusive"] and adj[1] == pytest.approx(2 * efficiency.p_value(weak))
+    small = Comparison(weak.name, weak.n, weak.effect, weak.ci_low, weak.ci_high, 0.1, weak.mde, "less")
+    assert small.verdict == "holds"                       # resolved, but inside ±margin
+    assert efficiency.holm_verdicts([strong, small, small])[1] == ["holds", "refuted", "refuted"]
 
 
 def test_c7_uses_only_matched_budgets_and_checks_counts():

@@ -67,16 +67,17 @@ def inside_margin(c: Comparison) -> bool:
 def holm_verdicts(comps: list[Comparison]) -> tuple[list[float], list[str]]:
     """Holm-adjusted p-values of the family ``comps`` and each comparison's verdict after the
     correction: SPEC §5 from the 95 % interval, but an interval that excludes 0 (holds, or refuted
-    by lying on the wrong side) counts only if its Holm-adjusted p < 0.05; otherwise inconclusive.
-    Refutation by an interval inside ±margin needs no correction."""
+    by lying on the wrong side) counts only if its Holm-adjusted p < 0.05; otherwise the interval is
+    read as not excluding 0: refuted if it lies inside ±margin, else inconclusive.  Refutation by an
+    interval inside ±margin needs no correction."""
     if not comps:
         return [], []
     adj = holm([p_value(c) for c in comps]).tolist()
     out = []
     for c, p in zip(comps, adj):
         v = c.verdict
-        if v == "holds" or (v == "refuted" and not inside_margin(c)):
-            v = v if p < ALPHA else "inconclusive"
+        if (v == "holds" or (v == "refuted" and not inside_margin(c))) and not p < ALPHA:
+            v = "refuted" if inside_margin(c) else "inconclusive"
         out.append(v)
     return adj, out
 
