@@ -16,6 +16,7 @@ EXPERIMENTS = {
     "perturb_synthetic": "perturb", "perturb_routers": "perturb", "talk_norms": "perturb",
     "equivalence": "perturb", "perturb_real": "perturb", "perturb_controls": "perturb",
     "train": "train", "twins": "twins", "lm": "lm",
+    "train_budget": "train",              # C7 matched budgets: written by the same ``train`` command
 }
 COMMANDS = tuple(dict.fromkeys(EXPERIMENTS.values()))      # perturb, train, twins, lm (run in this order)
 

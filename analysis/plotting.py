@@ -23,6 +23,9 @@ METHOD_ORDER = ["lora", "moelora-code", "moelora-input", "talklora-official", "t
 METHOD_COLORS = dict(zip(METHOD_ORDER, ["#7f7f7f", "#1f77b4", "#17becf", "#d62728", "#9467bd",
                                         "#8c564b", "#bcbd22"]))
 METHOD_MARKERS = dict(zip(METHOD_ORDER, ["o", "s", "^", "D", "v", "P", "X"]))
+# methods added with issue 10: the scale-matched control, the head-only baseline, the twin
+METHOD_COLORS = {**METHOD_COLORS, "moelora-code-scaled": "#ff7f0e", "head-only": "#000000", "moelora-twin": "#2ca02c"}
+METHOD_MARKERS = {**METHOD_MARKERS, "moelora-code-scaled": "<", "head-only": "*", "moelora-twin": "h"}
 TWIN_COLORS = {"talklora": "#d62728", "moelora-twin": "#1f77b4", "talklora-frozen-T": "#ff7f0e",
                "talklora-identity": "#9467bd"}
 TWIN_MARKERS = {"moelora-twin": "s", "talklora-frozen-T": "^", "talklora-identity": "o"}

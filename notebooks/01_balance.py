@@ -14,11 +14,11 @@
 # ---
 
 # %% [markdown]
-# # Evidence topic: balance and efficiency (F1, F4, F5)
+# # Evidence topic: balance and efficiency (F1, F4, F5, F10)
 #
-# Claims C6 (communication gives more balanced expert load) and C7 (parameter efficiency), on
-# MiniLM adapters trained for two-domain classification of real text (movie-review snippets and
-# news headlines), several seeds per method.  Every figure is redrawn from its saved data file
+# Claims C6 (communication gives more balanced expert load), C7 (parameter efficiency at matched
+# budgets) and C11 (consistently better than LoRA and MoELoRA), on MiniLM adapters trained per task
+# (sentiment, topic) and a SmolLM2 causal LM, 8 paired seeds per method (common random numbers).  Every figure is redrawn from its saved data file
 # with the topic's own drawing function, so this notebook and `figures/` cannot drift.
 # Intervals are 95% t-intervals over seeds.  Claims, rules and figures: `analysis/topics/balance.py`.
 
@@ -37,32 +37,47 @@ set_style()
 # ## F1 — expert load per layer after training
 # Gini of the soft expert load (0 = perfectly balanced; at most (E−1)/E) and its normalised
 # entropy (1 = uniform) on the validation split at the final step — the split and step the C6
-# verdict uses — for the routed methods.  If TalkLoRA balanced load
+# verdict uses — for the routed methods, one column per task.  If TalkLoRA balanced load
 # better, its points would sit lower in Gini and higher in entropy than MoELoRA's.
 
 # %%
 f1 = load("F1")
-f1.pivot_table(index="layer", columns=["metric", "method"], values="mean", sort=False).round(3)
+f1.pivot_table(index=["layer"], columns=["metric", "method"], values="mean", sort=False).round(3)
 
 # %%
 fig = T.draw_f1(f1)
 
 # %% [markdown]
 # ## F4 — balance over training
-# The same load metrics on the validation split at every evaluation step, averaged over the
-# adapted layers, plus the mean per-token gate entropy (how soft the routing is per token).
+# The same load metrics on the fixed probe set at every checkpoint (the validation split at step 0
+# and the end when there are no probe rows), averaged over the adapted layers, per task.
 
 # %%
 f4 = load("F4")
 fig = T.draw_f4(f4)
 
 # %% [markdown]
-# ## F5 — accuracy vs trainable parameters
-# Exact trainable-parameter counts (tied tensors once, head excluded) against test accuracy.
+# ## F5 — accuracy vs trainable parameters at matched budgets
+# Exact trainable-parameter counts (tied tensors once, head excluded) against test accuracy; one
+# point per budget (LoRA / MoELoRA at the rank whose count is closest to TalkLoRA's).
 
 # %%
 f5 = load("F5")
-f5[["method", "trainable_parameters", "mean", "lo", "hi", "n"]]
+f5[[c for c in ("task", "budget", "method", "trainable_parameters", "mean", "lo", "hi", "n") if c in f5]]
 
 # %%
 fig = T.draw_f5(f5)
+
+# %% [markdown]
+# ## F10 — every paired comparison behind the claims
+# One row per paired comparison (C5–C7, C9, C11, C12): mean difference over seeds and its 95 %
+# interval, divided by the comparison's declared margin, so the shaded band ±1 is ±margin in
+# every row.  Green: the interval lies on the claimed side of 0; red: inside ±margin or on the
+# wrong side; grey: undecided.
+
+# %%
+f10 = load("F10")
+f10[["claim", "comparison", "n", "effect", "ci_low", "ci_high", "margin", "verdict"]]
+
+# %%
+fig = T.draw_f10(f10)

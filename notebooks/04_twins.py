@@ -19,6 +19,9 @@
 # Claim C9: does any TalkLoRA advantage over MoELoRA-code persist from a function-matched start?
 # Four models compute the same function at step 0 and train on identical batches (AdamW with the
 # official settings, and SGD); we follow their logit distance to TalkLoRA and their metric gaps.
+# The C9 verdict reads held-out loss (primary) and accuracy on every test example at the last step,
+# paired over 8 seeds; an optimiser arm enters it only if its routers move (median
+# ‖ΔW_eff‖/‖W_eff‖ ≥ 1e-2; the claims report lists the movement of every arm).
 # Claim, rule and figure: `analysis/topics/twins.py`.
 
 # %% [markdown]

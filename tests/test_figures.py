@@ -104,7 +104,7 @@ def churn_train_rows() -> pd.DataFrame:
     return pd.concat([train_rows().assign(task="sentiment"), pd.DataFrame(rows)], ignore_index=True)
 
 
-def lm_rows() -> pd.DataFrame:
+def lm_churn_rows() -> pd.DataFrame:
     rows = []
     for m, s, step in itertools.product(("lora", "talklora-official", "moelora-code", "moelora-code-scaled"), SEEDS,
                                         (4, 8, 12)):
@@ -149,9 +149,32 @@ def twin_rows() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def budget_rows() -> pd.DataFrame:
+    """``train_budget``-like rows: TalkLoRA and LoRA at two more budgets (C7, F5)."""
+    rows = []
+    for r, m, s in itertools.product((8, 32), ("lora", "talklora-official"), SEEDS):
+        base = dict(budget=r, method=m, seed=s, step=10, split="test", layer="all", domain="all", rank=r)
+        rows += [dict(base, metric="accuracy", value=0.6 + 0.001 * r + 0.01 * s),
+                 dict(base, metric="trainable_parameters", value=100.0 * r)]
+    return pd.DataFrame(rows)
+
+
+def lm_loss_rows() -> pd.DataFrame:
+    rows = []
+    for m, s in itertools.product(("lora", "moelora-code", "talklora-official"), SEEDS):
+        rows += [dict(method=m, seed=s, step=4, split="test", layer="all", domain=d, metric="loss",
+                      value=3.0 - 0.01 * s - (0.1 if m == "talklora-official" else 0)) for d in ("movie", "news", "math")]
+    return pd.DataFrame(rows)
+
+
+def lm_rows() -> pd.DataFrame:
+    return pd.concat([lm_churn_rows(), lm_loss_rows()], ignore_index=True)
+
+
 ROWS = {"train": churn_train_rows, "perturb_synthetic": synthetic_rows, "perturb_routers": router_rows,
         "talk_norms": talk_norm_rows, "equivalence": equivalence_rows, "twins": twin_rows,
-        "perturb_controls": control_rows, "lm": lm_rows}
+        "train_budget": budget_rows, "lm": lm_rows, "perturb_controls": control_rows,
+        "perturb_real": lambda: synthetic_rows().assign(model="minilm").drop(columns=["E", "r"])}
 
 
 @pytest.fixture(autouse=True)
@@ -191,12 +214,14 @@ CASES = {
                                                        "hi", "n"}),
     "F3": (["perturb_synthetic", "train"], {"panel", "E", "group", "statistic", "mean", "lo", "hi", "n"}),
     "F4": (["train"], {"metric", "method", "step", "mean", "lo", "hi", "n"}),
-    "F5": (["train"], {"method", "trainable_parameters", "mean", "lo", "hi", "n"}),
+    "F5": (["train", "train_budget"], {"task", "budget", "method", "trainable_parameters", "mean", "lo", "hi", "n"}),
     "F6": (["equivalence"], {"dtype", "metric", "value"}),
     "F7": (["talk_norms"], {"metric", "E", "median", "q25", "q75", "frac_gt_1", "share", "share_lo", "share_hi", "n"}),
     "F8": (["twins"], {"panel", "optimizer", "model", "metric", "step", "mean", "lo", "hi", "n"}),
     "F9": (["perturb_routers"], {"panel", "router", "kind", "eps", "statistic", "mean", "lo", "hi", "n"}),
     "F11": (["lm", "train"], {"source", "method", "step", "mean", "lo", "hi", "n"}),
+    "F10": (list(F.FIGURE_BY_ID["F10"].experiments), {"claim", "comparison", "n", "effect", "ci_low", "ci_high",
+                                                      "margin", "verdict"}),
 }
 
 
@@ -217,7 +242,8 @@ def test_f1_values_are_seed_means_of_the_final_validation_step():
     rows = train_rows()
     rows.loc[(rows["split"] == "test") & (rows["metric"] == "gini"), "value"] = 0.9      # must not be drawn
     data = balance.prepare_f1(rows).set_index(["metric", "layer", "method"])
-    assert set(data.index.get_level_values("method")) == set(balance.ROUTED)     # LoRA has no router
+    assert set(data.index.get_level_values("method")) <= set(balance.ROUTED)     # LoRA has no router
+    assert "lora" not in set(data.index.get_level_values("method"))
     row = data.loc[("gini", "L5.value", "talklora-official")]
     assert row["mean"] == pytest.approx(0.21) and row["n"] == 3 and row["lo"] < 0.21 < row["hi"]
 
@@ -253,7 +279,7 @@ def test_f3_orders_alpha_grid_and_includes_trained():
     assert P.talk_order(["official", "identity", "uniform-mix:0.75", "uniform-mix:0.25"]) == [
         "uniform-mix:0.25", "uniform-mix:0.75", "identity", "official"]
     trained = data[data["panel"].str.startswith("trained")]
-    assert set(trained["group"]) == set(balance.ROUTED) and (trained["n"] == 6).all()     # 3 seeds x 2 layers
+    assert set(trained["group"]) == set(balance.ROUTED) & set(METHODS) and (trained["n"] == 6).all()     # 3 seeds x 2 layers
 
 
 def test_f4_averages_layers_then_seeds():
@@ -263,8 +289,10 @@ def test_f4_averages_layers_then_seeds():
 
 
 def test_f5_accuracy_and_parameters():
-    data = balance.prepare_f5(train_rows()).set_index("method")
-    assert data.loc["lora", "trainable_parameters"] == 1000 and data.loc["lora", "mean"] == pytest.approx(0.61)
+    data = balance.prepare_f5(train_rows(), budget_rows()).set_index(["budget", "method"])
+    assert data.loc[(0, "lora"), "trainable_parameters"] == 1000 and data.loc[(0, "lora"), "mean"] == pytest.approx(0.61)
+    assert data.loc[(32, "talklora-official"), "trainable_parameters"] == 3200
+    assert data.loc[(32, "talklora-official"), "mean"] == pytest.approx(0.642) and data.loc[(32, "lora"), "n"] == 3
 
 
 def test_f7_fraction_above_one():

@@ -9,6 +9,9 @@ equivalence     C1, C2, C3              F6                  ``notebooks/03_equiv
 twins           C9                      F8                  ``notebooks/04_twins.py``
 ==============  ======================  ==================  ===========================
 
+The balance topic also holds C11 (consistently better than LoRA / MoELoRA) and F10 (forest plot of
+every paired comparison), declared in :mod:`analysis.topics.efficiency`.
+
 ``python -m analysis claims`` judges :data:`CLAIMS` (in id order) and ``python -m analysis
 figures`` draws :data:`FIGURES`; both iterate over :data:`TOPICS`.
 """
