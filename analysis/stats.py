@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import stats
@@ -144,9 +144,10 @@ def mde(sd: float, n: int, conf: float = CONF, power: float = 0.8) -> float:
 
 
 def verdict_from_interval(ci_low: float, ci_high: float, margin: float, claimed_side: str) -> str:
-    """SPEC §5 verdict of one difference: ``holds`` if the interval lies entirely on the claimed side
-    of 0, ``refuted`` if it lies entirely inside ``±margin`` or entirely on the wrong side, else
-    ``inconclusive`` (also for a missing interval)."""
+    """SPEC §5 verdict of one difference: ``refuted`` if the interval lies entirely inside ``±margin``
+    (no practically relevant effect, even when it excludes 0: the margin is the smallest effect
+    declared relevant) or entirely on the wrong side of 0; else ``holds`` if it lies entirely on the
+    claimed side of 0; else ``inconclusive`` (also for a missing interval)."""
     if claimed_side not in SIDES:
         raise ValueError(f"claimed_side must be one of {SIDES}, got {claimed_side!r}")
     if not margin >= 0:
@@ -157,10 +158,10 @@ def verdict_from_interval(ci_low: float, ci_high: float, margin: float, claimed_
         raise ValueError(f"ci_low must be <= ci_high, got {ci_low} > {ci_high}")
     sign = 1.0 if claimed_side == "greater" else -1.0
     lo, hi = sorted((sign * ci_low, sign * ci_high))          # claimed side is now "> 0"
-    if lo > 0:
-        return "holds"
     if hi < 0 or (-margin < lo and hi < margin):
         return "refuted"
+    if lo > 0:
+        return "holds"
     return "inconclusive"
 
 
@@ -196,6 +197,23 @@ class Comparison:
         sd = float(v.std(ddof=1)) if n > 1 else math.nan
         return cls(name, n, mean, lo, hi, margin, mde(sd, n, conf=conf, power=power), claimed_side, conf)
 
+    @property
+    def p_value(self) -> float:
+        """Two-sided paired t-test p-value of ``effect = 0``, recovered from the interval (NaN for n < 2)."""
+        if self.n < 2 or not math.isfinite(self.ci_low):
+            return math.nan
+        se = (self.ci_high - self.ci_low) / (2 * t_quantile(self.n - 1, self.conf))
+        if se == 0:
+            return 0.0 if self.effect != 0 else 1.0
+        return float(2 * stats.t.sf(abs(self.effect) / se, self.n - 1))
+
+    def at_level(self, conf: float) -> "Comparison":
+        """The same comparison with its t-interval widened (or narrowed) to level ``conf``."""
+        if self.n < 2 or not math.isfinite(self.ci_low):
+            return replace(self, conf=conf)
+        half = (self.ci_high - self.ci_low) / 2 * t_quantile(self.n - 1, conf) / t_quantile(self.n - 1, self.conf)
+        return replace(self, ci_low=self.effect - half, ci_high=self.effect + half, conf=conf)
+
     def row(self, digits: int = 3) -> list[str]:
         """``name, n, effect, interval, ±margin, MDE, verdict`` as report cells."""
         interval = f"[{fmt(self.ci_low, digits)}, {fmt(self.ci_high, digits)}]"
@@ -223,9 +241,12 @@ def holm_levels(pvalues, conf: float = CONF) -> list[float]:
     exactly when it passes its Holm step; missing p-values (n < 2) count as the largest."""
     p = np.asarray([x if math.isfinite(x) else 2.0 for x in pvalues], dtype=float)
     alpha, m = 1 - conf, len(p)
-    out = [conf] * m
+    out, stopped = [conf] * m, None
     for i, j in enumerate(np.argsort(p, kind="stable")):
-        out[j] = 1 - alpha / (m - i)
+        level = 1 - alpha / (m - i)
+        if stopped is None and not p[j] < alpha / (m - i):
+            stopped = level            # step-down stops here: later (larger) p-values are not rejected,
+        out[j] = stopped or level      # so they keep this step's level (their intervals then hold 0)
     return out
 
 
@@ -238,6 +259,21 @@ def holm_family(items, conf: float = CONF) -> list["Comparison"]:
             for (name, d, margin, side), lv in zip(items, levels)]
 
 
+def holm_adjust(comparisons, conf: float = CONF) -> list["Comparison"]:
+    """A family's comparisons at their Holm-ordered levels (:func:`holm_levels` of their p-values)."""
+    comparisons = list(comparisons)
+    levels = holm_levels([c.p_value for c in comparisons], conf)
+    return [c.at_level(lv) for c, lv in zip(comparisons, levels)]
+
+
+def combine_verdicts(verdicts) -> str:
+    """``holds`` if every verdict holds, ``refuted`` if any is refuted, else ``inconclusive`` (also for none)."""
+    verdicts = list(verdicts)
+    if verdicts and all(v == "holds" for v in verdicts):
+        return "holds"
+    return "refuted" if "refuted" in verdicts else "inconclusive"
+
+
 def combine(comparisons) -> tuple[str, str]:
     """The declared combination of a claim's comparisons: ``holds`` if every comparison holds,
     ``refuted`` if at least one is refuted (a general claim fails where the effect is absent or
@@ -246,7 +282,7 @@ def combine(comparisons) -> tuple[str, str]:
     if not comparisons:
         return "inconclusive", "no comparisons"
     verdicts = [c.verdict for c in comparisons]
-    if all(v == "holds" for v in verdicts):
+    if combine_verdicts(verdicts) == "holds":
         return "holds", f"all {len(verdicts)} comparisons hold"
     refuted = [c for c in comparisons if c.verdict == "refuted"]
     if refuted:

@@ -184,11 +184,11 @@ def test_c6_margins_come_from_the_config():
 def test_holm_turns_a_marginal_difference_inconclusive():
     strong = Comparison.from_differences("a", [-0.10, -0.11, -0.09, -0.10], 0.01, "less")
     weak = Comparison.from_differences("b", [-0.01, -0.03, 0.004, -0.02, -0.005, -0.025], 0.001, "less")
-    assert weak.verdict == "holds" and 0.025 < efficiency.p_value(weak) < 0.05
+    assert weak.verdict == "holds" and 0.025 < weak.p_value < 0.05
     adj, v = efficiency.holm_verdicts([strong, weak, weak])
-    assert v == ["holds", "inconclusive", "inconclusive"] and adj[1] == pytest.approx(2 * efficiency.p_value(weak))
+    assert v == ["holds", "inconclusive", "inconclusive"] and adj[1] == pytest.approx(2 * weak.p_value)
     small = Comparison(weak.name, weak.n, weak.effect, weak.ci_low, weak.ci_high, 0.1, weak.mde, "less")
-    assert small.verdict == "holds"                       # resolved, but inside ±margin
+    assert small.verdict == "refuted"                     # excludes 0, but inside ±margin: not relevant
     assert efficiency.holm_verdicts([strong, small, small])[1] == ["holds", "refuted", "refuted"]
 
 

@@ -114,6 +114,8 @@ VERDICT_RULE = [
     (0.02, 0.05, 0.01, "greater", "holds"),            # entirely on the claimed side
     (-0.05, -0.02, 0.01, "greater", "refuted"),        # entirely on the wrong side
     (-0.005, 0.008, 0.01, "greater", "refuted"),       # entirely inside ±margin: no relevant effect
+    (0.002, 0.008, 0.01, "greater", "refuted"),        # excludes 0 but inside ±margin: still not relevant
+    (0.002, 0.012, 0.01, "greater", "holds"),          # on the claimed side and leaves the margin
     (-0.005, 0.03, 0.01, "greater", "inconclusive"),   # straddles 0 and leaves the margin
     (0.0, 0.03, 0.01, "greater", "inconclusive"),      # touches 0: not entirely on the side
     (-0.05, -0.02, 0.01, "less", "holds"),
@@ -166,7 +168,9 @@ def test_p_value_matches_scipy_and_degenerate_cases():
 
 
 def test_holm_levels_and_combine():
-    assert S.holm_levels([0.01, 0.04, 0.03]) == pytest.approx([1 - 0.05 / 3, 0.95, 1 - 0.05 / 2])
+    assert S.holm_levels([0.01, 0.04, 0.02]) == pytest.approx([1 - 0.05 / 3, 0.95, 1 - 0.05 / 2])
+    # step-down stops at 0.03 (> 0.05/2): the larger 0.04 keeps that step's level, not 0.95
+    assert S.holm_levels([0.01, 0.04, 0.03]) == pytest.approx([1 - 0.05 / 3, 1 - 0.05 / 2, 1 - 0.05 / 2])
     assert S.holm_levels([math.nan, 0.01]) == pytest.approx([0.95, 0.975])
     good = S.Comparison.from_differences("a", [0.10, 0.11, 0.12], 0.01)
     none = S.Comparison.from_differences("b", [0.001, -0.001, 0.0], 0.01)

@@ -23,7 +23,7 @@ from ..config import MarginsConfig
 from ..evidence import ClaimSpec, FigureSpec, Outcome, md_table
 from ..experiments import EXPERIMENTS
 from ..plotting import WIDTH
-from ..stats import Comparison, estimate, fmt, holm, t_quantile
+from ..stats import Comparison, combine_verdicts, estimate, fmt, holm, holm_adjust
 
 TALK = "talklora-official"
 ALPHA = 0.05                                  # family-wise error rate of the Holm correction
@@ -50,44 +50,21 @@ def compare(name: str, wide: pd.DataFrame, a: str, b: str, margin: float, side: 
     return Comparison.from_differences(name, d, margin, side) if len(d) else None
 
 
-def p_value(c: Comparison) -> float:
-    """Two-sided paired t-test p-value of ``c`` (from its effect and interval); 1 when undefined."""
-    if c.n < 2 or not math.isfinite(c.ci_low):
-        return 1.0
-    se = (c.ci_high - c.ci_low) / (2 * t_quantile(c.n - 1))
-    if se == 0:
-        return 0.0 if c.effect != 0 else 1.0
-    return float(2 * stats.t.sf(abs(c.effect) / se, c.n - 1))
+def holm_verdicts(comps: list[Comparison]) -> tuple[list[float], list[str]]:
+    """Holm-adjusted p-values of the family ``comps`` and each comparison's SPEC §5 verdict at its
+    Holm-ordered interval level (:func:`analysis.stats.holm_adjust`): an interval excludes 0 only
+    where the comparison passes its Holm step; one inside ±margin is refuted at any level."""
+    if not comps:
+        return [], []
+    adj = holm([1.0 if not math.isfinite(c.p_value) else c.p_value for c in comps]).tolist()
+    return adj, [c.verdict for c in holm_adjust(comps)]
 
 
 def inside_margin(c: Comparison) -> bool:
     return math.isfinite(c.ci_low) and -c.margin < c.ci_low and c.ci_high < c.margin
 
 
-def holm_verdicts(comps: list[Comparison]) -> tuple[list[float], list[str]]:
-    """Holm-adjusted p-values of the family ``comps`` and each comparison's verdict after the
-    correction: SPEC §5 from the 95 % interval, but an interval that excludes 0 (holds, or refuted
-    by lying on the wrong side) counts only if its Holm-adjusted p < 0.05; otherwise the interval is
-    read as not excluding 0: refuted if it lies inside ±margin, else inconclusive.  Refutation by an
-    interval inside ±margin needs no correction."""
-    if not comps:
-        return [], []
-    adj = holm([p_value(c) for c in comps]).tolist()
-    out = []
-    for c, p in zip(comps, adj):
-        v = c.verdict
-        if (v == "holds" or (v == "refuted" and not inside_margin(c))) and not p < ALPHA:
-            v = "refuted" if inside_margin(c) else "inconclusive"
-        out.append(v)
-    return adj, out
-
-
-def every(verdicts) -> str:
-    """``holds`` if every verdict holds, ``refuted`` if any is refuted, else ``inconclusive``."""
-    verdicts = list(verdicts)
-    if verdicts and all(v == "holds" for v in verdicts):
-        return "holds"
-    return "refuted" if "refuted" in verdicts else "inconclusive"
+every = combine_verdicts          # the declared combination: all hold -> holds, any refuted -> refuted
 
 
 def comparison_table(comps, verdicts=None, extra: dict | None = None) -> str:
