@@ -3,14 +3,16 @@
 ==============  ======================  ==================  ===========================
 topic           claims                  figures             notebook
 ==============  ======================  ==================  ===========================
-balance         C6, C7                  F1, F4, F5          ``notebooks/01_balance.py``
-smoothness      C4, C5, C8, C10         F2, F3, F7, F9      ``notebooks/02_smoothness.py``
+balance         C6, C7, C11             F1, F4, F5, F10     ``notebooks/01_balance.py``
+smoothness      C4, C5, C8, C10, C12    F2, F3, F7, F9, F11 ``notebooks/02_smoothness.py``
 equivalence     C1, C2, C3              F6                  ``notebooks/03_equivalence.py``
 twins           C9                      F8                  ``notebooks/04_twins.py``
 ==============  ======================  ==================  ===========================
 
-The balance topic also holds C11 (consistently better than LoRA / MoELoRA) and F10 (forest plot of
-every paired comparison), declared in :mod:`analysis.topics.efficiency`.
+Topics longer than one readable file keep parts in sibling modules: balance's C11 (consistently
+better than LoRA / MoELoRA) and F10 (forest plot of every paired comparison) in
+:mod:`~analysis.topics.efficiency`; smoothness's C8/F7 in :mod:`~analysis.topics.smoothness_init`,
+C10/F9 in :mod:`~analysis.topics.smoothness_topk` and C12/F11 in :mod:`~analysis.topics.smoothness_churn`.
 
 ``python -m analysis claims`` judges :data:`CLAIMS` (in id order) and ``python -m analysis
 figures`` draws :data:`FIGURES`; both iterate over :data:`TOPICS`.
@@ -34,7 +36,7 @@ FIGURE_IDS = tuple(f.id for f in FIGURES)
 
 
 def claim_spec(claim_id: str) -> ClaimSpec:
-    """The declaration of ``claim_id`` (``C1`` … ``C10``)."""
+    """The declaration of ``claim_id`` (``C1`` … ``C12``)."""
     for c in CLAIMS:
         if c.id == claim_id:
             return c
@@ -42,7 +44,7 @@ def claim_spec(claim_id: str) -> ClaimSpec:
 
 
 def figure_spec(figure_id: str) -> FigureSpec:
-    """The declaration of ``figure_id`` (``F1`` … ``F9``)."""
+    """The declaration of ``figure_id`` (``F1`` … ``F11``)."""
     for f in FIGURES:
         if f.id == figure_id:
             return f
