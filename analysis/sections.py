@@ -1,0 +1,445 @@
+"""The validated sections of an experiment config (``[perturb]``, ``[train]``, ``[twins]``, ``[lm]``,
+``[margins]``) with their constants and field validators; :mod:`analysis.config` assembles them into
+an :class:`~analysis.config.ExperimentConfig` and reads profiles and files.  Every field is checked
+in ``__post_init__`` and an invalid value raises :class:`ConfigError` naming ``section.field``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# Perturbation kinds (SPEC §4): isotropic Gaussian in x, Gaussian confined to one expert block of
+# the code h, adversarial PGD in the eps-ball.  These are the strings passed to
+# ``talklora_min.probes.perturbation_response(..., kind=...)``.
+PERTURB_KINDS = ("gaussian", "block", "adversarial")
+REAL_MODELS = ("minilm", "smollm")
+TRAIN_METHODS = ("head-only", "lora", "moelora-code", "moelora-input", "talklora-official",
+                 "talklora-identity", "moelora-code-scaled", "moelora-twin",
+                 "topk-entropy", "switch")   # the last two: LoRA-Mixer hard-soft top-2 + entropy loss, Switch loss
+TRAIN_TASKS = ("sentiment", "topic")         # = analysis.data.TASKS
+TWIN_MODELS = ("talklora", "moelora-twin", "talklora-frozen-T", "talklora-identity")
+# "same-rank": every method uses train.rank (and num_experts for the MoE methods); trainable-parameter
+#   counts differ and are reported (F5 plots accuracy against them).
+# "match-params": each method's rank is chosen (a multiple of num_experts for MoE methods) so that
+#   its trainable-parameter count is the closest to that of talklora-official at train.rank.
+MATCHED_BUDGET_RULES = ("same-rank", "match-params")
+MINILM_TARGETS = ("query", "key", "value", "up", "down")   # up = intermediate.dense, down = output.dense
+TWIN_OPTIMIZERS = ("adamw", "sgd")
+SCALE_CONTROLS = ("spectral", "frobenius")   # C5 control: W_r rescaled to ‖W_r(T⊗I)‖ in this norm
+
+
+class ConfigError(ValueError):
+    """An invalid experiment configuration; the message starts with ``section.field:``."""
+
+
+# ----------------------------------------------------------------------------- validators
+def _fail(name: str, what: str, value: Any) -> None:
+    raise ConfigError(f"{name}: must be {what}, got {value!r}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(name, v, lo=None, hi=None) -> int:
+    if not _is_int(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f" in [{lo}, {hi}]" if hi is not None else (f" >= {lo}" if lo is not None else "")
+        _fail(name, f"an int{rng}", v)
+    return v
+
+
+def _float(name, v, lo=None, hi=None, lo_open=False) -> float:
+    ok = _is_num(v) and (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or v <= hi)
+    if not ok:
+        rng = ""
+        if lo is not None:
+            rng = f" {'>' if lo_open else '>='} {lo}"
+        if hi is not None:
+            rng += f" and <= {hi}"
+        _fail(name, f"a finite number{rng}", v)
+    return float(v)
+
+
+def _int_list(name, v, lo=None, unique=True) -> list[int]:
+    if not isinstance(v, (list, tuple)) or not v or not all(_is_int(x) for x in v):
+        _fail(name, "a non-empty list of ints", v)
+    if lo is not None and any(x < lo for x in v):
+        _fail(name, f"a non-empty list of ints >= {lo}", v)
+    if unique and len(set(v)) != len(v):
+        _fail(name, "a list of distinct ints", v)
+    return list(v)
+
+
+def _float_list(name, v, lo=None, lo_open=False) -> list[float]:
+    if not isinstance(v, (list, tuple)) or not v or not all(_is_num(x) for x in v):
+        _fail(name, "a non-empty list of finite numbers", v)
+    if lo is not None and any((x <= lo) if lo_open else (x < lo) for x in v):
+        _fail(name, f"a non-empty list of numbers {'>' if lo_open else '>='} {lo}", v)
+    if len(set(v)) != len(v):
+        _fail(name, "a list of distinct numbers", v)
+    return [float(x) for x in v]
+
+
+def _choice_list(name, v, choices) -> list[str]:
+    if (not isinstance(v, (list, tuple)) or not v or not all(isinstance(x, str) for x in v)
+            or any(x not in choices for x in v) or len(set(v)) != len(v)):
+        _fail(name, f"a non-empty list of distinct values from {list(choices)}", v)
+    return list(v)
+
+
+def _choice(name, v, choices) -> str:
+    if v not in choices:
+        _fail(name, f"one of {list(choices)}", v)
+    return v
+
+
+def _talk_setting(name, v) -> str:
+    """'identity' | 'official' | 'uniform-mix:<alpha in [0, 1]>' (SPEC §1 talk_init)."""
+    ok = v in ("identity", "official")
+    if isinstance(v, str) and v.startswith("uniform-mix:"):
+        try:
+            ok = 0.0 <= float(v.split(":", 1)[1]) <= 1.0
+        except ValueError:
+            ok = False
+    if not ok:
+        _fail(name, "'identity', 'official' or 'uniform-mix:<alpha in [0, 1]>'", v)
+    return v
+
+
+class _Section:
+    """Shared dict/JSON helpers for the section dataclasses."""
+
+    SECTION = ""
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))      # tuples -> lists, deep copy
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        if not isinstance(data, dict):
+            raise ConfigError(f"[{cls.SECTION}]: must be a table, got {data!r}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ConfigError(f"{cls.SECTION}.{unknown[0]}: unknown key (unknown: {unknown}); "
+                              f"accepted keys: {names}")
+        return cls(**data)
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass
+class PerturbConfig(_Section):
+    """Perturbation-amplification sweep (SPEC §4, claims C5 and C10, figures F2, F3, F9).
+
+    Synthetic layers: one layer per (``grid`` entry ``[E, r]``, ``talk`` setting, seed), of size
+    ``d_in -> d_out``, probed on ``n_tokens`` random tokens at every ``eps`` and ``kinds``.
+    Real models: adapters injected into ``models`` (``minilm``, ``smollm``), probed on the hidden
+    states of ``n_sentences`` real sentences tokenised to at most ``max_length`` tokens.
+    ``controls``: the scale-matched MoELoRA-code controls of every talk setting (C5; ``spectral``:
+    ‖W_r'‖₂ = ‖W_r(T⊗I)‖₂, ``frobenius``: the same in ‖·‖_F).  ``mc_draws`` independent draws of
+    the official init per E in ``mc_experts`` (C8).
+    """
+
+    SECTION = "perturb"
+    grid: list = field(default_factory=lambda: [[4, 32], [8, 32]])
+    talk: list = field(default_factory=lambda: ["identity", "official", "uniform-mix:0.25",
+                                                 "uniform-mix:0.5", "uniform-mix:0.75"])
+    eps: list = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3])
+    kinds: list = field(default_factory=lambda: list(PERTURB_KINDS))
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    n_tokens: int = 256
+    d_in: int = 384
+    d_out: int = 384
+    adversarial_steps: int = 10
+    models: list = field(default_factory=lambda: ["minilm"])
+    n_sentences: int = 32
+    max_length: int = 64
+    controls: list = field(default_factory=lambda: list(SCALE_CONTROLS))
+    mc_draws: int = 20_000
+    mc_experts: list = field(default_factory=lambda: [2, 4, 8, 16, 32])
+
+    def __post_init__(self):
+        p = self.SECTION
+        if (not isinstance(self.grid, (list, tuple)) or not self.grid
+                or not all(isinstance(g, (list, tuple)) and len(g) == 2 and all(_is_int(x) and x > 0 for x in g)
+                           for g in self.grid)):
+            _fail(f"{p}.grid", "a non-empty list of [E, r] pairs of positive ints", self.grid)
+        self.grid = [list(g) for g in self.grid]
+        for E, r in self.grid:
+            if r % E:
+                _fail(f"{p}.grid", f"[E, r] pairs with E dividing r ({[E, r]} does not)", self.grid)
+        if len({tuple(g) for g in self.grid}) != len(self.grid):
+            _fail(f"{p}.grid", "a list of distinct [E, r] pairs", self.grid)
+        if not isinstance(self.talk, (list, tuple)) or not self.talk or len(set(self.talk)) != len(self.talk):
+            _fail(f"{p}.talk", "a non-empty list of distinct talk settings", self.talk)
+        self.talk = [_talk_setting(f"{p}.talk", t) for t in self.talk]
+        self.eps = _float_list(f"{p}.eps", self.eps, lo=0.0, lo_open=True)
+        self.kinds = _choice_list(f"{p}.kinds", self.kinds, PERTURB_KINDS)
+        self.seeds = _int_list(f"{p}.seeds", self.seeds, lo=0)
+        _int(f"{p}.n_tokens", self.n_tokens, lo=1)
+        _int(f"{p}.d_in", self.d_in, lo=1)
+        _int(f"{p}.d_out", self.d_out, lo=1)
+        _int(f"{p}.adversarial_steps", self.adversarial_steps, lo=1)
+        if not isinstance(self.models, (list, tuple)) or len(set(self.models)) != len(self.models) \
+                or any(m not in REAL_MODELS for m in self.models):
+            _fail(f"{p}.models", f"a list (possibly empty) of distinct values from {list(REAL_MODELS)}",
+                  self.models)
+        self.models = list(self.models)
+        _int(f"{p}.n_sentences", self.n_sentences, lo=1)
+        _int(f"{p}.max_length", self.max_length, lo=2, hi=512)
+        self.controls = _choice_list(f"{p}.controls", self.controls, SCALE_CONTROLS)
+        _int(f"{p}.mc_draws", self.mc_draws, lo=1)
+        self.mc_experts = _int_list(f"{p}.mc_experts", self.mc_experts, lo=1)
+
+
+@dataclass
+class TrainConfig(_Section):
+    """Classification on real text with MiniLM (SPEC §7; claims C5–C7, C9, C11, C12; F1, F4, F5, F10, F11).
+
+    ``tasks``: separate tasks (``sentiment``: Rotten Tomatoes fresh/rotten; ``topic``: BBC, 5 topics),
+    each trained and scored on its own.  ``methods`` run on every task, ``extra_methods`` only on the
+    first task (the one C6's balance comparisons are scored on).  Only the top ``adapt_top_layers`` BERT layers are adapted
+    (``targets`` among query, key, value, up = intermediate.dense, down = output.dense) and run during
+    training; the frozen prefix's hidden states are computed once per task (``cache_prefix``).
+    Per task: exactly ``n_test`` test and ``n_val`` validation examples (stratified by class) and at
+    most ``n_train`` training examples (all the rest when fewer remain).  ``n_probe`` validation
+    examples are the fixed token set of the routing-churn checkpoints (every ``eval_every`` steps).
+    ``alpha = nan``/absent is not allowed in TOML, so ``alpha = 0`` means ``s = 1`` (official).
+    C7 budgets: ``budget_ranks`` (TalkLoRA-official ranks besides ``rank``; may be empty) on
+    ``budget_tasks`` for ``budget_methods``, each other method at the rank matching TalkLoRA's count.
+    """
+
+    SECTION = "train"
+    tasks: list = field(default_factory=lambda: list(TRAIN_TASKS))
+    methods: list = field(default_factory=lambda: list(TRAIN_METHODS))
+    extra_methods: list = field(default_factory=list)
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    steps: int = 200
+    eval_every: int = 50
+    batch_size: int = 16
+    lr: float = 3e-4
+    head_lr: float = 3e-3
+    weight_decay: float = 0.01
+    rank: int = 16
+    num_experts: int = 4
+    alpha: float = 0.0
+    dropout: float = 0.05
+    adapt_top_layers: int = 2
+    targets: list = field(default_factory=lambda: list(MINILM_TARGETS))
+    max_length: int = 64
+    n_train: int = 2000
+    n_val: int = 300
+    n_test: int = 1000
+    n_probe: int = 64
+    split_seed: int = 0
+    matched_budget: str = "same-rank"
+    cache_prefix: bool = True
+    budget_ranks: list = field(default_factory=list)
+    budget_methods: list = field(default_factory=lambda: ["talklora-official", "lora", "moelora-code"])
+    budget_tasks: list = field(default_factory=lambda: ["sentiment"])
+
+    def __post_init__(self):
+        p = self.SECTION
+        self.tasks = _choice_list(f"{p}.tasks", self.tasks, TRAIN_TASKS)
+        self.methods = _choice_list(f"{p}.methods", self.methods, TRAIN_METHODS)
+        if not isinstance(self.extra_methods, (list, tuple)) or any(m not in TRAIN_METHODS for m in self.extra_methods) \
+                or len(set(self.extra_methods)) != len(self.extra_methods) or set(self.extra_methods) & set(self.methods):
+            _fail(f"{p}.extra_methods", f"a list (possibly empty) of distinct values from {list(TRAIN_METHODS)} "
+                  "not already in train.methods", self.extra_methods)
+        self.extra_methods = list(self.extra_methods)
+        self.seeds = _int_list(f"{p}.seeds", self.seeds, lo=0)
+        _int(f"{p}.steps", self.steps, lo=1)
+        _int(f"{p}.eval_every", self.eval_every, lo=1)
+        if self.eval_every > self.steps:
+            _fail(f"{p}.eval_every", f"an int <= train.steps ({self.steps})", self.eval_every)
+        _int(f"{p}.batch_size", self.batch_size, lo=1)
+        self.lr = _float(f"{p}.lr", self.lr, lo=0.0, lo_open=True)
+        self.head_lr = _float(f"{p}.head_lr", self.head_lr, lo=0.0, lo_open=True)
+        self.weight_decay = _float(f"{p}.weight_decay", self.weight_decay, lo=0.0)
+        _int(f"{p}.rank", self.rank, lo=1)
+        _int(f"{p}.num_experts", self.num_experts, lo=1)
+        if self.rank % self.num_experts:
+            _fail(f"{p}.rank", f"a multiple of train.num_experts ({self.num_experts})", self.rank)
+        self.alpha = _float(f"{p}.alpha", self.alpha, lo=0.0)
+        self.dropout = _float(f"{p}.dropout", self.dropout, lo=0.0, hi=0.99)
+        _int(f"{p}.adapt_top_layers", self.adapt_top_layers, lo=1, hi=6)
+        self.targets = _choice_list(f"{p}.targets", self.targets, MINILM_TARGETS)
+        _int(f"{p}.max_length", self.max_length, lo=2, hi=512)
+        _int(f"{p}.n_train", self.n_train, lo=2)
+        _int(f"{p}.n_val", self.n_val, lo=2)
+        _int(f"{p}.n_test", self.n_test, lo=2)
+        _int(f"{p}.n_probe", self.n_probe, lo=1)
+        if self.n_probe > self.n_val:
+            _fail(f"{p}.n_probe", f"an int <= train.n_val ({self.n_val})", self.n_probe)
+        _int(f"{p}.split_seed", self.split_seed, lo=0)
+        self.matched_budget = _choice(f"{p}.matched_budget", self.matched_budget, MATCHED_BUDGET_RULES)
+        if not isinstance(self.cache_prefix, bool):
+            _fail(f"{p}.cache_prefix", "a bool", self.cache_prefix)
+        if not isinstance(self.budget_ranks, (list, tuple)) or not all(_is_int(r) and r > 0 for r in self.budget_ranks) \
+                or len(set(self.budget_ranks)) != len(self.budget_ranks) \
+                or any(r % self.num_experts or r == self.rank for r in self.budget_ranks):
+            _fail(f"{p}.budget_ranks", f"a list (possibly empty) of distinct multiples of train.num_experts "
+                  f"({self.num_experts}) other than train.rank ({self.rank})", self.budget_ranks)
+        self.budget_ranks = list(self.budget_ranks)
+        self.budget_methods = _choice_list(f"{p}.budget_methods", self.budget_methods,
+                                           [m for m in TRAIN_METHODS if m != "head-only"])
+        if "talklora-official" not in self.budget_methods:
+            _fail(f"{p}.budget_methods", "a list that contains 'talklora-official' (the budget reference)",
+                  self.budget_methods)
+        self.budget_tasks = _choice_list(f"{p}.budget_tasks", self.budget_tasks, TRAIN_TASKS)
+
+    @property
+    def scaling_alpha(self) -> float | None:
+        """The adapters' ``alpha`` argument: ``None`` (s = 1) when ``alpha == 0``."""
+        return None if self.alpha == 0 else self.alpha
+
+
+@dataclass
+class TwinsConfig(_Section):
+    """Function-matched twin runs (C9, F8): TalkLoRA and the MoELoRA-code twin obtained by talk
+    absorption start from the same function and are trained on the same batches, per ``tasks`` ×
+    ``optimizers`` × ``seeds`` (the splits, probe set and model settings are those of ``[train]``).
+    ``models`` must contain ``talklora`` (the reference the others are compared to).  AdamW trains the
+    head at ``train.head_lr``, SGD at ``head_lr_sgd`` (adapters: ``lr_adamw`` / ``lr_sgd``)."""
+
+    SECTION = "twins"
+    tasks: list = field(default_factory=lambda: ["sentiment"])
+    models: list = field(default_factory=lambda: ["talklora", "moelora-twin"])
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    steps: int = 200
+    eval_every: int = 25
+    optimizers: list = field(default_factory=lambda: list(TWIN_OPTIMIZERS))
+    lr_adamw: float = 3e-4
+    lr_sgd: float = 1e-2
+    head_lr_sgd: float = 0.1
+    weight_decay: float = 0.01
+    talk_init: str = "official"
+
+    def __post_init__(self):
+        p = self.SECTION
+        self.tasks = _choice_list(f"{p}.tasks", self.tasks, TRAIN_TASKS)
+        self.models = _choice_list(f"{p}.models", self.models, TWIN_MODELS)
+        if "talklora" not in self.models:
+            _fail(f"{p}.models", "a list that contains 'talklora' (the reference)", self.models)
+        self.seeds = _int_list(f"{p}.seeds", self.seeds, lo=0)
+        _int(f"{p}.steps", self.steps, lo=1)
+        _int(f"{p}.eval_every", self.eval_every, lo=1)
+        if self.eval_every > self.steps:
+            _fail(f"{p}.eval_every", f"an int <= twins.steps ({self.steps})", self.eval_every)
+        self.optimizers = _choice_list(f"{p}.optimizers", self.optimizers, TWIN_OPTIMIZERS)
+        self.lr_adamw = _float(f"{p}.lr_adamw", self.lr_adamw, lo=0.0, lo_open=True)
+        self.lr_sgd = _float(f"{p}.lr_sgd", self.lr_sgd, lo=0.0, lo_open=True)
+        self.head_lr_sgd = _float(f"{p}.head_lr_sgd", self.head_lr_sgd, lo=0.0, lo_open=True)
+        self.weight_decay = _float(f"{p}.weight_decay", self.weight_decay, lo=0.0)
+        if self.talk_init != "official":
+            _fail(f"{p}.talk_init", "'official' (the twins start from the seed's official T)", self.talk_init)
+
+
+LM_METHODS = ("lora", "moelora-code", "moelora-code-scaled", "talklora-official")
+LM_MAX_TEXTS = 1319          # per domain: GSM8K's test split, the smallest of the three domains
+SMOLLM_LAYERS = 30
+
+
+@dataclass
+class LMConfig(_Section):
+    """Causal-LM training of SmolLM2-135M on a three-domain mix (movie reviews, BBC news, GSM8K;
+    SPEC §7) with the official TalkLoRA layout (q/k/v/up/down, ``rank`` 32, ``num_experts`` 4,
+    B tied, s = 1, ``dropout`` 0.05, AdamW ``lr`` 3e-4) on the top ``adapt_top_layers`` layers,
+    the frozen prefix cached (claims C6, C11, C12; ``analysis/lm.py``).
+
+    ``n_train`` / ``n_test`` texts per domain (drawn with ``split_seed``), truncated to
+    ``max_length`` tokens.  Checkpoints every ``eval_every`` steps (routing load, specialisation,
+    churn on all held-out tokens); the held-out loss at step 0 and the last step, or at every
+    checkpoint with ``loss_every_eval``.
+    """
+
+    SECTION = "lm"
+    methods: list = field(default_factory=lambda: list(LM_METHODS))
+    seeds: list = field(default_factory=lambda: list(range(8)))
+    steps: int = 200
+    eval_every: int = 50
+    batch_size: int = 8
+    max_length: int = 64
+    adapt_top_layers: int = 4
+    n_train: int = 400
+    n_test: int = 50
+    split_seed: int = 0
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    rank: int = 32
+    num_experts: int = 4
+    dropout: float = 0.05
+    loss_every_eval: bool = False
+
+    def __post_init__(self):
+        p = self.SECTION
+        self.methods = _choice_list(f"{p}.methods", self.methods, LM_METHODS)
+        self.seeds = _int_list(f"{p}.seeds", self.seeds, lo=0)
+        _int(f"{p}.steps", self.steps, lo=1)
+        _int(f"{p}.eval_every", self.eval_every, lo=1)
+        if self.eval_every > self.steps:
+            _fail(f"{p}.eval_every", f"an int <= lm.steps ({self.steps})", self.eval_every)
+        _int(f"{p}.batch_size", self.batch_size, lo=1)
+        _int(f"{p}.max_length", self.max_length, lo=2, hi=2048)
+        _int(f"{p}.adapt_top_layers", self.adapt_top_layers, lo=1, hi=SMOLLM_LAYERS)
+        _int(f"{p}.n_train", self.n_train, lo=1)
+        _int(f"{p}.n_test", self.n_test, lo=1)
+        if self.n_train + self.n_test > LM_MAX_TEXTS:
+            _fail(f"{p}.n_test", f"an int with lm.n_train + lm.n_test <= {LM_MAX_TEXTS} (GSM8K has "
+                  f"{LM_MAX_TEXTS} problems; n_train = {self.n_train})", self.n_test)
+        _int(f"{p}.split_seed", self.split_seed, lo=0)
+        self.lr = _float(f"{p}.lr", self.lr, lo=0.0, lo_open=True)
+        self.weight_decay = _float(f"{p}.weight_decay", self.weight_decay, lo=0.0)
+        _int(f"{p}.rank", self.rank, lo=1)
+        _int(f"{p}.num_experts", self.num_experts, lo=1)
+        if self.rank % self.num_experts:
+            _fail(f"{p}.rank", f"a multiple of lm.num_experts ({self.num_experts})", self.rank)
+        self.dropout = _float(f"{p}.dropout", self.dropout, lo=0.0, hi=0.99)
+        if not isinstance(self.loss_every_eval, bool):
+            _fail(f"{p}.loss_every_eval", "a bool", self.loss_every_eval)
+
+
+@dataclass
+class MarginsConfig(_Section):
+    """Declared margins (SPEC §5): the smallest effect that counts as practically relevant, one per
+    claim and metric, fixed in the profile before anything runs.  A paired difference whose 95 %
+    interval lies inside ±margin is "no relevant effect" (refuted); units are those of the metric:
+
+    * ``c5_ratio``: routing-quotient ratio TalkLoRA / scale-matched control, on the log scale
+      (``|log ratio| < c5_ratio``; 0.05 ≈ ±5 %);
+    * ``c6_gini``: soft-load Gini (0 … 1 − 1/E), absolute; ``c6_entropy``: normalised load entropy;
+    * ``c7_accuracy``, ``c9_accuracy``, ``c11_accuracy``: held-out accuracy, absolute (0.01 = 1 point);
+    * ``c9_loss``, ``c11_loss``: held-out mean cross-entropy, nats;
+    * ``c12_churn``: share of probe tokens whose top-1 expert changes between checkpoints, absolute;
+    * ``c8_share``: share of official-init draws in which communication raises the certified router
+      bound that counts as "it happens" (absolute, 0.01 = 1 % of draws);
+    * ``c10_relative``: relative routing-quotient difference (top-k − dense) / dense.
+    """
+
+    SECTION = "margins"
+    c5_ratio: float = 0.05
+    c6_gini: float = 0.02
+    c6_entropy: float = 0.01
+    c7_accuracy: float = 0.01
+    c9_accuracy: float = 0.01
+    c9_loss: float = 0.02
+    c11_accuracy: float = 0.005
+    c11_loss: float = 0.02
+    c12_churn: float = 0.01
+    c8_share: float = 0.01
+    c10_relative: float = 0.05
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _float(f"{self.SECTION}.{f.name}", getattr(self, f.name), lo=0.0, lo_open=True))
+
+
+SECTIONS = {"perturb": PerturbConfig, "train": TrainConfig, "twins": TwinsConfig, "lm": LMConfig,
+            "margins": MarginsConfig}
