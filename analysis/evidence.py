@@ -208,7 +208,9 @@ def judge_all(specs, data: dict, tests=None, config: dict | None = None, *, resu
 @dataclass(frozen=True)
 class FigureSpec:
     """A figure ``F<n>_<slug>``: ``prepare(*rows of experiments) -> DataFrame`` and ``draw(data)``.
-    ``caption`` may contain ``{claims}``, filled from the claims that cite the figure."""
+    ``caption`` may contain ``{claims}``, filled from the claims that cite the figure.  With
+    ``needs_config`` the prepare step also gets ``config=`` (the experiment config as a dict, e.g.
+    for the profile's declared margins)."""
     id: str
     slug: str
     experiments: tuple[str, ...]
@@ -217,6 +219,7 @@ class FigureSpec:
     caption_text: str
     claims: tuple[str, ...] = ()
     notebook: str = ""
+    needs_config: bool = False
 
     @property
     def name(self) -> str:
@@ -226,9 +229,9 @@ class FigureSpec:
     def caption(self) -> str:
         return self.caption_text.format(claims=claim_ref(self.claims))
 
-    def make(self, *rows: pd.DataFrame):
-        """``(figure, data)`` from the experiments' rows."""
-        data = self.prepare(*rows)
+    def make(self, *rows: pd.DataFrame, config: dict | None = None):
+        """``(figure, data)`` from the experiments' rows (and ``config`` where ``needs_config``)."""
+        data = self.prepare(*rows, config=config) if self.needs_config else self.prepare(*rows)
         return self.draw(data), data
 
 

@@ -91,15 +91,16 @@ def manifest(figures: list[FigureSpec], sources: dict | None = None) -> str:
 
 
 def draw_all(results_dir="results", figures_dir="figures", only: list[str] | None = None,
-             log: Callable[[str], None] = print) -> dict:
-    """Draw every figure (or those in ``only``) from saved results; write the manifest."""
+             log: Callable[[str], None] = print, config: dict | None = None) -> dict:
+    """Draw every figure (or those in ``only``) from saved results; write the manifest.  ``config``
+    (the experiment config as a dict) reaches the figures that need it (F10: declared margins)."""
     set_style()
     figures = [f for f in FIGURES if only is None or f.id in only]
     needed = list(dict.fromkeys(e for f in figures for e in f.experiments))
     rows = {e: load_experiment(e, results_dir) for e in needed}      # fail early, before drawing
     written = {}
     for f in figures:
-        fig, data = f.make(*(rows[e] for e in f.experiments))
+        fig, data = f.make(*(rows[e] for e in f.experiments), config=config)
         written[f.id] = save_figure(fig, data, f.name, figures_dir)
         log(f"[figures] {f.id} -> {written[f.id]['png']} ({len(data)} data rows)")
     readme = atomic_write_text(Path(figures_dir) / "README.md", manifest(figures, rows))
@@ -115,4 +116,4 @@ def run(config, *, results_dir="results", workers: int = 1, executor=None, force
         figures_dir="figures"):
     """Make sure every experiment has results (finished cells are skipped), then draw every figure."""
     ensure_results(config, results_dir=results_dir, workers=workers, executor=executor, force=force)
-    return draw_all(results_dir, figures_dir)
+    return draw_all(results_dir, figures_dir, config=config.to_dict())

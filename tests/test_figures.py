@@ -15,6 +15,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from analysis import figures as F  # noqa: E402
+from analysis.config import load_profile  # noqa: E402
 from analysis import plotting as P  # noqa: E402
 from analysis import stats as S  # noqa: E402
 from analysis.topics import balance, equivalence, smoothness, twins  # noqa: E402
@@ -368,10 +369,11 @@ def test_run_ensures_results_with_the_same_arguments(tmp_path, monkeypatch):
     calls = []
     for mod in (perturb, train, twins, lm):
         monkeypatch.setattr(mod, "run", lambda config, mod=mod, **kw: calls.append((mod.__name__, config, kw)))
-    monkeypatch.setattr(F, "draw_all", lambda results_dir, figures_dir: calls.append(("draw", results_dir,
-                                                                                         figures_dir)))
-    F.run("CFG", results_dir=tmp_path / "results", workers=3, force=True, figures_dir=tmp_path / "figs")
+    monkeypatch.setattr(F, "draw_all", lambda results_dir, figures_dir, config: calls.append(
+        ("draw", results_dir, figures_dir, config)))
+    cfg = load_profile("quick")
+    F.run(cfg, results_dir=tmp_path / "results", workers=3, force=True, figures_dir=tmp_path / "figs")
     assert [c[0] for c in calls] == ["analysis.perturb", "analysis.train", "analysis.twins", "analysis.lm", "draw"]
-    assert all(c[1] == "CFG" and c[2] == dict(results_dir=tmp_path / "results", workers=3, executor=None,
-                                               force=True) for c in calls[:4])
-    assert calls[4] == ("draw", tmp_path / "results", tmp_path / "figs")
+    assert all(c[1] is cfg and c[2] == dict(results_dir=tmp_path / "results", workers=3, executor=None,
+                                            force=True) for c in calls[:4])
+    assert calls[4] == ("draw", tmp_path / "results", tmp_path / "figs", cfg.to_dict())   # F10: declared margins

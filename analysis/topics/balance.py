@@ -18,7 +18,7 @@ import pandas as pd
 from ..evidence import ClaimSpec, FigureSpec, Outcome, Topic, md_table
 from ..plotting import (METHOD_COLORS, METHOD_MARKERS, METHOD_ORDER, WIDTH, dedupe, legend_below, line_ci, nice_log,
                         order, sel, summarise)
-from ..stats import Comparison, estimate, fmt, pct
+from ..stats import Comparison, estimate, fmt, holm_adjust, pct
 from ..train import closed_form_parameters
 from .efficiency import (C11, F10, TALK, at_last_step, compare, comparison_table, draw_f10, every,  # noqa: F401
                          holm_verdicts, margins, prepare_f10)
@@ -102,6 +102,7 @@ def evaluate_c6(data: dict, config: dict, verdicts: dict) -> Outcome:
     pairs = c6_comparisons(data, mg)
     comps = [c for c, _ in pairs]
     adj, holm_v = holm_verdicts(comps)
+    comps = holm_adjust(comps)                 # reported at their Holm-ordered levels (as holm_v)
     iso = [v for (c, i), v in zip(pairs, holm_v) if i]
     verdict = every(iso)
     if not iso:

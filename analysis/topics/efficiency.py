@@ -188,12 +188,15 @@ FOREST_CLAIMS = ("C5", "C6", "C7", "C9", "C11", "C12")
 F10_EXPERIMENTS = tuple(EXPERIMENTS)          # every claim's rows: the comparisons are the claims' own
 
 
-def prepare_f10(*rows: pd.DataFrame) -> pd.DataFrame:
+def prepare_f10(*rows: pd.DataFrame, config: dict | None = None) -> pd.DataFrame:
     """Every paired comparison the claims of :data:`FOREST_CLAIMS` return (``Outcome.comparisons``),
-    evaluated on ``rows`` (one frame per experiment of :data:`F10_EXPERIMENTS`) with the declared
-    default margins; a claim whose experiments are missing (empty frame) contributes nothing, and a
-    claim whose rule cannot read the rows contributes one row naming the error (drawn without a point)."""
+    evaluated on ``rows`` (one frame per experiment of :data:`F10_EXPERIMENTS`) with the margins
+    declared in ``config["margins"]`` (the profile's; without a config, :class:`MarginsConfig`'s
+    defaults); a claim whose experiments are missing (empty frame) contributes nothing, and a claim
+    whose rule cannot read the rows contributes one row naming the error (drawn without a point)."""
     from . import CLAIMS                      # the registry (this module is part of it)
+
+    config = {**(config or {}), "margins": margins(config or {})}
 
     data = {e: r for e, r in zip(F10_EXPERIMENTS, rows) if r is not None and len(r)}
     out = []
@@ -202,7 +205,7 @@ def prepare_f10(*rows: pd.DataFrame) -> pd.DataFrame:
             continue
         used = {u: "inconclusive" for u in spec.uses_verdicts}
         try:
-            comps = spec.evaluate(data, {}, used).comparisons
+            comps = spec.evaluate(data, config, used).comparisons
         except (KeyError, ValueError) as err:     # rows the rule cannot read: one row naming why, drawn empty
             out.append(dict(claim=spec.id, comparison=f"not evaluated: {type(err).__name__} {err}", n=0,
                             effect=math.nan, ci_low=math.nan, ci_high=math.nan, margin=math.nan, mde=math.nan,
@@ -217,6 +220,7 @@ def prepare_f10(*rows: pd.DataFrame) -> pd.DataFrame:
 
 
 VERDICT_COLORS = {"holds": "#2ca02c", "refuted": "#d62728", "inconclusive": "#7f7f7f"}
+F10_CLIP = 6.0                                # x range of F10 in margins (beyond: a triangle at the edge)
 
 
 def draw_f10(data: pd.DataFrame):
@@ -225,7 +229,7 @@ def draw_f10(data: pd.DataFrame):
     so the ±margin band is [−1, 1] and "better as claimed" is to the right in every row."""
     claims = list(dict.fromkeys(data["claim"])) if len(data) else []
     heights = [max(len(data[data["claim"] == c]), 1) for c in claims] or [1]
-    fig, axes = plt.subplots(len(heights), 1, figsize=(WIDTH, 0.9 + 0.24 * sum(heights) + 0.5 * len(heights)),
+    fig, axes = plt.subplots(len(heights), 1, figsize=(1.5 * WIDTH, 0.9 + 0.24 * sum(heights) + 0.5 * len(heights)),
                              gridspec_kw=dict(height_ratios=heights), squeeze=False)
     if not claims:
         axes[0, 0].text(0.5, 0.5, "no paired comparisons", ha="center", va="center", transform=axes[0, 0].transAxes)
@@ -243,9 +247,13 @@ def draw_f10(data: pd.DataFrame):
             lo, hi, eff = (r[k] / scale[i] for k in ("ci_low", "ci_high", "effect"))
             lo, hi = min(lo, hi), max(lo, hi)
             if np.isfinite(lo) and np.isfinite(hi):
-                ax.plot([lo, hi], [y[i]] * 2, color=col, lw=1.8)
+                ax.plot([max(lo, -F10_CLIP), min(hi, F10_CLIP)], [y[i]] * 2, color=col, lw=1.8)
             if np.isfinite(eff):
-                ax.plot(eff, y[i], "o", color=col, ms=4.5)
+                if abs(eff) > F10_CLIP:         # off the scale: a triangle at the edge pointing outwards
+                    ax.plot(np.sign(eff) * F10_CLIP, y[i], ">" if eff > 0 else "<", color=col, ms=6)
+                else:
+                    ax.plot(eff, y[i], "o", color=col, ms=4.5)
+        ax.set_xlim(-F10_CLIP - 0.5, F10_CLIP + 0.5)
         ax.set_yticks(y, [f"{c}  (n={n})" for c, n in zip(d["comparison"], d["n"])], fontsize=7)
         ax.set_ylim(-0.7, len(d) - 0.3)
         ax.set_title(f"{cid}", fontsize=9.5, loc="left")
@@ -257,9 +265,11 @@ def draw_f10(data: pd.DataFrame):
 
 
 F10 = FigureSpec(
-    "F10", "forest_of_comparisons", F10_EXPERIMENTS, prepare_f10, draw_f10,
+    "F10", "forest_of_comparisons", F10_EXPERIMENTS, prepare_f10, draw_f10, needs_config=True, caption_text=
     "Every paired comparison behind the verdicts ({claims}, and every other claim that returns paired "
     "comparisons: the smoothness and twins claims): mean "
     "paired difference over seeds and its 95 % t-interval, each divided by its declared margin and signed "
-    "so that the claimed direction points right (the shaded band ±1 is ±margin in every row); colour: the comparison's SPEC §5 verdict (before any "
-    "Holm correction a claim applies). Labels name the task and model.")
+    "so that the claimed direction points right (the shaded band ±1 is ±margin in every row; values beyond ±6 "
+    "margins are drawn at the edge as triangles); colour: the comparison's SPEC §5 verdict as CLAIMS.md reports it "
+    "(where a claim corrects for multiplicity, the interval is at its Holm-ordered level). "
+    "Labels name the task and model.")
