@@ -100,6 +100,14 @@ def _choice(name, v, choices) -> str:
     return v
 
 
+def _schedule(section: str, steps, eval_every) -> None:
+    """``steps >= 1`` and ``1 <= eval_every <= steps`` (the training sections share this)."""
+    _int(f"{section}.steps", steps, lo=1)
+    _int(f"{section}.eval_every", eval_every, lo=1)
+    if eval_every > steps:
+        _fail(f"{section}.eval_every", f"an int <= {section}.steps ({steps})", eval_every)
+
+
 def _talk_setting(name, v) -> str:
     """'identity' | 'official' | 'uniform-mix:<alpha in [0, 1]>' (SPEC §1 talk_init)."""
     ok = v in ("identity", "official")
@@ -255,10 +263,7 @@ class TrainConfig(_Section):
                   "not already in train.methods", self.extra_methods)
         self.extra_methods = list(self.extra_methods)
         self.seeds = _int_list(f"{p}.seeds", self.seeds, lo=0)
-        _int(f"{p}.steps", self.steps, lo=1)
-        _int(f"{p}.eval_every", self.eval_every, lo=1)
-        if self.eval_every > self.steps:
-            _fail(f"{p}.eval_every", f"an int <= train.steps ({self.steps})", self.eval_every)
+        _schedule(p, self.steps, self.eval_every)
         _int(f"{p}.batch_size", self.batch_size, lo=1)
         self.lr = _float(f"{p}.lr", self.lr, lo=0.0, lo_open=True)
         self.head_lr = _float(f"{p}.head_lr", self.head_lr, lo=0.0, lo_open=True)
@@ -329,10 +334,7 @@ class TwinsConfig(_Section):
         if "talklora" not in self.models:
             _fail(f"{p}.models", "a list that contains 'talklora' (the reference)", self.models)
         self.seeds = _int_list(f"{p}.seeds", self.seeds, lo=0)
-        _int(f"{p}.steps", self.steps, lo=1)
-        _int(f"{p}.eval_every", self.eval_every, lo=1)
-        if self.eval_every > self.steps:
-            _fail(f"{p}.eval_every", f"an int <= twins.steps ({self.steps})", self.eval_every)
+        _schedule(p, self.steps, self.eval_every)
         self.optimizers = _choice_list(f"{p}.optimizers", self.optimizers, TWIN_OPTIMIZERS)
         self.lr_adamw = _float(f"{p}.lr_adamw", self.lr_adamw, lo=0.0, lo_open=True)
         self.lr_sgd = _float(f"{p}.lr_sgd", self.lr_sgd, lo=0.0, lo_open=True)
@@ -382,10 +384,7 @@ class LMConfig(_Section):
         p = self.SECTION
         self.methods = _choice_list(f"{p}.methods", self.methods, LM_METHODS)
         self.seeds = _int_list(f"{p}.seeds", self.seeds, lo=0)
-        _int(f"{p}.steps", self.steps, lo=1)
-        _int(f"{p}.eval_every", self.eval_every, lo=1)
-        if self.eval_every > self.steps:
-            _fail(f"{p}.eval_every", f"an int <= lm.steps ({self.steps})", self.eval_every)
+        _schedule(p, self.steps, self.eval_every)
         _int(f"{p}.batch_size", self.batch_size, lo=1)
         _int(f"{p}.max_length", self.max_length, lo=2, hi=2048)
         _int(f"{p}.adapt_top_layers", self.adapt_top_layers, lo=1, hi=SMOLLM_LAYERS)
