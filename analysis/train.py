@@ -473,6 +473,15 @@ def train_cell(method: str, seed: int, cfg: dict, exp_dir: str, task: str = "sen
     return rows
 
 
+SWEEP_KEYS = ("tasks", "methods", "extra_methods", "seeds", "budget_ranks", "budget_methods", "budget_tasks")
+
+
+def cell_settings(cfg: dict) -> dict:
+    """``cfg`` without the lists that only say which cells to run (:data:`SWEEP_KEYS`): the settings a
+    cell depends on, hence its hash — adding a method or a seed leaves finished cells valid."""
+    return {k: v for k, v in cfg.items() if k not in SWEEP_KEYS}
+
+
 def run(config, *, results_dir="results", workers: int = 1, executor=None, force: bool = False,
         device: str = "cpu"):
     """Run every (task, method, seed) cell of ``config.train`` not done yet (sweep ``train``; the
@@ -486,7 +495,7 @@ def run(config, *, results_dir="results", workers: int = 1, executor=None, force
     exp_dir.mkdir(parents=True, exist_ok=True)
     for task in cfg["tasks"]:
         prefix_caches(cfg, exp_dir, task)          # once, in this process, before the cells fan out
-    params = dict(cfg=cfg, exp_dir=str(exp_dir), device=device)
+    params = dict(cfg=cell_settings(cfg), exp_dir=str(exp_dir), device=device)
     cells = [Cell(train_cell, dict(task=t, method=m, seed=s), params)
              for i, t in enumerate(cfg["tasks"])
              for m in cfg["methods"] + (cfg["extra_methods"] if i == 0 else []) for s in cfg["seeds"]]

@@ -38,8 +38,8 @@ from talklora_min import adapter_layers
 from talklora_min.probes import certified_lipschitz, local_lipschitz
 
 from .data import TASKS
-from .train import (batch_order, build_model, crn_generator, effective_routers, evaluate, frozen_encoder, layer_inputs,
-                    movement_rows, optimizer_for, prefix_caches, probe_index, short_name, split_labels,
+from .train import (batch_order, build_model, cell_settings, crn_generator, effective_routers, evaluate,
+                    frozen_encoder, layer_inputs, movement_rows, optimizer_for, prefix_caches, probe_index, short_name, split_labels,
                     train_step)
 
 MODELS = ("talklora", "moelora-twin", "talklora-frozen-T", "talklora-identity")
@@ -168,7 +168,7 @@ def run(config, *, results_dir="results", workers: int = 1, executor=None, force
     for task in twins["tasks"]:
         prefix_caches(cfg, exp_dir, task)
     cells = [Cell(twins_cell, dict(task=t, optimizer=o, seed=s),
-                  dict(cfg=cfg, twins=twins, exp_dir=str(exp_dir), device=device))
+                  dict(cfg=cell_settings(cfg), twins=twins, exp_dir=str(exp_dir), device=device))
              for t in twins["tasks"] for o in twins["optimizers"] for s in twins["seeds"]]
     return run_sweep("twins", cells, results_dir=results_dir, workers=workers, executor=executor,
                      force=force, config=config)

@@ -78,11 +78,13 @@ def routers_frame(rel: dict, scale: float = 0.01, seeds=SEEDS) -> pd.DataFrame:
 
 
 def lm_frame(diff: dict, scale: float = 0.002, seeds=SEEDS) -> pd.DataFrame:
-    """lm rows: top1_churn (layer 'mean') 0.1 for the references, 0.1 + diff[ref] for TalkLoRA vs ref."""
+    """lm rows: top1_churn (layer 'mean') 0.1 for the references (minus ``scaled_offset`` / ``twin_offset``
+    for the scale-matched control / the twin), 0.1 + diff["moelora-code"] (+ noise) for TalkLoRA."""
     rows = []
     for s in seeds:
         for step in (4, 8):
-            vals = {"moelora-code": 0.1, "moelora-code-scaled": 0.1 - diff.get("scaled_offset", 0.0)}
+            vals = {"moelora-code": 0.1, "moelora-code-scaled": 0.1 - diff.get("scaled_offset", 0.0),
+                    "moelora-twin": 0.1 - diff.get("twin_offset", 0.0)}
             vals["talklora-official"] = 0.1 + diff["moelora-code"] + noise(s, scale)
             for m, v in vals.items():
                 rows += [dict(method=m, seed=s, step=step, split="test", layer="mean", domain="all",
@@ -96,7 +98,7 @@ def train_churn_frame(diff: float, scale: float = 0.002, seeds=SEEDS) -> pd.Data
     rows = []
     for task in ("sentiment", "topic"):
         for s in seeds:
-            for m in ("talklora-official", "moelora-code", "moelora-code-scaled", "lora"):
+            for m in ("talklora-official", "moelora-code", "moelora-code-scaled", "moelora-twin", "lora"):
                 for layer in ("L5.query", "L5.up"):
                     v = 0.2 + (diff + noise(s, scale) if m == "talklora-official" else 0.0)
                     rows.append(dict(task=task, method=m, seed=s, step=10, split="probe", layer=layer, domain="all",
@@ -139,6 +141,7 @@ TABLE = [
     ("C12", lambda: dict(lm=lm_frame({"moelora-code": -0.05}), train=train_churn_frame(-0.05)), "holds"),
     ("C12", lambda: dict(lm=lm_frame({"moelora-code": -0.05}), train=train_churn_frame(0.0)), "refuted"),
     ("C12", lambda: dict(lm=lm_frame({"moelora-code": -0.05, "scaled_offset": 0.05})), "refuted"),  # = scaled control
+    ("C12", lambda: dict(lm=lm_frame({"moelora-code": -0.05, "twin_offset": 0.05})), "refuted"),    # = the twin
     ("C12", lambda: dict(lm=lm_frame({"moelora-code": 0.03})), "refuted"),   # TalkLoRA churns more
     ("C12", lambda: dict(lm=lm_frame({"moelora-code": -0.01}, scale=0.05)), "inconclusive"),
     ("C12", lambda: dict(lm=lm_frame({"moelora-code": -0.05}, seeds=(0,))), "inconclusive"),
@@ -246,13 +249,21 @@ def test_c10_is_per_eps_and_statistic_without_averaging():
     assert "typical token (median): **refuted**" in claim.reason
 
 
-def test_c12_compares_with_both_references_per_source():
+def test_c12_compares_with_every_reference_per_source():
     claim = judge("C12", PASS, CFG, None, lm=lm_frame({"moelora-code": -0.05}), train=train_churn_frame(-0.04))
     names = sorted(c.name for c in claim.comparisons)
-    assert len(names) == 6 and any("train: topic" in n for n in names) and any("lm (SmolLM2)" in n for n in names)
+    assert len(names) == 9 and any("train: topic" in n for n in names) and any("lm (SmolLM2)" in n for n in names)
+    assert sum(n.endswith("TalkLoRA − moelora-twin") for n in names) == 3
     lm = next(c for c in claim.comparisons if c.name == "lm (SmolLM2): churn TalkLoRA − moelora-code")
     assert lm.effect == pytest.approx(-0.05) and lm.n == len(SEEDS) and lm.claimed_side == "less"
     sent = next(c for c in claim.comparisons if c.name == "train: sentiment: churn TalkLoRA − moelora-code-scaled")
     assert sent.effect == pytest.approx(-0.04)           # the budget cell's 0.9 is not counted
     assert 0.95 <= min(c.conf for c in claim.comparisons) and max(c.conf for c in claim.comparisons) == pytest.approx(
-        1 - 0.05 / 6)
+        1 - 0.05 / 9)
+
+
+def test_c12_names_references_without_rows():
+    lm = lm_frame({"moelora-code": -0.05})
+    claim = judge("C12", PASS, CFG, None, lm=lm[lm.method != "moelora-twin"])
+    assert len(claim.comparisons) == 2
+    assert any("lm (SmolLM2): moelora-twin" in e for e in claim.evidence)

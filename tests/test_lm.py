@@ -111,6 +111,11 @@ def test_methods_share_common_random_numbers_and_the_control_matches_the_router_
             float(torch.linalg.matrix_norm(W_eff, ord=2)), rel=1e-5)
         c = (scaled.W_r / code.W_r).flatten()
         assert torch.allclose(c, c[0].expand_as(c), rtol=1e-5)
+        twin = layers["moelora-twin"][name]            # function-matched: W' = W_r (T ⊗ I), same A and C
+        assert torch.equal(twin.A, talk.A) and torch.equal(twin.C, talk.C)
+        assert torch.allclose(twin.W_r.double(), W_eff, atol=1e-6)
+        x = torch.randn(16, talk.in_features, generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(twin.gates(x), talk.gates(x), atol=1e-6)
     # T has its own stream: another seed changes T, and T is not the identity
     other = adapter_layers(lm.build_lm("talklora-official", 4, 1, 32, 4, 0.05)[0])[names[0]]
     assert not torch.equal(other.T, layers["talklora-official"][names[0]].T)

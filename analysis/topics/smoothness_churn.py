@@ -17,10 +17,10 @@ from ..plotting import WIDTH, dedupe, empty, legend_below, line_ci, summarise
 from ..stats import combine, fmt, holm_family
 
 TALK = "talklora-official"
-C12_REFERENCES = ("moelora-code", "moelora-code-scaled")       # MoELoRA-code, scale-matched control
+C12_REFERENCES = ("moelora-code", "moelora-code-scaled", "moelora-twin")   # + scale-matched control, twin
 C12_METHODS = (TALK, *C12_REFERENCES)
-C12_COLORS = {TALK: "#d62728", "moelora-code": "#1f77b4", "moelora-code-scaled": "#17becf"}
-C12_MARKERS = {TALK: "D", "moelora-code": "s", "moelora-code-scaled": "^"}
+C12_COLORS = {TALK: "#d62728", "moelora-code": "#1f77b4", "moelora-code-scaled": "#17becf", "moelora-twin": "#2ca02c"}
+C12_MARKERS = {TALK: "D", "moelora-code": "s", "moelora-code-scaled": "^", "moelora-twin": "h"}
 LM_SOURCE = "lm (SmolLM2)"
 
 
@@ -48,7 +48,7 @@ def evaluate_c12(data: dict, config: dict, verdicts: dict) -> Outcome:
     margin = declared_margin(config, "c12_churn")
     ch = churn_rows(data.get("lm"), data.get("train"))
     per_seed = ch.groupby(["source", "method", "seed"])["value"].mean().unstack("method")
-    fam, level_rows = [], []
+    fam, level_rows, missing = [], [], []
     for source, g in per_seed.groupby(level="source"):
         for m in C12_METHODS:
             if m in g:
@@ -59,6 +59,8 @@ def evaluate_c12(data: dict, config: dict, verdicts: dict) -> Outcome:
             if ref in g:
                 diff = (g[TALK] - g[ref]).dropna().to_numpy()
                 fam.append((f"{source}: churn TalkLoRA − {ref}", diff, margin, "less"))
+            else:
+                missing.append(f"{source}: {ref}")
     comps = holm_family(fam)
     verdict, reason = combine(comps)
     if not comps:
@@ -70,6 +72,8 @@ def evaluate_c12(data: dict, config: dict, verdicts: dict) -> Outcome:
           "Intervals at Holm-ordered levels over all comparisons; margin ±margins.c12_churn.",
           "- Mean churn per source and method (mean over seeds):",
           md_table(["source", "method", "seeds", "mean churn"], level_rows) if level_rows else "- (no churn rows)"]
+    if missing:
+        ev.append("- References without churn rows (not compared; run them to complete the rule): " + "; ".join(missing))
     return Outcome(verdict, reason, key, ev, comparisons=comps)
 
 
@@ -100,8 +104,8 @@ def draw_f11(data: pd.DataFrame):
     axes[0, 0].set_ylabel("top-1 churn since the\nprevious checkpoint")
     fig.tight_layout()
     h, lab = dedupe(axes)
-    legend_below(fig, h, lab, ncol=3, title="method (shaded: 95% CI over seeds; moelora-code-scaled = "
-                                             "scale-matched control)")
+    legend_below(fig, h, lab, ncol=4, title="method (shaded: 95% CI over seeds; moelora-code-scaled = "
+                                             "scale-matched control, moelora-twin = function-matched twin)")
     return fig
 
 
@@ -109,9 +113,11 @@ def draw_f11(data: pd.DataFrame):
 C12 = ClaimSpec(
     "C12", paper='communication "smooths routing dynamics" during training',
     statement=("During training, TalkLoRA's routing of held-out tokens changes less between consecutive "
-               "checkpoints (lower top-1 churn) than MoELoRA-code's and than that of the scale-matched "
-               "MoELoRA-code control, on every task × model."),
-    rule=("one comparison per (task × model, reference ∈ {moelora-code, moelora-code-scaled}): per seed, "
+               "checkpoints (lower top-1 churn) than MoELoRA-code's, than that of the scale-matched "
+               "MoELoRA-code control and than that of the function-matched twin (MoELoRA-code with "
+               "W' = W_r(T⊗I): the same routing at step 0, so only communication's training dynamics differ), "
+               "on every task × model."),
+    rule=("one comparison per (task × model, reference ∈ {moelora-code, moelora-code-scaled, moelora-twin}): per seed, "
           "churn of TalkLoRA-official − churn of the reference (mean over checkpoints and routed layers), "
           "claimed side < 0, margin ±margins.c12_churn, intervals at Holm-ordered levels over all the "
           "comparisons; each comparison's verdict is SPEC §5's. C12 holds if every comparison holds, is "
@@ -120,5 +126,5 @@ C12 = ClaimSpec(
 F11 = FigureSpec(
     "F11", "routing_churn_over_training", ("lm", "train"), prepare_f11, draw_f11,
     "Routing dynamics over training ({claims}): share of held-out tokens whose top-1 expert changed since the "
-    "previous checkpoint (mean over routed layers), TalkLoRA-official vs MoELoRA-code vs the scale-matched "
-    "MoELoRA-code control, per task and model; mean and 95% CI over seeds.")
+    "previous checkpoint (mean over routed layers), TalkLoRA-official vs MoELoRA-code, the scale-matched "
+    "MoELoRA-code control and the function-matched twin, per task and model; mean and 95% CI over seeds.")
