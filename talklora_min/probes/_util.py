@@ -79,7 +79,7 @@ def flat_tokens(inputs, d: int, name: str = "inputs", device=None, dtype=torch.f
         raise ValueError(f"{name} holds no tokens (shape {tuple(inputs.shape)})")
     check_finite(inputs, name)
     out = inputs.detach().reshape(-1, d).to(device=device, dtype=dtype)
-    if dtype is not None and dtype != inputs.dtype:
+    if dtype is not None and torch.finfo(dtype).max < torch.finfo(inputs.dtype).max:   # narrowing cast only
         check_finite(out, name, f"its values (up to {inputs.detach().abs().max().item():.3g}) "
                                 f"overflow {dtype}")
     return out
