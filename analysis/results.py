@@ -81,12 +81,17 @@ def _check_jsonable(what: str, value: Any) -> None:
                         f"got {value!r}: {err}") from None
 
 
+LOCATION_PARAMS = ("exp_dir",)   # where a cell keeps its caches, not what it computes: not hashed
+
+
 @dataclass(frozen=True)
 class Cell:
     """One unit of a sweep: ``fn(**key, **params)`` returns rows.
 
     ``key`` identifies the cell and becomes columns of its rows (scalars only); ``params`` are the
-    remaining arguments (settings shared by many cells).  Both enter the cell's hash.
+    remaining arguments (settings shared by many cells).  Both enter the cell's hash, except the
+    :data:`LOCATION_PARAMS` (a results directory given as ``results`` or as an absolute path, or
+    moved, keeps its finished cells).
     """
 
     fn: Callable[..., Any]
@@ -122,7 +127,8 @@ class Cell:
 
     @property
     def hash(self) -> str:
-        blob = json.dumps({"fn": self.fn_name, "key": self.key, "params": self.params}, sort_keys=True)
+        params = {k: v for k, v in self.params.items() if k not in LOCATION_PARAMS}
+        blob = json.dumps({"fn": self.fn_name, "key": self.key, "params": params}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def label(self) -> str:

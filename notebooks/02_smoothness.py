@@ -90,7 +90,8 @@ fig = T.draw_f7(f7)
 # %% [markdown]
 # ## F11 — routing churn over training
 # Share of held-out tokens whose top-1 expert changed since the previous checkpoint, TalkLoRA vs
-# MoELoRA-code vs the scale-matched control, per task and model (mean ± 95 % CI over seeds).
+# MoELoRA-code, the scale-matched control and the function-matched twin (same routing at step 0:
+# only communication's training dynamics differ), per task and model (mean ± 95 % CI over seeds).
 
 # %%
 from pathlib import Path

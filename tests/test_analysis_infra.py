@@ -277,6 +277,9 @@ def test_cell_validation():
     with pytest.raises(ValueError, match="share names"):
         Cell(noisy_cell, {"seed": 0, "E": 4}, {"seed": 1})
     assert Cell(noisy_cell, {"seed": 0, "E": 4}).hash != Cell(noisy_cell, {"seed": 0, "E": 4}, {"n": 4}).hash
+    # the results location is not part of what a cell computes: relative, absolute or moved, same cell
+    here, there = ({"n": 4, "exp_dir": d} for d in ("results/train", "/abs/elsewhere/results/train"))
+    assert Cell(noisy_cell, {"seed": 0}, here).hash == Cell(noisy_cell, {"seed": 0}, there).hash
 
 
 def bad_rows_cell(seed: int) -> list[dict]:
