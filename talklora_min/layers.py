@@ -269,9 +269,9 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def set_weights(self, **tensors: Tensor) -> None:
-        """Copy tensors into the adapter by SPEC name; checks names, types and shapes first
-        (nothing is copied on error).  Values are cast to the layer's dtype and device (as
-        ``Tensor.copy_`` does)."""
+        """Copy tensors into the adapter by SPEC name; checks names, types, shapes and finiteness
+        first (nothing is copied on error).  Values are cast to the layer's dtype and device (as
+        ``Tensor.copy_`` does); a value that is NaN/Inf, or overflows that dtype, is refused."""
         unknown = sorted(set(tensors) - set(self.weight_names))
         if unknown:
             raise ValueError(f"unknown weight name(s) {unknown} for {type(self).__name__}; "
@@ -285,6 +285,10 @@ class AdapterLayer(nn.Module):
                 raise ValueError(f"weight {name} must have shape {expected}, got {tuple(value.shape)}")
             if value.is_complex():
                 raise ValueError(f"weight {name} must be a real tensor, got dtype {value.dtype}")
+            target = getattr(self, name).dtype
+            if not torch.isfinite(value.detach().to(target)).all():
+                overflow = f" after the cast to {target} (its values overflow it)" if torch.isfinite(value).all() else ""
+                raise ValueError(f"weight {name} contains NaN or Inf{overflow}; set_weights needs finite values")
         if getattr(self, "merged", False):
             raise RuntimeError("unmerge() before set_weights(): the base weight holds the old adapter")
         for name, value in tensors.items():

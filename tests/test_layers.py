@@ -450,10 +450,22 @@ def test_lora_merge_rejects_non_finite_weights(bad):
     original = layer.base.weight.detach().clone()
     A = layer.A.detach().clone()
     A[0, 0] = bad
-    layer.set_weights(A=A)
+    with pytest.raises(ValueError, match="weight A contains NaN or Inf; set_weights needs finite values"):
+        layer.set_weights(A=A)
+    with torch.no_grad():                   # as a diverged training run would leave it
+        layer.A[0, 0] = bad
     with pytest.raises(ValueError, match="cannot merge: the adapter weights A or B contain NaN or Inf"):
         layer.merge()
     assert not layer.merged and torch.equal(layer.base.weight, original)
+
+
+def test_set_weights_refuses_values_that_overflow_the_layer_dtype():
+    layer = build("lora-alphaNone").float()
+    before = {k: v.clone() for k, v in layer.get_weights().items()}
+    big = torch.full(layer.A.shape, 1e300, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"weight A contains NaN or Inf after the cast to torch.float32"):
+        layer.set_weights(B=torch.ones(layer.B.shape), A=big)
+    assert all(torch.equal(v, before[k]) for k, v in layer.get_weights().items())      # nothing copied
 
 
 def test_merged_weight_at_gates_errors():
@@ -462,9 +474,8 @@ def test_merged_weight_at_gates_errors():
         layer.merged_weight_at_gates(torch.ones(3))
     with pytest.raises(ValueError, match="gates must be finite"):
         layer.merged_weight_at_gates(torch.tensor([float("nan"), 0, 0, 1]))
-    C = layer.C.detach().clone()
-    C[1, 0, 0] = float("inf")
-    layer.set_weights(C=C)
+    with torch.no_grad():                   # as a diverged training run would leave it
+        layer.C[1, 0, 0] = float("inf")
     with pytest.raises(ValueError, match="cannot merge: the adapter weights contain NaN or Inf"):
         layer.merged_weight_at_gates(torch.full((E,), 0.25))
 
