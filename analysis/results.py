@@ -67,9 +67,9 @@ from typing import Any, Callable, Iterable
 import pandas as pd
 
 from .store import (  # noqa: F401  (re-exported: analysis.results is the public place)
-    DEFAULT_RESULTS_DIR, REQUIRED_COLUMNS, DamagedResultsError, ResultStore, ResultsLockedError,
-    _sha256, atomic_path, atomic_write_csv, atomic_write_json, atomic_write_text, git_commit, git_dirty,
-    package_versions, read_rows, rows_checksum, update_marked_section)
+    DEFAULT_RESULTS_DIR, LOCATION_PARAMS, REQUIRED_COLUMNS, DamagedResultsError, ResultStore,
+    ResultsLockedError, _sha256, atomic_path, atomic_write_csv, atomic_write_json, atomic_write_text,
+    computed_params, git_commit, git_dirty, package_versions, read_rows, rows_checksum, update_marked_section)
 
 
 # ----------------------------------------------------------------------------- cells
@@ -79,9 +79,6 @@ def _check_jsonable(what: str, value: Any) -> None:
     except (TypeError, ValueError) as err:
         raise TypeError(f"{what} must be JSON-serialisable (str/int/float/bool/None, lists, dicts); "
                         f"got {value!r}: {err}") from None
-
-
-LOCATION_PARAMS = ("exp_dir",)   # where a cell keeps its caches, not what it computes: not hashed
 
 
 @dataclass(frozen=True)
@@ -127,8 +124,8 @@ class Cell:
 
     @property
     def hash(self) -> str:
-        params = {k: v for k, v in self.params.items() if k not in LOCATION_PARAMS}
-        blob = json.dumps({"fn": self.fn_name, "key": self.key, "params": params}, sort_keys=True)
+        blob = json.dumps({"fn": self.fn_name, "key": self.key, "params": computed_params(self.params)},
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def label(self) -> str:

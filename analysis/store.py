@@ -20,6 +20,14 @@ import pandas as pd
 
 from talklora_min._atomic import atomic_path
 
+LOCATION_PARAMS = ("exp_dir",)   # where a cell keeps its caches, not what it computes
+
+
+def computed_params(params: dict) -> dict:
+    """A cell's params without the :data:`LOCATION_PARAMS`: what its hash and its reuse check compare
+    (a results directory given as ``results`` or as an absolute path, or moved, keeps its cells)."""
+    return {k: v for k, v in params.items() if k not in LOCATION_PARAMS}
+
 try:
     import fcntl
 except ImportError:        # pragma: no cover - Windows: sweeps run without the results lock
@@ -184,7 +192,9 @@ class ResultStore:
             return "'rows' is not a list of rows with 'metric' and 'value'"
         if record.get("key") != json.loads(json.dumps(cell.key)):
             return f"it records key {record.get('key')!r}, not {cell.key!r}"
-        if record.get("params") != json.loads(json.dumps(cell.params)) or record.get("fn", cell.fn_name) != cell.fn_name:
+        stored = record.get("params")
+        if (not isinstance(stored, dict) or computed_params(stored) != json.loads(json.dumps(computed_params(cell.params)))
+                or record.get("fn", cell.fn_name) != cell.fn_name):
             return "it records other params or another cell function"
         stored = record.get("rows_sha256")          # absent in files written before checksums
         if stored is not None and stored != rows_checksum(rows):

@@ -24,6 +24,10 @@ def noisy_cell(seed: int, E: int, n: int = 3) -> list[dict]:
              "value": float(rng.standard_normal())} for eps in np.linspace(0.1, 0.3, n)]
 
 
+def located_cell(seed: int, exp_dir: str) -> list[dict]:
+    return [{"metric": "m", "value": float(seed), "where": Path(exp_dir).parent.name}]
+
+
 def flaky_cell(seed: int, E: int, counter_file: str, fail_on: int) -> list[dict]:
     """Raises on the ``fail_on``-th call counted in ``counter_file`` (file-based: process safe)."""
     path = Path(counter_file)
@@ -162,6 +166,19 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
 
 
 # ----------------------------------------------------------------------------- sweeps
+def test_moved_results_dir_keeps_its_cells(tmp_path):
+    """The results location (``exp_dir``) is neither hashed nor compared: a results dir that is moved,
+    or named by an absolute instead of a relative path, reuses every finished cell."""
+    def cells(root):
+        return [Cell(located_cell, {"seed": s}, {"exp_dir": str(root / "exp")}) for s in range(3)]
+    first = run_sweep("exp", cells(tmp_path / "a"), results_dir=tmp_path / "a", progress=False, log=lambda s: None)
+    (tmp_path / "a").rename(tmp_path / "b")
+    again = run_sweep("exp", cells(tmp_path / "b"), results_dir=tmp_path / "b", progress=False, log=lambda s: None)
+    assert first.n_run == 3 and again.n_run == 0
+    assert not list((tmp_path / "b/exp/cells").glob("*.damaged"))
+    pd.testing.assert_frame_equal(first.rows, again.rows)
+
+
 def test_sweep_writes_rows_meta_and_is_deterministic(tmp_path):
     a = run_sweep("exp", cells_for(), results_dir=tmp_path / "a", progress=False, config=load_profile("quick"),
                   log=lambda s: None)
