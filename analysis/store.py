@@ -192,9 +192,9 @@ class ResultStore:
             return "'rows' is not a list of rows with 'metric' and 'value'"
         if record.get("key") != json.loads(json.dumps(cell.key)):
             return f"it records key {record.get('key')!r}, not {cell.key!r}"
-        stored = record.get("params")
-        if (not isinstance(stored, dict) or computed_params(stored) != json.loads(json.dumps(computed_params(cell.params)))
-                or record.get("fn", cell.fn_name) != cell.fn_name):
+        params = record.get("params")
+        wanted = json.loads(json.dumps(computed_params(cell.params)))
+        if not isinstance(params, dict) or computed_params(params) != wanted or record.get("fn", cell.fn_name) != cell.fn_name:
             return "it records other params or another cell function"
         stored = record.get("rows_sha256")          # absent in files written before checksums
         if stored is not None and stored != rows_checksum(rows):

@@ -39,8 +39,8 @@ from talklora_min.probes import certified_lipschitz, local_lipschitz
 
 from .data import TASKS
 from .train import (batch_order, build_model, cell_settings, crn_generator, effective_routers, evaluate,
-                    frozen_encoder, layer_inputs, movement_rows, optimizer_for, prefix_caches, probe_index, short_name, split_labels,
-                    train_step)
+                    frozen_encoder, layer_inputs, movement_rows, optimizer_for, prefix_caches, probe_index,
+                    short_name, split_labels, train_step)
 
 MODELS = ("talklora", "moelora-twin", "talklora-frozen-T", "talklora-identity")
 MATCH_ATOL = 1e-5      # float32: the models agree at step 0 to this absolute tolerance
