@@ -242,3 +242,18 @@ def test_f10_draws_with_no_comparisons():
     data = efficiency.prepare_f10(*_rows())
     assert data.empty and "claim" in data
     assert efficiency.draw_f10(data).axes
+
+
+def test_c6_counts_a_twin_run_once_when_train_and_twins_ran_the_same_experiment():
+    """With the twins' AdamW arm at the training sweep's settings both experiments give the same per-seed
+    Gini differences: the twin comparison enters the Holm family once and the evidence says so."""
+    train = train_frame(gini=BETTER, tasks=("sentiment",))
+    talk = train[(train.method == TALK) & (train.split == "val")]
+    train = pd.concat([train, talk.assign(method="moelora-twin")], ignore_index=True)  # ΔGini vs twin: 0
+    _, claim = verdict("C6", train=train, twins=twins_frame())                       # twins: ΔGini 0 too
+    twin = [c.name for c in claim.comparisons if "moelora-twin" in c.name]
+    assert twin == ["MiniLM sentiment: Gini TalkLoRA − moelora-twin (Δend − Δstep0)"]
+    assert any("MiniLM sentiment twins/AdamW = MiniLM sentiment (moelora-twin)" in e for e in claim.evidence)
+    # a twin run that differs (another task) is its own comparison
+    _, claim = verdict("C6", train=train, twins=twins_frame(task="topic"))
+    assert sum("moelora-twin" in c.name for c in claim.comparisons) == 2

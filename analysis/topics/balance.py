@@ -78,17 +78,26 @@ def c6_settings(data: dict) -> list[tuple[str, dict]]:
     return out
 
 
-def c6_comparisons(data: dict, mg: dict, metric: str = "gini"):
+def c6_comparisons(data: dict, mg: dict, metric: str = "gini", duplicates: list | None = None):
     """``[(comparison, isolating?)]``: per setting and baseline, the paired difference-in-differences
-    ``[m_T(end) − m_b(end)] − [m_T(0) − m_b(0)]`` of ``metric`` (step-0 gap removed)."""
+    ``[m_T(end) − m_b(end)] − [m_T(0) − m_b(0)]`` of ``metric`` (step-0 gap removed).  A twin run
+    whose per-seed differences equal, exactly, those of an earlier setting of the same task (the
+    ``twins`` AdamW arm when it uses the training sweep's settings) is the same experiment: it is
+    left out of the family once, and its name is appended to ``duplicates``."""
     side, margin = ("less", mg["c6_gini"]) if metric == "gini" else ("greater", mg["c6_entropy"])
-    out = []
+    out, seen = [], {}
     for setting, frames in c6_settings(data):
         start, end = frames[metric]
         for b in (*C6_ISOLATING, *C6_REPORTED):
             if not all(c in f for f in (start, end) for c in (TALK, b)):
                 continue
             d = ((end[TALK] - end[b]) - (start[TALK] - start[b])).dropna()
+            same = (setting.split(" twins/")[0], b, tuple(d.index), tuple(d.to_numpy()))
+            if same in seen:
+                if duplicates is not None:
+                    duplicates.append(f"{setting} = {seen[same]} ({b})")
+                continue
+            seen[same] = setting
             if len(d):
                 label = "Gini" if metric == "gini" else "load entropy"
                 out.append((Comparison.from_differences(f"{setting}: {label} TalkLoRA − {b} (Δend − Δstep0)", d,
@@ -99,7 +108,8 @@ def c6_comparisons(data: dict, mg: dict, metric: str = "gini"):
 def evaluate_c6(data: dict, config: dict, verdicts: dict) -> Outcome:
     """Apply the rule declared in ``C6.rule`` (below) to the saved rows."""
     mg = margins(config)
-    pairs = c6_comparisons(data, mg)
+    duplicates: list[str] = []
+    pairs = c6_comparisons(data, mg, duplicates=duplicates)
     comps = [c for c, _ in pairs]
     adj, holm_v = holm_verdicts(comps)
     comps = holm_adjust(comps)                 # reported at their Holm-ordered levels (as holm_v)
@@ -134,6 +144,9 @@ def evaluate_c6(data: dict, config: dict, verdicts: dict) -> Outcome:
           md_table(["setting", "baseline", "ΔGini at the end", "ΔGini at step 0"], raw) if raw else "(none)",
           "- Load entropy (normalised; higher = more balanced), the same difference-in-differences, reported:",
           comparison_table(ent) if ent else "(none)"]
+    if duplicates:
+        ev.append("- The same runs counted once (identical per-seed differences: the twin runs used the training "
+                  "sweep's settings): " + "; ".join(duplicates))
     return Outcome(verdict, reason, key, ev, comparisons=comps)
 
 
