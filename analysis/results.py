@@ -182,7 +182,24 @@ def execute_cell(fn: Callable, key: dict, params: dict) -> dict:
     return {"rows": rows, "wall_s": time.perf_counter() - t0, "host": platform.node(), "pid": os.getpid()}
 
 
-def _worker_init(threads: int) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """Linux: ask the kernel to SIGTERM this worker when the sweep process dies (a killed sweep must
+    not leave workers computing for an hour); exit now if the parent is already gone."""
+    if not sys.platform.startswith("linux"):
+        return                                            # pragma: no cover
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):                      # pragma: no cover
+        return
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _worker_init(threads: int, parent: int | None = None) -> None:
+    if parent is not None:
+        _exit_with_parent(parent)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     os.environ.setdefault("MKL_NUM_THREADS", str(threads))
     try:
@@ -355,7 +372,7 @@ def _sweep_locked(store: ResultStore, cells: list[Cell], hashes: list[str], *, t
                 threads = max(1, (os.cpu_count() or 1) // workers)
                 own_pool = executor = cf.ProcessPoolExecutor(
                     max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_worker_init, initargs=(threads,))
+                    initializer=_worker_init, initargs=(threads, os.getpid()))
             futures = {executor.submit(execute_cell, c.fn, c.key, c.params): c for c in todo}
             for fut in _iter_completed(futures):
                 cell = futures[fut]

@@ -345,7 +345,7 @@ if __name__ == "__main__":
     results, log_dir, os.environ["FAULT_DELAY"] = sys.argv[1:4]
     cells = [Cell(slow_cell, {"seed": s}, {"log_dir": log_dir}) for s in range(6)]
     try:
-        run_sweep("exp", cells, results_dir=results, progress=False)
+        run_sweep("exp", cells, results_dir=results, progress=False, workers=int(os.environ.get("FAULT_WORKERS", "1")))
     except ResultsLockedError as err:
         print(err, file=sys.stderr)
         sys.exit(3)
@@ -360,10 +360,10 @@ def sweep_script(tmp_path):
     (tmp_path / "calls").mkdir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(mod)])}
 
-    def start(delay):
+    def start(delay, workers=1):
         return subprocess.Popen([sys.executable, "-m", "faultsweep", str(tmp_path / "res"), str(tmp_path / "calls"),
-                                 str(delay)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+                                 str(delay)], env={**env, "FAULT_WORKERS": str(workers)}, cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return start
 
 
@@ -398,6 +398,33 @@ def test_two_concurrent_runs_compute_each_cell_once(tmp_path, sweep_script):
     c = sweep_script(0.0)                                           # afterwards: nothing left to compute
     out_c, _ = c.communicate(timeout=60)
     assert c.returncode == 0 and "nothing to run" in out_c and calls(tmp_path) == {s: 1 for s in range(6)}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")                        # a zombie has exited
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+def test_killed_sweep_takes_its_workers_with_it(tmp_path, sweep_script):
+    """``kill -9`` of a ``--workers 2`` sweep: its worker processes exit too (they would otherwise go on
+    computing orphaned cells and compete with the next run for the cores)."""
+    hold = tmp_path / "calls" / "hold"
+    hold.touch()                                                   # the workers' cells block while it exists
+    a = sweep_script(0.0, workers=2)
+    try:
+        wait_for(lambda: len(calls(tmp_path)) >= 2)
+        workers = {int(p.read_text().split()[0]) for p in (tmp_path / "calls").glob("calls_*.txt")}
+        assert len(workers) == 2 and a.pid not in workers and all(_alive(w) for w in workers)
+        os.kill(a.pid, signal.SIGKILL)
+        a.communicate(timeout=30)
+        wait_for(lambda: not any(_alive(w) for w in workers), timeout=30)
+    finally:
+        a.kill()
+        hold.unlink(missing_ok=True)
 
 
 def test_kill_9_mid_sweep_then_resume(tmp_path, sweep_script):
