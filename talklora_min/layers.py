@@ -60,6 +60,16 @@ def check_alpha_dropout(alpha, dropout) -> None:
         raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
 
 
+def cast_finite(value: Tensor, dtype: torch.dtype, what: str, hint: str = "") -> Tensor:
+    """``value`` (detached) cast to ``dtype``; ``ValueError`` naming ``what`` if the result has NaN/Inf
+    (saying so when only the cast overflowed)."""
+    out = value.detach().to(dtype)
+    if not torch.isfinite(out).all():
+        overflow = f" after the cast to {dtype} (its values overflow it)" if torch.isfinite(value).all() else ""
+        raise ValueError(f"{what} contains NaN or Inf{overflow}{hint}")
+    return out
+
+
 def is_conv1d(module) -> bool:
     """transformers' ``Conv1D`` (GPT-2 family): ``y = x W + b`` with ``weight (d_in, d_out)``.
     Recognised by name and shape so the core does not import transformers."""
@@ -285,10 +295,7 @@ class AdapterLayer(nn.Module):
                 raise ValueError(f"weight {name} must have shape {expected}, got {tuple(value.shape)}")
             if value.is_complex():
                 raise ValueError(f"weight {name} must be a real tensor, got dtype {value.dtype}")
-            target = getattr(self, name).dtype
-            if not torch.isfinite(value.detach().to(target)).all():
-                overflow = f" after the cast to {target} (its values overflow it)" if torch.isfinite(value).all() else ""
-                raise ValueError(f"weight {name} contains NaN or Inf{overflow}; set_weights needs finite values")
+            cast_finite(value, getattr(self, name).dtype, f"weight {name}", "; set_weights needs finite values")
         if getattr(self, "merged", False):
             raise RuntimeError("unmerge() before set_weights(): the base weight holds the old adapter")
         for name, value in tensors.items():

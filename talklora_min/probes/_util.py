@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..layers import cast_finite
+
 DTYPES = (torch.float32, torch.float64)   # linear algebra (svd, eigvalsh) needs single or double precision
 
 
@@ -119,10 +121,7 @@ def dtype_call(layer: nn.Module, fn: Callable, *args, dtype: torch.dtype = torch
     for n, p in layer.named_parameters():
         if n.startswith("base."):
             continue
-        params[f"layer.{n}"] = q = p.detach().to(dtype)
-        if not torch.isfinite(q).all():
-            raise ValueError(f"layer weight {n} contains NaN or Inf" + (
-                f" after the cast to {dtype} (its values overflow it)" if torch.isfinite(p).all() else ""))
+        params[f"layer.{n}"] = cast_finite(p, dtype, f"layer weight {n}")
     return functional_call(_Call(layer), params, (fn, *args), strict=False)
 
 
