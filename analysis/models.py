@@ -32,7 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from talklora_min.layers import AdapterLayer
 
 from .data import NUM_LABELS, DataPackMissing, pack_dir
 
@@ -220,6 +223,64 @@ class SentenceClassifier(nn.Module):
             h = out[0] if isinstance(out, tuple) else out
         return self.embed(h, attention_mask)
 
+    def forward_packed(self, x: Tensor, lengths: Tensor, base_qkv: Tensor | None = None) -> Tensor:
+        """:meth:`forward_top` on packed prefix states: ``x (N, H)`` holds the real tokens of
+        ``len(lengths)`` examples one after another (:meth:`PrefixCache.packed`).  The same math
+        (equal up to float rounding, tested), but the token-wise maps — linears, adapters, LayerNorms,
+        pooling — run on the N real tokens only (no padding); attention runs on the padded
+        ``(B, T_max)`` layout with the padded keys masked.  ``base_qkv (N, 3H)``: the frozen base
+        outputs ``[W_q x + b_q, W_k x + b_k, W_v x + b_v]`` of the first top layer
+        (:func:`base_qkv`), which never change during training, used instead of recomputing them."""
+        return self.head(self.pooled_packed(x, lengths, base_qkv))
+
+    def pooled_packed(self, x: Tensor, lengths: Tensor, base_qkv: Tensor | None = None) -> Tensor:
+        """The mean-pooled top-layer states ``(B, H)`` that :meth:`forward_packed` feeds the head."""
+        lengths = torch.as_tensor(lengths, device=x.device)
+        keep = torch.arange(int(lengths.max()), device=x.device)[None, :] < lengths[:, None]
+        h = x
+        for i, layer in enumerate(self.encoder.encoder.layer[self.first_top_layer:]):
+            h = packed_bert_layer(layer, h, keep, base_qkv if i == 0 else None)
+        example = torch.repeat_interleave(torch.arange(len(lengths), device=x.device), lengths)
+        pooled = h.new_zeros(len(lengths), h.shape[-1]).index_add_(0, example, h)
+        return pooled / lengths[:, None].to(h.dtype)
+
+
+def _qkv(layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+    sa = layer.attention.self
+    return sa.query, sa.key, sa.value
+
+
+@torch.no_grad()
+def base_qkv(layer: nn.Module, x: Tensor, chunk: int = 8192) -> Tensor:
+    """``(N, 3H)``: the frozen base projections ``[W_q x + b_q, W_k x + b_k, W_v x + b_v]`` of a BERT
+    layer on tokens ``x (N, H)`` — adapters excluded (an adapted projection contributes its ``base``)."""
+    bases = [m.base if isinstance(m, AdapterLayer) else m for m in _qkv(layer)]
+    return torch.cat([torch.cat([b(x[i:i + chunk]) for b in bases], -1) for i in range(0, len(x), chunk)])
+
+
+def packed_bert_layer(layer: nn.Module, x: Tensor, keep: Tensor, base_qkv: Tensor | None = None) -> Tensor:
+    """One ``BertLayer`` (post-LN: self-attention, ``LN(dense(ctx) + x)``, ``LN(down(gelu(up(a))) + a)``)
+    on packed tokens ``x (N, H)``; ``keep (B, T)`` marks where they sit in the padded layout.
+    ``base_qkv``: cached frozen query/key/value outputs (:func:`base_qkv`): an adapted projection adds
+    its adapter to them (``AdapterLayer.forward(x, base_output=...)``), a plain one returns them."""
+    att, sa = layer.attention, layer.attention.self
+    parts = (None, None, None) if base_qkv is None else base_qkv.chunk(3, -1)
+    q, k, v = (m(x) if b is None else m(x, base_output=b) if isinstance(m, AdapterLayer) else b
+               for m, b in zip(_qkv(layer), parts))
+    B, T = keep.shape
+    flat = keep.reshape(-1).nonzero().squeeze(1)
+
+    def heads(t: Tensor) -> Tensor:
+        pad = t.new_zeros(B * T, t.shape[-1]).index_copy(0, flat, t)
+        return pad.view(B, T, sa.num_attention_heads, sa.attention_head_size).transpose(1, 2)
+
+    ctx = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=keep[:, None, None, :],
+                                         dropout_p=sa.dropout.p if layer.training else 0.0, scale=sa.scaling)
+    ctx = ctx.transpose(1, 2).reshape(B * T, -1).index_select(0, flat)
+    a = att.output.LayerNorm(att.output.dropout(att.output.dense(ctx)) + x)
+    i = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(a))
+    return layer.output.LayerNorm(layer.output.dropout(layer.output.dense(i)) + a)
+
 
 # ----------------------------------------------------------------------------- prefix cache
 @dataclass
@@ -230,6 +291,7 @@ class PrefixCache:
     hidden: Tensor          # (total_tokens, hidden) float32
     offsets: Tensor         # (N + 1,) int64
     ids: list[str]
+    base: Tensor | None = None   # optional per-token rows aligned with hidden (e.g. :func:`base_qkv`); not saved
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -251,13 +313,26 @@ class PrefixCache:
             mask[row, :n] = 1
         return out, mask
 
+    def token_index(self, index) -> tuple[Tensor, Tensor]:
+        """``(rows, lengths)``: the rows of ``hidden`` of the examples ``index``, one example after another."""
+        index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        lengths = self.lengths[index]
+        shift = self.offsets[index] - (torch.cumsum(lengths, 0) - lengths)
+        return torch.arange(int(lengths.sum())) + torch.repeat_interleave(shift, lengths), lengths
+
+    def packed(self, index) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(x (N, H), lengths (B,), base rows or None)``: the real tokens of the examples ``index``
+        one after another, for :meth:`SentenceClassifier.forward_packed`."""
+        rows, lengths = self.token_index(index)
+        return self.hidden[rows], lengths, None if self.base is None else self.base[rows]
+
     def select(self, index) -> "PrefixCache":
-        """The examples ``index`` (in that order) as a new cache."""
-        index = torch.as_tensor(index, dtype=torch.long).reshape(-1).tolist()
-        parts = [self.hidden[self.offsets[i]:self.offsets[i + 1]] for i in index]
-        offsets = torch.zeros(len(parts) + 1, dtype=torch.long)
-        offsets[1:] = torch.cumsum(torch.tensor([len(p) for p in parts], dtype=torch.long), 0)
-        return PrefixCache(torch.cat(parts), offsets, [self.ids[i] for i in index])
+        """The examples ``index`` (in that order) as a new cache (with their ``base`` rows)."""
+        rows, lengths = self.token_index(index)
+        offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
+        offsets[1:] = torch.cumsum(lengths, 0)
+        return PrefixCache(self.hidden[rows], offsets, [self.ids[i] for i in torch.as_tensor(index).reshape(-1).tolist()],
+                           None if self.base is None else self.base[rows])
 
     def save(self, path: str | Path) -> Path:
         import json

@@ -79,7 +79,7 @@ from talklora_min.probes import (capture_layer_inputs, gini, load_entropy, pertu
                                  record_routing, routed_layers, router_lipschitz)
 
 from .data import TASKS, task_split
-from .models import PrefixCache, SentenceClassifier, compute_prefix, load_minilm, minilm_targets
+from .models import PrefixCache, SentenceClassifier, base_qkv, compute_prefix, load_minilm, minilm_targets
 
 METHODS = {
     "head-only": None,
@@ -110,20 +110,33 @@ def frozen_encoder():
 
 def prefix_caches(cfg: dict, exp_dir: Path, task: str) -> dict[str, PrefixCache]:
     """Cached prefix hidden states per split of ``task`` (computed once, saved under
-    ``exp_dir/<task>/prefix_*.safetensors``)."""
+    ``exp_dir/<task>/prefix_*.safetensors``), each with ``base`` = the frozen query/key/value
+    outputs of the first adapted layer (:func:`~analysis.models.base_qkv`, kept in memory per process)."""
     split = task_split(exp_dir, task, cfg["n_train"], cfg["n_val"], cfg["n_test"], cfg["split_seed"])
     caches, encoder = {}, None
     for name in ("train", "val", "test"):
         part = split[split["split"] == name]
         path = Path(exp_dir) / task / f"prefix_{name}_top{cfg['adapt_top_layers']}_len{cfg['max_length']}.safetensors"
-        if path.is_file() and PrefixCache.load(path).ids == [str(i) for i in part["id"]]:
-            caches[name] = PrefixCache.load(path)
-            continue
-        if encoder is None:
-            encoder, tokenizer = load_minilm()
-        clf = SentenceClassifier(encoder, num_labels=len(TASKS[task]), adapt_top=cfg["adapt_top_layers"])
-        caches[name] = compute_prefix(clf, tokenizer, part["text"], part["id"], cfg["max_length"], cache_path=path)
+        ids = [str(i) for i in part["id"]]
+        if not (path.is_file() and PrefixCache.load(path).ids == ids):
+            if encoder is None:
+                encoder, tokenizer = load_minilm()
+            clf = SentenceClassifier(encoder, num_labels=len(TASKS[task]), adapt_top=cfg["adapt_top_layers"])
+            compute_prefix(clf, tokenizer, part["text"], part["id"], cfg["max_length"], cache_path=path)
+        stat = path.stat()
+        caches[name] = _prefix_with_base(str(path), stat.st_mtime_ns, stat.st_size, cfg["adapt_top_layers"])
     return caches
+
+
+@functools.lru_cache(maxsize=6)
+def _prefix_with_base(path: str, mtime_ns: int, size: int, adapt_top: int) -> PrefixCache:
+    """One saved prefix cache with its frozen q/k/v rows, memoised per process (the file's path,
+    mtime and size are the key, so a rewritten file is read again)."""
+    cache = PrefixCache.load(path)
+    encoder = frozen_encoder()
+    layer = encoder.encoder.layer[len(encoder.encoder.layer) - adapt_top]
+    cache.base = base_qkv(layer, cache.hidden)
+    return cache
 
 
 def split_labels(exp_dir: Path, cfg: dict, task: str) -> dict[str, Tensor]:
@@ -292,8 +305,8 @@ def optimizer_for(model: nn.Module, name: str, lr: float, head_lr: float, weight
 def train_step(model: SentenceClassifier, opt, cache: PrefixCache, labels: Tensor, index: Tensor) -> float:
     model.train()
     device = model.head.weight.device
-    hidden, mask = (t.to(device) for t in cache.batch(index))
-    loss = F.cross_entropy(model.forward_top(hidden, mask), labels[index].to(device))
+    x, lengths, base = (None if t is None else t.to(device) for t in cache.packed(index))
+    loss = F.cross_entropy(model.forward_packed(x, lengths, base), labels[index].to(device))
     aux = auxiliary_loss(model)
     total = loss + AUX_WEIGHT * aux if torch.is_tensor(aux) else loss
     opt.zero_grad(set_to_none=True)
@@ -321,10 +334,9 @@ def evaluate(model: SentenceClassifier, cache: PrefixCache, labels: Tensor, batc
     routed = routing and is_routed(model)
     with (record_routing(model) if routed else contextlib.nullcontext()) as rec:
         for start in range(0, len(cache), batch_size):
-            hidden, mask = (t.to(device) for t in cache.batch(order[start:start + batch_size]))
-            if routed:
-                rec.set_mask(mask)
-            logits.append(model.forward_top(hidden, mask).cpu())
+            x, lengths, base = (None if t is None else t.to(device)
+                                for t in cache.packed(order[start:start + batch_size]))
+            logits.append(model.forward_packed(x, lengths, base).cpu())     # real tokens only: no mask
     logits = torch.empty_like(torch.cat(logits)).index_copy_(0, order, torch.cat(logits))
     labels = labels.cpu()
     metrics = {"accuracy": float((logits.argmax(-1) == labels).double().mean()),
@@ -414,11 +426,67 @@ def router_rows(model: SentenceClassifier, cache: PrefixCache, seed: int, max_to
     return rows
 
 
+@functools.lru_cache(maxsize=6)
+def _frozen_features(path: str, mtime_ns: int, size: int, adapt_top: int) -> Tensor:
+    """Mean-pooled top-layer states ``(N, H)`` of every example of one saved prefix cache under the
+    frozen encoder (no adapters, dropout off), memoised per process — what head-only trains on."""
+    cache = _prefix_with_base(path, mtime_ns, size, adapt_top)
+    clf = SentenceClassifier(frozen_encoder(), num_labels=2, adapt_top=adapt_top).eval()
+    with torch.no_grad():
+        return torch.cat([clf.pooled_packed(*cache.packed(torch.arange(i, min(i + 256, len(cache)))))
+                          for i in range(0, len(cache), 256)])
+
+
+def head_only_cell(seed: int, cfg: dict, exp_dir: Path, task: str, device: str = "cpu") -> list[dict]:
+    """The ``head-only`` baseline: the frozen encoder's pooled states never change, so they are computed
+    once per process (:func:`_frozen_features`) and only the linear head (CRN init, same batch order,
+    AdamW at ``head_lr``) trains on them — the same function as running the frozen top layer each step."""
+    t0 = time.perf_counter()
+    caches, labels = prefix_caches(cfg, exp_dir, task), split_labels(exp_dir, cfg, task)
+    feats = {}
+    for name in caches:
+        path = Path(exp_dir) / task / f"prefix_{name}_top{cfg['adapt_top_layers']}_len{cfg['max_length']}.safetensors"
+        stat = path.stat()
+        feats[name] = _frozen_features(str(path), stat.st_mtime_ns, stat.st_size, cfg["adapt_top_layers"]).to(device)
+    head = nn.Linear(feats["train"].shape[1], len(TASKS[task])).to(device)
+    with torch.no_grad():
+        bound = head.in_features ** -0.5
+        head.weight.copy_(crn_uniform(tuple(head.weight.shape), bound, seed, "head", "weight"))
+        head.bias.copy_(crn_uniform(tuple(head.bias.shape), bound, seed, "head", "bias"))
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg["head_lr"], weight_decay=cfg["weight_decay"])
+
+    def metrics(split: str) -> dict:
+        with torch.no_grad():
+            logits = head(feats[split]).cpu()
+        y = labels[split]
+        return {"accuracy": float((logits.argmax(-1) == y).double().mean()),
+                "loss": float(F.cross_entropy(logits.double(), y))}
+
+    rows = eval_rows(0, "val", metrics("val"), {})
+    for index in batch_order(len(caches["train"]), cfg["batch_size"], cfg["steps"], seed):
+        loss = F.cross_entropy(head(feats["train"][index]), labels["train"][index].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    last = cfg["steps"]
+    rows += eval_rows(last, "val", metrics("val"), {}) + eval_rows(last, "test", metrics("test"), {})
+    common = dict(step=last, split="test", layer="all", domain="all")
+    rows += [dict(common, metric="trainable_parameters", value=0),
+             dict(common, metric="n_train", value=len(caches["train"])),
+             dict(common, metric="n_test", value=len(caches["test"])),
+             dict(common, metric="wall_seconds", value=time.perf_counter() - t0)]
+    return [dict(r, rank=0) for r in rows]
+
+
 def train_cell(method: str, seed: int, cfg: dict, exp_dir: str, task: str = "sentiment",
                budget: int | None = None, device: str = "cpu") -> list[dict]:
     """One training run of ``method`` on ``task`` (see module docstring for the rows).  ``budget``:
     a C7 cell — TalkLoRA-official at rank ``budget`` and every other method at :func:`matched_rank`."""
     exp_dir = Path(exp_dir)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    if METHODS[method] is None and budget is None:
+        return head_only_cell(seed, cfg, exp_dir, task, device)
     t0 = time.perf_counter()
     encoder = frozen_encoder()
     caches = prefix_caches(cfg, exp_dir, task)

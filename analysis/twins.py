@@ -97,7 +97,7 @@ def twins_cell(optimizer: str, seed: int, cfg: dict, twins: dict, exp_dir: str, 
     opts = {k: optimizer_for(m, optimizer, lr, head_lr, twins["weight_decay"]) for k, m in models.items()}
     at = probe_index(len(caches["val"]), cfg["n_probe"])
     probe, probe_labels = caches["val"].select(at), labels["val"][at]
-    hidden, mask = (t.to(device) for t in probe.batch(torch.arange(len(probe))))
+    x, lengths, base = (t.to(device) for t in probe.packed(torch.arange(len(probe))))
     start = {k: effective_routers(m) for k, m in models.items()}
 
     def measure(step: int, last: bool) -> list[dict]:
@@ -105,9 +105,9 @@ def twins_cell(optimizer: str, seed: int, cfg: dict, twins: dict, exp_dir: str, 
         with torch.no_grad():
             for m in models.values():
                 m.eval()
-            ref = models["talklora"].forward_top(hidden, mask)
+            ref = models["talklora"].forward_packed(x, lengths, base)
             for name, m in models.items():
-                diff = (m.forward_top(hidden, mask) - ref).abs()
+                diff = (m.forward_packed(x, lengths, base) - ref).abs()
                 rows += [dict(step=step, split="probe", model=name, layer="all", metric="logit_maxabs_diff",
                               value=float(diff.max())),
                          dict(step=step, split="probe", model=name, layer="all", metric="logit_meanabs_diff",

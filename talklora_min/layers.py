@@ -304,9 +304,20 @@ class AdapterLayer(nn.Module):
     def adapter_output(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, base_output: Tensor | None = None) -> Tensor:
+        """``base(x) + adapter(x)``.  ``base_output``: ``base(x)`` computed beforehand (a frozen base
+        on inputs that do not change, e.g. a cached prefix), used instead of running the base."""
         self._check_input(x)
-        out = self.base(x)
+        if base_output is None:
+            out = self.base(x)
+        else:
+            expected = (*x.shape[:-1], self.out_features)
+            if not isinstance(base_output, Tensor) or tuple(base_output.shape) != expected:
+                raise ValueError(f"base_output must be a tensor of shape {expected} (base(x)), got "
+                                 f"{tuple(base_output.shape) if isinstance(base_output, Tensor) else type(base_output).__name__}")
+            if getattr(self, "merged", False):
+                raise RuntimeError("base_output cannot be used on a merged layer (its base weight holds the adapter)")
+            out = base_output
         if getattr(self, "merged", False) or not self.adapter_enabled:
             return out
         return out + self.adapter_output(x.to(self.A.dtype)).to(out.dtype)

@@ -1,5 +1,6 @@
 """Experiments end to end at tiny sizes: twins, top-k routers, synthetic/real perturbation cells,
 training on real text.  Real-model tests are marked ``real_models`` (they run in ``make test``)."""
+import contextlib
 import math
 
 import pandas as pd
@@ -234,3 +235,89 @@ def test_router_comparison_uses_an_expert_count_where_top2_is_sparse():
     assert perturb.router_grid_entry([[2, 16], [4, 16], [8, 32]]) == (4, 16)
     with pytest.raises(ValueError, match="E >= 3"):
         perturb.router_grid_entry([[2, 16]])
+
+
+# ----------------------------------------------------------------------------- packed (padding-free) path
+@pytest.mark.real_models
+@pytest.mark.parametrize("method", ["lora", "talklora-official", "moelora-input", "topk-entropy"])
+@pytest.mark.parametrize("adapt_top", [1, 2])
+def test_packed_forward_equals_the_padded_forward(tmp_path, method, adapt_top):
+    """``forward_packed`` (real tokens only, cached frozen q/k/v) is ``forward_top`` on the padded batch:
+    the same logits, the same routing of every real token and the same adapter gradients."""
+    from talklora_min.probes import record_routing
+    cfg = tiny_train_cfg(adapt_top_layers=adapt_top, dropout=0.0)
+    cache = train.prefix_caches(cfg, tmp_path, "sentiment")["val"]
+    assert cache.base is not None and cache.base.shape == (len(cache.hidden), 3 * 384)
+    model = train.build_model(method, 0, cfg, train.frozen_encoder())
+    gen = torch.Generator().manual_seed(1)
+    for layer in adapter_layers(model).values():                 # B = 0 hides the adapters: give them an output
+        layer.set_weights(B=0.05 * torch.randn(layer.B.shape, generator=gen))
+    index = torch.argsort(cache.lengths)[[3, 0, 6, 1]]           # unsorted, mixed lengths
+    hidden, mask = cache.batch(index)
+    assert len(set(mask.sum(1).tolist())) >= 3
+    x, lengths, base = cache.packed(index)
+    assert len(x) == int(mask.sum()) and lengths.tolist() == mask.sum(1).tolist()
+    params = [p for p in model.parameters() if p.requires_grad]
+    outs = {}
+    for name, run in {"padded": lambda: model.forward_top(hidden, mask),
+                      "packed": lambda: model.forward_packed(x, lengths, base),
+                      "packed-no-cache": lambda: model.forward_packed(x, lengths)}.items():
+        model.train()
+        logits = run()
+        grads = torch.autograd.grad(logits.square().sum(), params)
+        model.eval()
+        with torch.no_grad(), (record_routing(model) if method != "lora" else contextlib.nullcontext()) as rec:
+            if rec is not None and name == "padded":
+                rec.set_mask(mask)
+            eval_logits = run()
+            gates = {} if rec is None else {n: rec.gates(n) for n in rec.layer_names}
+        outs[name] = (logits, grads, eval_logits, gates)
+    ref = outs["padded"]
+    for name in ("packed", "packed-no-cache"):
+        logits, grads, eval_logits, gates = outs[name]
+        torch.testing.assert_close(logits, ref[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(eval_logits, ref[2], rtol=1e-4, atol=1e-5)
+        for g, g_ref in zip(grads, ref[1]):
+            torch.testing.assert_close(g, g_ref, rtol=1e-3, atol=1e-5)
+        assert gates.keys() == ref[3].keys() and (method == "lora") == (not gates)
+        for layer, g in gates.items():                          # same tokens, same order (example by example)
+            torch.testing.assert_close(g, ref[3][layer], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.real_models
+def test_packed_cache_rows_and_select_keep_the_frozen_base_rows(tmp_path):
+    cfg = tiny_train_cfg()
+    cache = train.prefix_caches(cfg, tmp_path, "sentiment")["test"]
+    index = torch.tensor([4, 2, 2, 7])
+    rows, lengths = cache.token_index(index)
+    expected = torch.cat([torch.arange(int(cache.offsets[i]), int(cache.offsets[i + 1])) for i in index.tolist()])
+    assert torch.equal(rows, expected) and torch.equal(lengths, cache.lengths[index])
+    sub = cache.select(index)
+    assert sub.ids == [cache.ids[i] for i in index.tolist()]
+    assert torch.equal(sub.hidden, cache.hidden[expected]) and torch.equal(sub.base, cache.base[expected])
+    layer = train.frozen_encoder().encoder.layer[-1]
+    torch.testing.assert_close(sub.base, torch.cat([layer.attention.self.query(sub.hidden),
+                                                    layer.attention.self.key(sub.hidden),
+                                                    layer.attention.self.value(sub.hidden)], -1))
+
+
+@pytest.mark.real_models
+def test_head_only_cell_trains_the_head_on_the_frozen_model(tmp_path):
+    """The head-only shortcut (pooled frozen features computed once) equals training the head of the
+    full head-only model (no adapters, padded forward) on the same batches from the same CRN init."""
+    cfg = tiny_train_cfg(steps=5)
+    rows = pd.DataFrame(train.train_cell("head-only", 3, cfg, str(tmp_path), "topic"))
+    caches = train.prefix_caches(cfg, tmp_path, "topic")
+    labels = train.split_labels(tmp_path, cfg, "topic")
+    model = train.build_model("head-only", 3, cfg, train.frozen_encoder(), num_labels=5).eval()
+    opt = train.optimizer_for(model, "adamw", cfg["lr"], cfg["head_lr"], cfg["weight_decay"])
+    for index in train.batch_order(len(caches["train"]), cfg["batch_size"], cfg["steps"], 3):
+        loss = torch.nn.functional.cross_entropy(model.forward_top(*caches["train"].batch(index)), labels["train"][index])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        logits = model.forward_top(*caches["test"].batch(torch.arange(len(caches["test"]))))
+    got = rows[(rows.split == "test") & (rows.step == cfg["steps"])].set_index("metric").value
+    assert got["accuracy"] == pytest.approx(float((logits.argmax(-1) == labels["test"]).double().mean()))
+    assert got["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits.double(), labels["test"])), rel=1e-5)

@@ -651,3 +651,41 @@ def test_adapter_enabled_flag_gives_base_output():
     torch.testing.assert_close(layer(x), layer.base(x))
     layer.adapter_enabled = True
     assert (layer(x) - layer.base(x)).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("name", TABLE)
+def test_precomputed_base_output_gives_the_same_forward_and_gradients(name):
+    """``forward(x, base_output=base(x))`` (a cached frozen base, e.g. on a cached prefix) is the same
+    function with the same adapter gradients as ``forward(x)``."""
+    torch.manual_seed(3)
+    layer = build(name)
+    x = torch.randn(2, 5, D_IN, dtype=DT, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        cached = layer.base(x)
+    for train_mode in (False, True):
+        layer.train(train_mode)
+        torch.manual_seed(5)
+        y = layer(x)
+        grads = torch.autograd.grad(y.square().sum(), [p for p in layer.parameters() if p.requires_grad])
+        torch.manual_seed(5)                                  # the same dropout masks
+        y_cached = layer(x, base_output=cached)
+        grads_cached = torch.autograd.grad(y_cached.square().sum(), [p for p in layer.parameters() if p.requires_grad])
+        torch.testing.assert_close(y_cached, y, rtol=0, atol=1e-12)
+        for g, gc in zip(grads, grads_cached):
+            torch.testing.assert_close(gc, g, rtol=0, atol=1e-10)
+
+
+def test_precomputed_base_output_is_checked():
+    layer = build("talklora-official-alphaNone").eval()
+    x = torch.randn(3, D_IN, dtype=DT)
+    with pytest.raises(ValueError, match=r"base_output must be a tensor of shape \(3, 10\)"):
+        layer(x, base_output=torch.zeros(3, D_OUT + 1, dtype=DT))
+    with pytest.raises(ValueError, match="base_output must be a tensor"):
+        layer(x, base_output=[0.0] * D_OUT)
+    lora = build("lora-alphaNone").eval()
+    lora.merge()
+    with pytest.raises(RuntimeError, match="merged layer"):
+        lora(x, base_output=lora.base(x))
+    layer.adapter_enabled = False                         # disabled adapters: the given base output itself
+    cached = layer.base(x).detach()
+    assert layer(x, base_output=cached) is cached
