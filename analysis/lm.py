@@ -70,6 +70,7 @@ from talklora_min.layers import absorbed_router
 from talklora_min.probes import gini, load_entropy, record_routing
 
 from .data import bbc_articles, load_movie_reviews, pack_file
+from .fast_linear import use_onednn_for_frozen_linears
 from .models import PrefixCache, load_smollm
 from .sections import LM_METHODS
 from .train import batch_order
@@ -284,6 +285,7 @@ def build_lm(method: str, seed: int, adapt_top_layers: int, rank: int, num_exper
                                          gate_dropout=dropout > 0, target_match="regex",
                                          target_modules=target_patterns(adapt_top_layers), **kind))
     init_adapters(model, method, seed)
+    use_onednn_for_frozen_linears(model)          # frozen projections and LM head: same math, faster GEMM
     return model, first
 
 
@@ -410,7 +412,8 @@ def prepare_prefix(cfg: dict, exp_dir: str | Path, device: str = "cpu") -> dict[
                     continue
         if model is None:
             model, tokenizer = load_smollm()
-            model = model.to(device)
+            model = model.requires_grad_(False).to(device)
+            use_onednn_for_frozen_linears(model)
             first = first_adapted_layer(model, cfg["adapt_top_layers"])
         cache, tokens = compute_lm_prefix(model, tokenizer, part["text"], ids, cfg["max_length"], first)
         cache = PrefixCache(cache.hidden.cpu(), cache.offsets, ids)

@@ -79,6 +79,7 @@ from talklora_min.probes import (capture_layer_inputs, gini, load_entropy, pertu
                                  record_routing, routed_layers, router_lipschitz)
 
 from .data import TASKS, task_split
+from .fast_linear import use_onednn_for_frozen_linears
 from .models import PrefixCache, SentenceClassifier, base_qkv, compute_prefix, load_minilm, minilm_targets
 
 METHODS = {
@@ -103,9 +104,12 @@ ROUTER_PROBE_TOKENS = 256  # tokens per layer for the final Lipschitz / amplific
 # ----------------------------------------------------------------------------- data
 @functools.lru_cache(maxsize=1)
 def frozen_encoder():
-    """MiniLM, loaded once per process (2 s each time otherwise); :func:`build_model` deep-copies it,
-    so the cached module itself is never modified."""
-    return load_minilm()[0]
+    """MiniLM, loaded once per process (2 s each time otherwise), frozen, its linears on the oneDNN
+    path (:mod:`~analysis.fast_linear`); :func:`build_model` deep-copies it, so the cached module itself
+    is never modified afterwards."""
+    encoder = load_minilm()[0].requires_grad_(False)
+    use_onednn_for_frozen_linears(encoder)
+    return encoder
 
 
 def prefix_caches(cfg: dict, exp_dir: Path, task: str) -> dict[str, PrefixCache]:
@@ -122,6 +126,7 @@ def prefix_caches(cfg: dict, exp_dir: Path, task: str) -> dict[str, PrefixCache]
             if encoder is None:
                 encoder, tokenizer = load_minilm()
             clf = SentenceClassifier(encoder, num_labels=len(TASKS[task]), adapt_top=cfg["adapt_top_layers"])
+            use_onednn_for_frozen_linears(clf.encoder)
             compute_prefix(clf, tokenizer, part["text"], part["id"], cfg["max_length"], cache_path=path)
         stat = path.stat()
         caches[name] = _prefix_with_base(str(path), stat.st_mtime_ns, stat.st_size, cfg["adapt_top_layers"])
@@ -268,6 +273,7 @@ def build_model(method: str, seed: int, cfg: dict, encoder, num_labels: int = 2,
         for name, layer in adapter_layers(clf).items():
             layer.set_weights(**crn_weights(method, layer, seed, short_name(name)))
     clf.head.requires_grad_(True)
+    use_onednn_for_frozen_linears(clf)            # frozen base linears: same math, faster GEMM (fast_linear)
     return clf
 
 

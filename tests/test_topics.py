@@ -145,3 +145,11 @@ def test_ensure_results_runs_each_command_once_in_order(monkeypatch, tmp_path):
     X.ensure_results("CFG", results_dir=tmp_path, workers=2, force=True)
     assert [c[0] for c in calls] == ["analysis.perturb", "analysis.train", "analysis.twins", "analysis.lm"]
     assert all(c[1] == dict(results_dir=tmp_path, workers=2, executor=None, force=True) for c in calls)
+
+
+def test_f10_reads_exactly_the_rows_of_its_claims():
+    """F10 evaluates the claims of FOREST_CLAIMS: it needs their experiments and nothing else (a profile
+    without the supplementary perturb_real must still draw it)."""
+    from analysis.topics import efficiency
+    used = {e for c in T.CLAIMS if c.id in efficiency.FOREST_CLAIMS for e in (*c.experiments, *c.optional)}
+    assert set(T.figure_spec("F10").experiments) == used and "perturb_real" not in used

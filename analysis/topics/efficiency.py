@@ -185,7 +185,10 @@ C11 = ClaimSpec(
 
 # ----------------------------------------------------------------------------- F10 forest plot
 FOREST_CLAIMS = ("C5", "C6", "C7", "C9", "C11", "C12")
-F10_EXPERIMENTS = tuple(EXPERIMENTS)          # every claim's rows: the comparisons are the claims' own
+# the rows the claims of FOREST_CLAIMS read (experiments + optional; tests/test_topics.py checks the union),
+# in EXPERIMENTS order -- not perturb_real (supplementary), which a profile may skip
+F10_EXPERIMENTS = tuple(e for e in EXPERIMENTS if e in {"perturb_synthetic", "perturb_controls", "train", "twins",
+                                                         "lm", "train_budget"})
 
 
 def prepare_f10(*rows: pd.DataFrame, config: dict | None = None) -> pd.DataFrame:
