@@ -47,6 +47,7 @@ lab: setup
 bench: setup
 	$(BIN)/python benchmarks/layer_speed.py
 	$(BIN)/python benchmarks/probe_speed.py
+	$(BIN)/python benchmarks/frozen_linear_speed.py
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .hypothesis

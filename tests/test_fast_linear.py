@@ -96,3 +96,24 @@ def test_without_onednn_nothing_is_switched_and_switched_layers_fall_back(monkey
     x = torch.randn(3, 24)
     assert not layer.fast_path(x)
     torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
+
+
+def test_benchmark_runs_and_reports_ratios_and_differences(tmp_path, capsys):
+    """benchmarks/frozen_linear_speed.py end to end at a tiny shape (so it cannot rot); speed itself is
+    measured by `make bench`, not asserted here."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "frozen_linear_speed.py"
+    spec = importlib.util.spec_from_file_location("frozen_linear_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.QUICK_SHAPES = [("tiny", 6, 8, 5)]
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--quick", "--repeats", "2", "--json", str(tmp_path / "b.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (row,) = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert row["ratio"] > 0 and row["max_rel_diff"] < 1e-5 and row["onednn"] == onednn_available()
+    assert "F.linear" in capsys.readouterr().out
