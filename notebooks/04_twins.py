@@ -17,8 +17,10 @@
 # # Evidence topic: twins (F8)
 #
 # Claim C9: does any TalkLoRA advantage over MoELoRA-code persist from a function-matched start?
-# Four models compute the same function at step 0 and train on identical batches (AdamW with the
-# official settings, and SGD); we follow their logit distance to TalkLoRA and their metric gaps.
+# Up to four models compute the same function at step 0 and train on identical batches (AdamW with
+# the official settings; the paper profile adds an SGD arm — the quick profile runs TalkLoRA and its
+# absorbed MoELoRA-code twin under AdamW only, since its 64 SGD steps barely move the routers); we
+# follow their logit distance to TalkLoRA and their metric gaps.
 # The C9 verdict reads held-out loss (primary) and accuracy on every test example at the last step,
 # paired over 8 seeds; an optimiser arm enters it only if its routers move (median
 # ‖ΔW_eff‖/‖W_eff‖ ≥ 1e-2; the claims report lists the movement of every arm).
@@ -37,8 +39,8 @@ set_style()
 
 # %% [markdown]
 # ## F8 — divergence and metric gaps over training
-# Under SGD the absorbed twin follows TalkLoRA only to first order; under AdamW the per-parameter
-# scaling differs between parameterisations.  Gaps near 0 mean no persistent advantage.
+# Under SGD (paper profile) the absorbed twin follows TalkLoRA only to first order; under AdamW the
+# per-parameter scaling differs between parameterisations.  Gaps near 0 mean no persistent advantage.
 
 # %%
 f8 = load("F8")
