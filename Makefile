@@ -1,5 +1,6 @@
 # talklora-min — `make figures` sets everything up and regenerates all figures and CLAIMS.md;
 # `make test` sets up what it needs and runs every test (unit, property, real-model, notebooks);
+# `make paper` runs the larger paper profile into reports/paper/;
 # `make lab` opens the notebooks in JupyterLab (each .py paired with an .ipynb by jupytext).
 PYTHON ?= python3.11
 VENV   ?= .venv
@@ -12,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: setup figures claims test test-fast bench lab clean
+.PHONY: setup figures paper claims test test-fast bench lab clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +30,12 @@ $(VENV)/.installed: pyproject.toml requirements/dev.txt requirements/assets.txt
 figures: setup
 	$(BIN)/python -m analysis figures --profile $(PROFILE) --workers $(WORKERS)
 	$(BIN)/python -m analysis claims --profile $(PROFILE) --workers $(WORKERS)
+
+# The paper profile (official settings, more seeds and steps; ~80 min on 2 cores): results in results_paper/,
+# figures (PNG + data; the PDFs are not tracked) and CLAIMS.md / claims.csv in reports/paper/.
+paper: setup
+	$(BIN)/python -m analysis figures --profile paper --workers $(WORKERS) --results-dir results_paper --out-dir reports/paper/figures
+	$(BIN)/python -m analysis claims --profile paper --workers $(WORKERS) --results-dir results_paper --out-dir reports/paper
 
 test: setup
 	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -q -n 2 --durations=15

@@ -54,6 +54,10 @@ EXPERIMENTS = {
 # The commands whose run() takes device=...; the others get no --device option (rather than one
 # that would be silently ignored).
 TAKES_DEVICE = frozenset({"perturb", "train", "twins", "lm"})
+# The commands that write the report, and where --out-dir puts it (e.g. reports/paper for the paper profile).
+WRITES_REPORT = {"figures": "where the figures go (default: figures/, which also updates the README gallery)",
+                 "claims": "where CLAIMS.md and claims.csv go (default: the repository root, which also "
+                           "updates the README's verdict table)"}
 DEVICES = ("cpu", "cuda", "mps", "auto")
 EXECUTORS = ("local", "slurm")
 SLURM_OPTIONS = ("partition", "time", "gpus_per_node", "cpus_per_task", "slurm_folder")
@@ -97,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--results-dir", type=Path, default=Path("results"), metavar="DIR",
                        help="results root (default: results)")
         p.add_argument("--force", action="store_true", help="re-run cells that are already done")
+        if name in WRITES_REPORT:
+            p.add_argument("--out-dir", type=Path, default=None, metavar="DIR", help=WRITES_REPORT[name])
         if name in TAKES_DEVICE:
             p.add_argument("--device", choices=DEVICES, default="cpu",
                            help="torch device (default cpu; auto = cuda, else mps, else cpu)")
@@ -188,16 +194,16 @@ def build_executor(args, device: str | None):
                          cpus_per_task=args.cpus_per_task or 4)
 
 
-def check_results_dir(path: Path) -> None:
-    """Create ``path`` (with parents) and check it is a writable directory; else ``OSError``."""
+def check_writable_dir(path: Path, what: str = "results directory") -> None:
+    """Create ``path`` (with parents) and check it is a writable directory; else ``OSError`` naming ``what``."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise NotADirectoryError(f"results directory {path} exists and is not a directory") from None
+        raise NotADirectoryError(f"{what} {path} exists and is not a directory") from None
     except OSError as err:
-        raise OSError(f"results directory {path} cannot be created: {err.strerror or err}") from None
+        raise OSError(f"{what} {path} cannot be created: {err.strerror or err}") from None
     if not os.access(path, os.W_OK | os.X_OK):
-        raise PermissionError(f"results directory {path} is not writable")
+        raise PermissionError(f"{what} {path} is not writable")
 
 
 def experiment_module(name: str):
@@ -230,7 +236,9 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     try:
         device = resolve_execution(args)
-        check_results_dir(args.results_dir)
+        check_writable_dir(args.results_dir)
+        if getattr(args, "out_dir", None) is not None:
+            check_writable_dir(args.out_dir, "--out-dir")
         executor = build_executor(args, device)
         module = experiment_module(args.command)
         if not callable(getattr(module, "run", None)):
@@ -247,6 +255,11 @@ def _run(module, config, args, executor, device) -> int:
     kwargs = dict(results_dir=args.results_dir, workers=args.workers, executor=executor, force=args.force)
     if args.command in TAKES_DEVICE:
         kwargs["device"] = device
+    out_dir = getattr(args, "out_dir", None)
+    if out_dir is not None and args.command == "figures":
+        kwargs["figures_dir"] = out_dir
+    elif out_dir is not None:
+        kwargs.update(out_md=out_dir / "CLAIMS.md", out_csv=out_dir / "claims.csv")
     try:
         module.run(config, **kwargs)
     except KeyboardInterrupt:

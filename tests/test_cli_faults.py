@@ -173,6 +173,35 @@ def test_results_dir_that_cannot_be_created(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "a" / "b").is_dir() and calls[0]["results_dir"] == tmp_path / "a" / "b"
 
 
+def test_out_dir_sends_the_report_elsewhere_and_is_checked(tmp_path, capsys, monkeypatch):
+    """figures / claims --out-dir DIR: the figures into DIR, CLAIMS.md and claims.csv into DIR (e.g.
+    reports/paper); a DIR that cannot be made is a one-line usage error before any work; the
+    experiments have no such option."""
+    calls = []
+    real_import = cli.importlib.import_module
+
+    def fake_import(name):
+        if name in ("analysis.figures", "analysis.claims"):
+            return types.SimpleNamespace(__name__=name, run=lambda config, **kw: calls.append((name, kw)))
+        return real_import(name)
+    monkeypatch.setattr(cli.importlib, "import_module", fake_import)
+    out = tmp_path / "reports" / "paper"
+    assert cli.main(["figures", "--results-dir", str(tmp_path / "r"), "--out-dir", str(out / "figures")]) == 0
+    assert cli.main(["claims", "--results-dir", str(tmp_path / "r"), "--out-dir", str(out)]) == 0
+    (fig_name, fig_kw), (claims_name, claims_kw) = calls
+    assert fig_name == "analysis.figures" and fig_kw["figures_dir"] == out / "figures" and (out / "figures").is_dir()
+    assert claims_kw["out_md"] == out / "CLAIMS.md" and claims_kw["out_csv"] == out / "claims.csv"
+    assert cli.main(["claims", "--results-dir", str(tmp_path / "r")]) == 0
+    assert "out_md" not in calls[-1][1]                     # default: the repository root
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert cli.main(["claims", "--out-dir", str(blocker / "sub"), "--results-dir", str(tmp_path / "r")]) == 2
+    assert "--out-dir" in one_line_error(capsys.readouterr().err) and len(calls) == 3
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--out-dir", str(out)])
+    assert "unrecognized arguments: --out-dir" in capsys.readouterr().err
+
+
 def test_file_system_error_during_run_is_one_line(tmp_path, capsys, monkeypatch):
     def run(config, *, results_dir, **kw):
         run_sweep("perturb_synthetic", cells(), results_dir=results_dir / "blocked", **quiet)
