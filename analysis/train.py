@@ -112,6 +112,11 @@ def frozen_encoder():
     return encoder
 
 
+def prefix_path(exp_dir: Path, cfg: dict, task: str, split: str) -> Path:
+    """Where the prefix cache of ``split`` of ``task`` is saved (it depends on the adapted layers and length)."""
+    return Path(exp_dir) / task / f"prefix_{split}_top{cfg['adapt_top_layers']}_len{cfg['max_length']}.safetensors"
+
+
 def prefix_caches(cfg: dict, exp_dir: Path, task: str) -> dict[str, PrefixCache]:
     """Cached prefix hidden states per split of ``task`` (computed once, saved under
     ``exp_dir/<task>/prefix_*.safetensors``), each with ``base`` = the frozen query/key/value
@@ -120,7 +125,7 @@ def prefix_caches(cfg: dict, exp_dir: Path, task: str) -> dict[str, PrefixCache]
     caches, encoder = {}, None
     for name in ("train", "val", "test"):
         part = split[split["split"] == name]
-        path = Path(exp_dir) / task / f"prefix_{name}_top{cfg['adapt_top_layers']}_len{cfg['max_length']}.safetensors"
+        path = prefix_path(exp_dir, cfg, task, name)
         ids = [str(i) for i in part["id"]]
         if not (path.is_file() and PrefixCache.load(path).ids == ids):
             if encoder is None:
@@ -128,15 +133,19 @@ def prefix_caches(cfg: dict, exp_dir: Path, task: str) -> dict[str, PrefixCache]
             clf = SentenceClassifier(encoder, num_labels=len(TASKS[task]), adapt_top=cfg["adapt_top_layers"])
             use_onednn_for_frozen_linears(clf.encoder)
             compute_prefix(clf, tokenizer, part["text"], part["id"], cfg["max_length"], cache_path=path)
-        stat = path.stat()
-        caches[name] = _prefix_with_base(str(path), stat.st_mtime_ns, stat.st_size, cfg["adapt_top_layers"])
+        caches[name] = _prefix_with_base(*_file_key(path), cfg["adapt_top_layers"])
     return caches
+
+
+def _file_key(path: Path) -> tuple[str, int, int]:
+    """``(path, mtime_ns, size)``: the key of the per-process memos below (a rewritten file is read again)."""
+    stat = Path(path).stat()
+    return str(path), stat.st_mtime_ns, stat.st_size
 
 
 @functools.lru_cache(maxsize=6)
 def _prefix_with_base(path: str, mtime_ns: int, size: int, adapt_top: int) -> PrefixCache:
-    """One saved prefix cache with its frozen q/k/v rows, memoised per process (the file's path,
-    mtime and size are the key, so a rewritten file is read again)."""
+    """One saved prefix cache with its frozen q/k/v rows, memoised per process (key: :func:`_file_key`)."""
     cache = PrefixCache.load(path)
     encoder = frozen_encoder()
     layer = encoder.encoder.layer[len(encoder.encoder.layer) - adapt_top]
@@ -220,6 +229,16 @@ def crn_uniform(shape, bound: float, seed: int, *keys) -> Tensor:
     return torch.empty(*shape).uniform_(-bound, bound, generator=crn_generator(seed, *keys))
 
 
+@torch.no_grad()
+def crn_head(head: nn.Linear, seed: int) -> nn.Linear:
+    """The classifier head's CRN init, in place: weight and bias ``U(±1/√in)`` from the streams
+    ``(seed, "head", "weight" | "bias")`` — the same head for every method of a seed."""
+    bound = head.in_features ** -0.5
+    head.weight.copy_(crn_uniform(tuple(head.weight.shape), bound, seed, "head", "weight"))
+    head.bias.copy_(crn_uniform(tuple(head.bias.shape), bound, seed, "head", "bias"))
+    return head
+
+
 def official_talk(num_experts: int, seed: int, layer: str) -> Tensor:
     """The seed's official ``T ~ U(±1/√E)`` of ``layer``, from its own stream ``(seed, layer, "T")``."""
     return talk_matrix(num_experts, "official", generator=crn_generator(seed, layer, "T"))
@@ -264,10 +283,7 @@ def build_model(method: str, seed: int, cfg: dict, encoder, num_labels: int = 2,
         if isinstance(module, nn.Dropout):
             module.p = 0.0
     clf = SentenceClassifier(encoder, num_labels=num_labels, adapt_top=cfg["adapt_top_layers"])
-    with torch.no_grad():
-        bound = clf.head.in_features ** -0.5
-        clf.head.weight.copy_(crn_uniform(tuple(clf.head.weight.shape), bound, seed, "head", "weight"))
-        clf.head.bias.copy_(crn_uniform(tuple(clf.head.bias.shape), bound, seed, "head", "bias"))
+    crn_head(clf.head, seed)
     if METHODS[method] is not None:
         inject(clf, adapter_config(method, cfg, clf.num_layers, rank))
         for name, layer in adapter_layers(clf).items():
@@ -451,14 +467,8 @@ def head_only_cell(seed: int, cfg: dict, exp_dir: Path, task: str, device: str =
     caches, labels = prefix_caches(cfg, exp_dir, task), split_labels(exp_dir, cfg, task)
     feats = {}
     for name in caches:
-        path = Path(exp_dir) / task / f"prefix_{name}_top{cfg['adapt_top_layers']}_len{cfg['max_length']}.safetensors"
-        stat = path.stat()
-        feats[name] = _frozen_features(str(path), stat.st_mtime_ns, stat.st_size, cfg["adapt_top_layers"]).to(device)
-    head = nn.Linear(feats["train"].shape[1], len(TASKS[task])).to(device)
-    with torch.no_grad():
-        bound = head.in_features ** -0.5
-        head.weight.copy_(crn_uniform(tuple(head.weight.shape), bound, seed, "head", "weight"))
-        head.bias.copy_(crn_uniform(tuple(head.bias.shape), bound, seed, "head", "bias"))
+        feats[name] = _frozen_features(*_file_key(prefix_path(exp_dir, cfg, task, name)), cfg["adapt_top_layers"]).to(device)
+    head = crn_head(nn.Linear(feats["train"].shape[1], len(TASKS[task])), seed).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg["head_lr"], weight_decay=cfg["weight_decay"])
 
     def metrics(split: str) -> dict:
