@@ -66,7 +66,7 @@ class FrozenLinear(nn.Linear):
     def fast_path(self, x: Tensor) -> bool:
         w, b = self.weight, self.bias
         return (not w.requires_grad and (b is None or not b.requires_grad) and x.device.type == "cpu"
-                and w.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and x.dim() >= 1
+                and w.device.type == "cpu" and x.dtype == w.dtype == torch.float32
                 and onednn_available())
 
     def forward(self, x: Tensor) -> Tensor:
