@@ -149,11 +149,10 @@ ORDER = tuple(METHODS)      # plotting and report order
 
 
 def method(name: str) -> Method:
-    """The registry entry ``name``; ``KeyError`` listing the accepted names."""
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise KeyError(f"method must be one of {list(METHODS)}, got {name!r}") from None
+    """The registry entry ``name``; ``ValueError`` listing the accepted names."""
+    if name not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {name!r}")
+    return METHODS[name]
 
 
 def tagged(*tags: str, among=None) -> tuple[str, ...]:

@@ -52,8 +52,9 @@ def closed_form_parameters(kind: str, rank: int, num_experts: int, shapes: Itera
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     r, E = int(rank), int(num_experts)
-    if r < 1 or E < 1 or r % E:
-        raise ValueError(f"rank ({rank!r}) must be a positive multiple of num_experts ({num_experts!r})")
+    if r < 1 or E < 1 or (kind != "lora" and r % E):
+        raise ValueError(f"rank ({rank!r}) must be a positive integer (a multiple of num_experts "
+                         f"({num_experts!r}) for kind {kind!r})")
     m = r // E
     total, B_types = 0, set()
     for ptype, d_in, d_out in shapes:
