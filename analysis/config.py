@@ -39,7 +39,7 @@ from pathlib import Path
 
 from .sections import (  # noqa: F401  (the public names are re-exported here)
     ConfigError, LMConfig, LM_MAX_TEXTS, LM_METHODS, MATCHED_BUDGET_RULES, MINILM_TARGETS,
-    MarginsConfig, PERTURB_KINDS, PerturbConfig, REAL_MODELS, SCALE_CONTROLS, SECTIONS,
+    MarginsConfig, PERTURB_KINDS, PerturbConfig, PlantedConfig, REAL_MODELS, SCALE_CONTROLS, SECTIONS,
     SMOLLM_LAYERS, TRAIN_METHODS, TRAIN_TASKS, TWIN_MODELS, TWIN_OPTIMIZERS, TrainConfig,
     TwinsConfig, _fail)
 
@@ -58,6 +58,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     twins: TwinsConfig = field(default_factory=TwinsConfig)
     lm: LMConfig = field(default_factory=LMConfig)
+    planted: PlantedConfig = field(default_factory=PlantedConfig)
     margins: MarginsConfig = field(default_factory=MarginsConfig)
     setting: UserSetting | None = None
 

@@ -260,6 +260,10 @@ class TrainConfig(_Section):
     budget_ranks: list = field(default_factory=list)
     budget_methods: list = field(default_factory=lambda: [reference(), *tagged("baseline")])
     budget_tasks: list = field(default_factory=lambda: ["sentiment"])
+    tuning_seeds: list = field(default_factory=lambda: [100, 101])
+    lr_grid: list = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
+    head_lr_grid: list = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])
+    tie_threshold: float = 0.1
 
     def __post_init__(self):
         p = self.SECTION
@@ -304,6 +308,12 @@ class TrainConfig(_Section):
             _fail(f"{p}.budget_methods", f"a list that contains {reference()!r} (the budget reference)",
                   self.budget_methods)
         self.budget_tasks = _choice_list(f"{p}.budget_tasks", self.budget_tasks, TRAIN_TASKS)
+        self.tuning_seeds = _int_list(f"{p}.tuning_seeds", self.tuning_seeds, lo=0)
+        if set(self.seeds) & set(self.tuning_seeds):
+            _fail(f"{p}.tuning_seeds", f"a list disjoint from train.seeds {self.seeds}", self.tuning_seeds)
+        self.lr_grid = _float_list(f"{p}.lr_grid", self.lr_grid, lo=0.0, lo_open=True)
+        self.head_lr_grid = _float_list(f"{p}.head_lr_grid", self.head_lr_grid, lo=0.0, lo_open=True)
+        self.tie_threshold = _float(f"{p}.tie_threshold", self.tie_threshold, lo=0.0, hi=1.0)
 
     @property
     def scaling_alpha(self) -> float | None:
@@ -409,6 +419,75 @@ class LMConfig(_Section):
 
 
 @dataclass
+class PlantedConfig(_Section):
+    """The planted-teacher setting (docs/method.md §7; ``analysis/planted.py``): a frozen random
+    ``d_in -> d_out`` map, inputs from ``clusters`` Gaussian clusters (means at ``separation``, noise
+    ``noise``), a teacher update of rank ``teacher_rank`` and size ``scale`` per cluster.  Students:
+    ``methods`` with ``num_experts`` experts and total ``rank``; each method's lr is chosen from
+    ``lr_grid`` on the validation split with ``tuning_seeds`` (disjoint from ``seeds``), then every
+    method trains ``steps`` steps per evaluation seed (cosine decay).  ``tie_threshold``: the top-2
+    gate gap below which a point's top-1 expert counts as a tie (no churn)."""
+
+    SECTION = "planted"
+    methods: list = field(default_factory=lambda: ["head-only", *tagged("baseline"), reference(),
+                                                   *tagged("function-matched"), *tagged("scale-matched")])
+    seeds: list = field(default_factory=lambda: list(range(8)))
+    tuning_seeds: list = field(default_factory=lambda: [100, 101])
+    lr_grid: list = field(default_factory=lambda: [3e-3, 1e-2, 3e-2])
+    steps: int = 800
+    eval_every: int = 100
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    d_in: int = 32
+    d_out: int = 32
+    clusters: int = 4
+    num_experts: int = 4
+    rank: int = 16
+    teacher_rank: int = 4
+    separation: float = 4.0
+    noise: float = 1.0
+    scale: float = 1.0
+    n_train: int = 2048
+    n_val: int = 512
+    n_test: int = 1024
+    n_probe: int = 256
+    data_seed: int = 0
+    tie_threshold: float = 0.1
+    amplification_tokens: int = 128
+    amplification_eps: list = field(default_factory=lambda: [0.1])
+    adversarial_steps: int = 5
+
+    def __post_init__(self):
+        p = self.SECTION
+        self.methods = _choice_list(f"{p}.methods", self.methods, TRAIN_METHODS)
+        self.seeds = _int_list(f"{p}.seeds", self.seeds, lo=0)
+        self.tuning_seeds = _int_list(f"{p}.tuning_seeds", self.tuning_seeds, lo=0)
+        if set(self.seeds) & set(self.tuning_seeds):
+            _fail(f"{p}.tuning_seeds", f"a list disjoint from planted.seeds {self.seeds}", self.tuning_seeds)
+        self.lr_grid = _float_list(f"{p}.lr_grid", self.lr_grid, lo=0.0, lo_open=True)
+        _schedule(p, self.steps, self.eval_every)
+        _int(f"{p}.batch_size", self.batch_size, lo=1)
+        self.weight_decay = _float(f"{p}.weight_decay", self.weight_decay, lo=0.0)
+        for name in ("d_in", "d_out", "clusters", "teacher_rank", "n_probe", "amplification_tokens"):
+            _int(f"{p}.{name}", getattr(self, name), lo=1, hi=100_000)
+        _expert_split(p, self.rank, self.num_experts)
+        if self.clusters < 2:
+            _fail(f"{p}.clusters", "an int >= 2 (one cluster needs no routing)", self.clusters)
+        for name in ("n_train", "n_val", "n_test"):
+            _int(f"{p}.{name}", getattr(self, name), lo=2, hi=10_000_000)
+        if self.n_probe > self.n_val or self.amplification_tokens > self.n_test:
+            _fail(f"{p}.n_probe", f"at most planted.n_val ({self.n_val}) (and amplification_tokens at most "
+                  f"planted.n_test)", self.n_probe)
+        self.separation = _float(f"{p}.separation", self.separation, lo=0.0)
+        self.noise = _float(f"{p}.noise", self.noise, lo=0.0, lo_open=True)
+        self.scale = _float(f"{p}.scale", self.scale, lo=0.0, lo_open=True)
+        _int(f"{p}.data_seed", self.data_seed, lo=0, hi=2**63 - 1)
+        self.tie_threshold = _float(f"{p}.tie_threshold", self.tie_threshold, lo=0.0, hi=1.0)
+        self.amplification_eps = _float_list(f"{p}.amplification_eps", self.amplification_eps, lo=0.0, lo_open=True)
+        _int(f"{p}.adversarial_steps", self.adversarial_steps, lo=0, hi=1000)
+
+
+@dataclass
 class MarginsConfig(_Section):
     """Declared margins (SPEC §5): the smallest effect that counts as practically relevant, one per
     claim and metric, fixed in the profile before anything runs.  A paired difference whose 95 %
@@ -444,4 +523,4 @@ class MarginsConfig(_Section):
 
 
 SECTIONS = {"perturb": PerturbConfig, "train": TrainConfig, "twins": TwinsConfig, "lm": LMConfig,
-            "margins": MarginsConfig}
+            "planted": PlantedConfig, "margins": MarginsConfig}

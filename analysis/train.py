@@ -71,10 +71,11 @@ from talklora_min.probes import (capture_layer_inputs, gini, load_entropy, pertu
 from . import methods as registry
 from .data import TASKS, task_split
 from .fast_linear import use_onednn_for_frozen_linears
+from .protocol import cosine_schedule, quarter_steps
 from .models import PrefixCache, SentenceClassifier, base_qkv, compute_prefix, load_minilm, minilm_targets
 
 FINAL_EPS = (0.01, 0.1)    # relative perturbation sizes probed on the trained routers
-FINAL_KINDS = ("gaussian_input", "adversarial")
+FINAL_KINDS = ("gaussian_input", "gaussian_block", "adversarial")   # each its own C5 comparison
 ROUTER_PROBE_TOKENS = 256  # tokens per layer for the final Lipschitz / amplification probes
 
 
@@ -319,8 +320,9 @@ def is_routed(model: nn.Module) -> bool:
 def evaluate(model: SentenceClassifier, cache: PrefixCache, labels: Tensor, batch_size: int = 64,
              routing: bool = True) -> tuple[dict, dict[str, dict], Tensor, dict[str, Tensor]]:
     """On every example of ``cache``: model metrics ``{accuracy, loss}`` (loss = mean cross-entropy,
-    nats), per-layer routing metrics, the logits (in ``cache`` order) and the top-1 expert of every
-    token per layer (in a fixed order: examples sorted by length, the batches' padding is the least)."""
+    nats), per-layer routing metrics, the logits (in ``cache`` order) and the gates ``(N_tokens, E)``
+    of every token per layer (in a fixed order: examples sorted by length, the batches' padding is
+    the least)."""
     model.eval()
     device = model.head.weight.device
     order = torch.argsort(cache.lengths, stable=True)
@@ -345,7 +347,7 @@ def evaluate(model: SentenceClassifier, cache: PrefixCache, labels: Tensor, batc
             layers[short_name(name)] = {
                 "gini": gini(load), "gini_normalized": gini(load, normalized=True),
                 "load_entropy": load_entropy(load), "token_entropy": float(token_entropy)}
-            top1[short_name(name)] = rec.top1(name).cpu()
+            top1[short_name(name)] = gates
     return metrics, layers, logits, top1
 
 
@@ -431,49 +433,99 @@ def _frozen_features(path: str, mtime_ns: int, size: int, adapt_top: int) -> Ten
                           for i in range(0, len(cache), 256)])
 
 
-def head_only_cell(seed: int, cfg: dict, exp_dir: Path, task: str, device: str = "cpu") -> list[dict]:
+def head_only_cell(seed: int, cfg: dict, exp_dir: Path, task: str, device: str = "cpu", lr: float | None = None,
+                   tuning: bool = False) -> list[dict]:
     """The no-adapter baseline: the frozen encoder's pooled states never change, so they are computed
     once per process (:func:`_frozen_features`) and only the linear head (CRN init, same batch order,
-    AdamW at ``head_lr``) trains on them — the same function as running the frozen top layer each step."""
+    AdamW at ``lr``, default ``head_lr``, cosine decay) trains on them — the same function as running
+    the frozen top layer each step.  ``tuning``: validation rows only."""
     t0 = time.perf_counter()
     caches, labels = prefix_caches(cfg, exp_dir, task), split_labels(exp_dir, cfg, task)
     feats = {}
     for name in caches:
         feats[name] = _frozen_features(*_file_key(prefix_path(exp_dir, cfg, task, name)), cfg["adapt_top_layers"]).to(device)
     head = crn_head(nn.Linear(feats["train"].shape[1], len(TASKS[task])), seed).to(device)
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg["head_lr"], weight_decay=cfg["weight_decay"])
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg["head_lr"] if lr is None else lr,
+                            weight_decay=cfg["weight_decay"])
+    schedule = cosine_schedule(opt, cfg["steps"])
+    quarter = min(quarter_steps(cfg["steps"]))
+
+    def logits_of(split: str) -> Tensor:
+        with torch.no_grad():
+            return head(feats[split]).cpu()
 
     def metrics(split: str) -> dict:
-        with torch.no_grad():
-            logits = head(feats[split]).cpu()
-        y = labels[split]
+        logits, y = logits_of(split), labels[split]
         return {"accuracy": float((logits.argmax(-1) == y).double().mean()),
                 "loss": float(F.cross_entropy(logits.double(), y))}
 
     rows = eval_rows(0, "val", metrics("val"), {})
-    for index in batch_order(len(caches["train"]), cfg["batch_size"], cfg["steps"], seed):
+    for step, index in enumerate(batch_order(len(caches["train"]), cfg["batch_size"], cfg["steps"], seed), 1):
         loss = F.cross_entropy(head(feats["train"][index]), labels["train"][index].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        schedule.step()
+        if step == quarter and quarter < cfg["steps"]:
+            rows += eval_rows(step, "val", metrics("val"), {})
     last = cfg["steps"]
-    rows += eval_rows(last, "val", metrics("val"), {}) + eval_rows(last, "test", metrics("test"), {})
-    common = dict(step=last, split="test", layer="all", domain="all")
-    rows += [dict(common, metric="trainable_parameters", value=0),
-             dict(common, metric="n_train", value=len(caches["train"])),
-             dict(common, metric="n_test", value=len(caches["test"])),
-             dict(common, metric="wall_seconds", value=time.perf_counter() - t0)]
+    rows += eval_rows(last, "val", metrics("val"), {})
+    if not tuning:
+        rows += eval_rows(last, "test", metrics("test"), {}) + example_rows(last, logits_of("test"), labels["test"])
+        common = dict(step=last, split="test", layer="all", domain="all")
+        rows += [dict(common, metric="trainable_parameters", value=0),
+                 dict(common, metric="closed_form_parameters", value=0),
+                 dict(common, metric="n_train", value=len(caches["train"])),
+                 dict(common, metric="n_test", value=len(caches["test"]))]
+    rows.append(dict(step=last, split="test", layer="all", domain="all", metric="wall_seconds",
+                     value=time.perf_counter() - t0))
     return [dict(r, rank=0) for r in rows]
 
 
+def churn_rows(step: int, previous: dict, current: dict, tie: float) -> list[dict]:
+    """Routing churn between two checkpoints per layer (split ``probe``): ``churn`` = share of tokens
+    whose top-1 expert changed among those whose top-2 gate gap exceeds ``tie`` at both checkpoints
+    (near-ties flip on noise, not on dynamics), ``churn_all`` = the share among all tokens."""
+    rows = []
+    for layer, g1 in current.items():
+        g0 = previous[layer]
+        changed = g0.argmax(-1) != g1.argmax(-1)
+        if g1.shape[-1] > 1:
+            top0, top1 = g0.topk(2, dim=-1).values, g1.topk(2, dim=-1).values
+            decided = ((top0[:, 0] - top0[:, 1]) > tie) & ((top1[:, 0] - top1[:, 1]) > tie)
+        else:
+            decided = torch.ones_like(changed)
+        share = float(changed[decided].double().mean()) if decided.any() else 0.0
+        rows += [dict(step=step, split="probe", layer=layer, domain="all", metric="churn", value=share),
+                 dict(step=step, split="probe", layer=layer, domain="all", metric="churn_all",
+                      value=float(changed.double().mean())),
+                 dict(step=step, split="probe", layer=layer, domain="all", metric="decided_share",
+                      value=float(decided.double().mean()))]
+    return rows
+
+
+def example_rows(step: int, logits: Tensor, labels: Tensor) -> list[dict]:
+    """Per held-out example (column ``example``): ``example_loss`` (cross-entropy, nats) and
+    ``example_correct`` (0/1) — for paired per-example tests where seed-level variance vanishes."""
+    losses = F.cross_entropy(logits.double(), labels.cpu(), reduction="none")
+    correct = (logits.argmax(-1) == labels.cpu()).double()
+    return [dict(step=step, split="test", layer="all", domain="all", metric=m, example=i, value=float(v))
+            for m, values in (("example_loss", losses), ("example_correct", correct))
+            for i, v in enumerate(values.tolist())]
+
+
 def train_cell(method: str, seed: int, cfg: dict, exp_dir: str, task: str = "sentiment",
-               budget: int | None = None, device: str = "cpu") -> list[dict]:
+               budget: int | None = None, device: str = "cpu", lr: float | None = None,
+               tuning: bool = False) -> list[dict]:
     """One training run of ``method`` on ``task`` (see module docstring for the rows).  ``budget``:
-    a C7 cell — TalkLoRA-official at rank ``budget`` and every other method at :func:`matched_rank`."""
+    a C7 cell — the reference at rank ``budget`` and every other method at :func:`matched_rank`.
+    ``lr``: the adapter learning rate (default ``cfg["lr"]``; the no-adapter baseline's head lr,
+    default ``cfg["head_lr"]``), decayed with a cosine schedule.  ``tuning``: the lr-selection run —
+    validation rows only (no test split, router probes or saved adapter)."""
     exp_dir = Path(exp_dir)
     spec = registry.method(method)
     if spec.adapter is None and budget is None:
-        return head_only_cell(seed, cfg, exp_dir, task, device)
+        return head_only_cell(seed, cfg, exp_dir, task, device, lr=lr, tuning=tuning)
     t0 = time.perf_counter()
     encoder = frozen_encoder()
     caches = prefix_caches(cfg, exp_dir, task)
@@ -484,7 +536,8 @@ def train_cell(method: str, seed: int, cfg: dict, exp_dir: str, task: str = "sen
                                else matched_rank(method, budget, cfg))
         gap = 0.0 if count is None else count / target - 1
     model = build_model(method, seed, cfg, encoder, len(TASKS[task]), rank).to(device)
-    opt = optimizer_for(model, "adamw", cfg["lr"], cfg["head_lr"], cfg["weight_decay"])
+    opt = optimizer_for(model, "adamw", cfg["lr"] if lr is None else lr, cfg["head_lr"], cfg["weight_decay"])
+    schedule = cosine_schedule(opt, cfg["steps"])
     probe_at = probe_index(len(caches["val"]), cfg["n_probe"])
     probe = caches["val"].select(probe_at)
     main = budget is None                  # budget cells: test metrics and counts only (C7)
@@ -492,44 +545,53 @@ def train_cell(method: str, seed: int, cfg: dict, exp_dir: str, task: str = "sen
     start = effective_routers(model)
 
     def checkpoint(step: int, previous: dict | None) -> dict:
-        _, layers, _, top1 = evaluate(model, probe, labels["val"][probe_at])
+        _, layers, _, gates = evaluate(model, probe, labels["val"][probe_at])
         rows.extend(eval_rows(step, "probe", {}, layers, keep=("gini", "load_entropy")))
         if previous is not None:
-            rows.extend(dict(step=step, split="probe", layer=k, domain="all", metric="churn",
-                             value=float((top1[k] != previous[k]).double().mean())) for k in top1)
-        return top1
+            rows.extend(churn_rows(step, previous, gates, cfg["tie_threshold"]))
+        return gates
 
-    top1 = checkpoint(0, None) if is_routed(model) and main else None
+    gates = checkpoint(0, None) if is_routed(model) and main else None
+    quarter = min(quarter_steps(cfg["steps"]))
     torch.manual_seed(int(crn_generator(seed, "dropout").initial_seed()))    # CRN dropout masks
     for step, index in enumerate(batch_order(len(caches["train"]), cfg["batch_size"], cfg["steps"], seed), 1):
         train_step(model, opt, caches["train"], labels["train"], index, spec.aux_weight)
-        if top1 is not None and (step % cfg["eval_every"] == 0 or step == cfg["steps"]):
-            top1 = checkpoint(step, top1)
+        schedule.step()
+        if gates is not None and (step % cfg["eval_every"] == 0 or step == cfg["steps"]):
+            gates = checkpoint(step, gates)
+        if main and step == quarter and quarter < cfg["steps"]:       # the flattening check
+            rows.extend(eval_rows(step, "val", evaluate(model, caches["val"], labels["val"], routing=False)[0], {}))
     last = cfg["steps"]
     if main:
         rows += eval_rows(last, "val", *evaluate(model, caches["val"], labels["val"])[:2])
-    rows += eval_rows(last, "test", *evaluate(model, caches["test"], labels["test"])[:2])
     rows += movement_rows(last, start, effective_routers(model))
-    common = dict(step=last, split="test", layer="all", domain="all")
-    rows += [dict(common, metric="trainable_parameters",
-                  value=count_parameters(model) - sum(p.numel() for p in model.head.parameters())),
-             dict(common, metric="closed_form_parameters", value=method_parameters(method, rank, cfg)),
-             dict(common, metric="n_train", value=len(caches["train"])),
-             dict(common, metric="n_test", value=len(caches["test"]))]
-    if gap is not None:
-        rows.append(dict(common, metric="budget_gap", value=gap))
-    if is_routed(model) and main:
-        rows += router_rows(model, caches["test"], seed)
-    if spec.adapter is not None and main:
-        save_adapter(model, exp_dir / "adapters" / f"{task}-{method}-seed{seed}",
-                     adapter_config(method, cfg, model.num_layers, rank))
-    rows.append(dict(common, metric="wall_seconds", value=time.perf_counter() - t0))
+    if not tuning:
+        metrics, layers, logits, _ = evaluate(model, caches["test"], labels["test"])
+        rows += eval_rows(last, "test", metrics, layers)
+        if main:
+            rows += example_rows(last, logits, labels["test"])
+        common = dict(step=last, split="test", layer="all", domain="all")
+        rows += [dict(common, metric="trainable_parameters",
+                      value=count_parameters(model) - sum(p.numel() for p in model.head.parameters())),
+                 dict(common, metric="closed_form_parameters", value=method_parameters(method, rank, cfg)),
+                 dict(common, metric="n_train", value=len(caches["train"])),
+                 dict(common, metric="n_test", value=len(caches["test"]))]
+        if gap is not None:
+            rows.append(dict(common, metric="budget_gap", value=gap))
+        if is_routed(model) and main:
+            rows += router_rows(model, caches["test"], seed)
+        if spec.adapter is not None and main:
+            save_adapter(model, exp_dir / "adapters" / f"{task}-{method}-seed{seed}",
+                         adapter_config(method, cfg, model.num_layers, rank))
+    rows.append(dict(step=last, split="test", layer="all", domain="all", metric="wall_seconds",
+                     value=time.perf_counter() - t0))
     for r in rows:
         r["rank"] = 0 if spec.adapter is None else rank
     return rows
 
 
-SWEEP_KEYS = ("tasks", "methods", "extra_methods", "seeds", "budget_ranks", "budget_methods", "budget_tasks")
+SWEEP_KEYS = ("tasks", "methods", "extra_methods", "seeds", "budget_ranks", "budget_methods", "budget_tasks",
+              "tuning_seeds", "lr_grid", "head_lr_grid")
 
 
 def cell_settings(cfg: dict) -> dict:
@@ -557,15 +619,27 @@ def run(config, *, results_dir="results", workers: int = 1, executor=None, force
     for task in cfg["tasks"]:
         prefix_caches(cfg, exp_dir, task)          # once, in this process, before the cells fan out
     params = dict(cfg=cell_settings(cfg), exp_dir=str(exp_dir), device=device)
-    cells = [Cell(train_cell, dict(task=t, method=m, seed=s), params)
-             for i, t in enumerate(cfg["tasks"])
-             for m in cfg["methods"] + (cfg["extra_methods"] if i == 0 else []) for s in cfg["seeds"]]
+    runs = [(t, m) for i, t in enumerate(cfg["tasks"]) for m in cfg["methods"] + (cfg["extra_methods"] if i == 0 else [])]
+    lrs = tuned_lrs(runs, cfg, params, results_dir=results_dir, workers=workers, executor=executor, force=force,
+                    config=config)
+    cells = [Cell(train_cell, dict(task=t, method=m, seed=s), dict(params, lr=lrs[(t, m)]))
+             for t, m in runs for s in cfg["seeds"]]
     result = run_sweep("train", cells, results_dir=results_dir, workers=workers, executor=executor,
                        force=force, config=config)
-    budget = [Cell(train_cell, dict(task=t, method=m, seed=s, budget=r), params)
+    budget = [Cell(train_cell, dict(task=t, method=m, seed=s, budget=r), dict(params, lr=lrs[(t, m)]))
               for t in cfg["budget_tasks"] for r in cfg["budget_ranks"] for m in cfg["budget_methods"]
-              for s in cfg["seeds"]]
+              for s in cfg["seeds"] if (t, m) in lrs]
     if budget:
         run_sweep("train_budget", budget, results_dir=results_dir, workers=workers, executor=executor,
                   force=force, config=config)
     return result
+
+
+def tuned_lrs(runs, cfg: dict, params: dict, **sweep) -> dict[tuple[str, str], float]:
+    """``{(task, method): lr}`` selected on the validation split (:mod:`analysis.protocol`): adapter
+    methods over ``train.lr_grid``, the no-adapter baseline (its head) over ``train.head_lr_grid``."""
+    from .protocol import run_tuning
+
+    keys = [(dict(task=t, method=m), cfg["lr_grid"] if registry.method(m).adapter is not None else cfg["head_lr_grid"])
+            for t, m in runs]
+    return run_tuning("train", train_cell, keys, cfg["tuning_seeds"], params, **sweep)

@@ -10,6 +10,7 @@ from torch import nn
 
 from analysis import methods as registry
 from analysis import perturb, train, twins
+from analysis.protocol import cosine_schedule
 from analysis.config import load_profile
 from talklora_min import MoELoRALinear, adapter_layers
 
@@ -317,13 +318,18 @@ def test_head_only_cell_trains_the_head_on_the_frozen_model(tmp_path):
     labels = train.split_labels(tmp_path, cfg, "topic")
     model = train.build_model("head-only", 3, cfg, train.frozen_encoder(), num_labels=5).eval()
     opt = train.optimizer_for(model, "adamw", cfg["lr"], cfg["head_lr"], cfg["weight_decay"])
+    schedule = cosine_schedule(opt, cfg["steps"])
     for index in train.batch_order(len(caches["train"]), cfg["batch_size"], cfg["steps"], 3):
         loss = torch.nn.functional.cross_entropy(model.forward_top(*caches["train"].batch(index)), labels["train"][index])
         opt.zero_grad()
         loss.backward()
         opt.step()
+        schedule.step()
     with torch.no_grad():
         logits = model.forward_top(*caches["test"].batch(torch.arange(len(caches["test"]))))
-    got = rows[(rows.split == "test") & (rows.step == cfg["steps"])].set_index("metric").value
+    test = rows[(rows.split == "test") & (rows.step == cfg["steps"])]
+    got = test[test.metric.isin(["accuracy", "loss"])].set_index("metric").value
+    per_example = test[test.metric == "example_correct"].sort_values("example").value.to_numpy()
+    assert per_example.tolist() == (logits.argmax(-1) == labels["test"]).double().tolist()
     assert got["accuracy"] == pytest.approx(float((logits.argmax(-1) == labels["test"]).double().mean()))
     assert got["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits.double(), labels["test"])), rel=1e-5)
