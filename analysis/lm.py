@@ -23,9 +23,12 @@ random numbers: for a seed, every method draws identical ``A, C`` and router in 
 layer); the batch order depends on the seed only (:func:`init_adapters`).  The scale-matched
 control and the function-matched twin start from the reference's T of the same seed and layer.
 
-Rows (the cell adds ``method, seed``): ``step, split, layer, domain, metric, value``.
-``split = "test"`` (held out), ``layer = "all"`` for model-level rows, ``domain`` in
-``movie|news|math|all``.
+Rows (the cell adds ``method, seed``, the tuning sweep ``lm_tuning`` also ``lr``): ``step, split,
+layer, domain, metric, value``.  ``split = "test"`` (held out; in the tuning sweep the routing rows
+are on ``"val"`` instead), ``"val"`` (validation loss at 3/4 of the run and at the end, the lr
+selection and flattening check), ``layer = "all"`` for model-level rows, ``domain`` in
+``movie|news|math|all``.  Each method trains at its lr selected on validation
+(:mod:`analysis.protocol`), decayed with a cosine schedule.
 
 * ``loss`` — token-weighted mean causal-LM loss (nats) over *every* held-out text, per domain and
   ``all``, at the last step (``loss_every_eval``: at every checkpoint);  ``tokens`` — the number
@@ -34,9 +37,10 @@ Rows (the cell adds ``method, seed``): ``step, split, layer, domain, metric, val
   (padding excluded) at every checkpoint (steps 0, eval_every, ..., steps): ``gini``,
   ``gini_normalized``, ``load_entropy`` (soft load), ``token_entropy`` (mean normalised per-token
   gate entropy), ``domain_expert_mi_bits`` (plug-in mutual information between a token's domain and
-  its top-1 expert, bits; max log2 3), and from the second checkpoint on ``top1_churn`` — the
-  fraction of the same held-out tokens whose top-1 expert changed since the previous checkpoint
-  (claim C12).
+  its top-1 expert, bits; max log2 3), and from the second checkpoint on ``churn`` — the
+  fraction of the same held-out tokens whose top-1 expert changed since the previous checkpoint,
+  among those whose top-2 gate gap exceeds ``tie_threshold`` at both (claim C12) — and ``churn_all``
+  (every token).
 * ``train_loss`` (``split = "train"``, every step), ``trainable_parameters`` (tied tensors once),
   ``step_seconds`` (median wall time of a training step), ``wall_seconds`` and ``cpu_seconds``
   (process CPU time: on a shared machine the budget is better judged from it than from wall time).
@@ -66,6 +70,7 @@ from .data import bbc_articles, load_movie_reviews, pack_file
 from .fast_linear import use_onednn_for_frozen_linears
 from .models import PrefixCache, load_smollm
 from . import methods as registry
+from .protocol import cosine_schedule, quarter_steps, run_tuning
 from .train import batch_order
 
 DOMAINS = ("movie", "news", "math")
@@ -102,19 +107,26 @@ def load_domains() -> dict[str, pd.DataFrame]:
     return out
 
 
-def make_lm_split(n_train: int, n_test: int, seed: int = 0) -> pd.DataFrame:
-    """``n_train`` + ``n_test`` texts per domain, drawn without replacement (seeded); columns
-    ``id, text, domain, domain_name, split``; rows ordered by split, then domain."""
+SPLITS = ("train", "val", "test")
+
+
+def make_lm_split(n_train: int, n_val: int, n_test: int, seed: int = 0) -> pd.DataFrame:
+    """``n_train`` + ``n_val`` + ``n_test`` texts per domain, drawn without replacement (seeded);
+    columns ``id, text, domain, domain_name, split``; rows ordered by split, then domain."""
     parts = []
+    sizes = dict(train=n_train, val=n_val, test=n_test)
     for d, (name, df) in enumerate(load_domains().items()):
-        if n_train + n_test > len(df):
-            raise ValueError(f"domain {name!r} has {len(df)} texts but n_train + n_test = "
-                             f"{n_train + n_test} were requested: lower lm.n_train / lm.n_test")
-        picked = df.iloc[np.random.default_rng([seed, d]).permutation(len(df))[:n_train + n_test]]
-        parts.append(picked.iloc[:n_train].assign(split="train", domain=d, domain_name=name))
-        parts.append(picked.iloc[n_train:].assign(split="test", domain=d, domain_name=name))
+        total = sum(sizes.values())
+        if total > len(df):
+            raise ValueError(f"domain {name!r} has {len(df)} texts but n_train + n_val + n_test = {total} "
+                             "were requested: lower lm.n_train / lm.n_val / lm.n_test")
+        picked = df.iloc[np.random.default_rng([seed, d]).permutation(len(df))[:total]]
+        start = 0
+        for split, n in sizes.items():
+            parts.append(picked.iloc[start:start + n].assign(split=split, domain=d, domain_name=name))
+            start += n
     out = pd.concat(parts, ignore_index=True)
-    out = out.assign(_o=out["split"].map({"train": 0, "test": 1})).sort_values(["_o", "domain"], kind="stable")
+    out = out.assign(_o=out["split"].map(SPLITS.index)).sort_values(["_o", "domain"], kind="stable")
     return out.drop(columns="_o").reset_index(drop=True)
 
 
@@ -352,8 +364,10 @@ def held_out_routing(model, first: int, cache: PrefixCache, domains: Tensor,
     return gates
 
 
-def routing_rows(step: int, gates: dict[str, Tensor], previous: dict[str, Tensor] | None) -> list[dict]:
-    """Load / specialisation / churn rows of one checkpoint (module docstring)."""
+def routing_rows(step: int, gates: dict[str, Tensor], previous: dict[str, Tensor] | None, tie: float = 0.0,
+                 split: str = "test") -> list[dict]:
+    """Load / specialisation / churn rows of one checkpoint (module docstring).  ``churn`` counts only
+    the tokens whose top-2 gate gap exceeds ``tie`` at both checkpoints; ``churn_all`` every token."""
     domain = gates["_domain"]
     per_layer = {}
     for layer, g in gates.items():
@@ -366,29 +380,35 @@ def routing_rows(step: int, gates: dict[str, Tensor], previous: dict[str, Tensor
                   "token_entropy": float((-(g * g.clamp_min(1e-300).log()).sum(-1) / math.log(E)).mean()),
                   "domain_expert_mi_bits": mutual_information_bits(domain, g.argmax(-1), len(DOMAINS), E)}
         if previous is not None:
-            values["top1_churn"] = float((g.argmax(-1) != previous[layer].argmax(-1)).double().mean())
+            g0 = previous[layer]
+            changed = g.argmax(-1) != g0.argmax(-1)
+            gap = lambda t: t.topk(2, dim=-1).values.diff(dim=-1).neg().squeeze(-1)
+            decided = (gap(g) > tie) & (gap(g0) > tie)
+            values["churn"] = float(changed[decided].double().mean()) if decided.any() else 0.0
+            values["churn_all"] = float(changed.double().mean())
         per_layer[layer] = values
-    rows = [dict(step=step, split="test", layer=layer, domain="all", metric=k, value=v)
+    rows = [dict(step=step, split=split, layer=layer, domain="all", metric=k, value=v)
             for layer, values in per_layer.items() for k, v in values.items()]
     if per_layer:
         for k in next(iter(per_layer.values())):
-            rows.append(dict(step=step, split="test", layer="mean", domain="all", metric=k,
+            rows.append(dict(step=step, split=split, layer="mean", domain="all", metric=k,
                              value=float(np.mean([v[k] for v in per_layer.values()]))))
     return rows
 
 
-def loss_rows(step: int, losses: dict[str, tuple[float, int]]) -> list[dict]:
+def loss_rows(step: int, losses: dict[str, tuple[float, int]], split: str = "test") -> list[dict]:
     rows = []
     for domain, (loss, n) in losses.items():
-        rows += [dict(step=step, split="test", layer="all", domain=domain, metric="loss", value=loss),
-                 dict(step=step, split="test", layer="all", domain=domain, metric="tokens", value=float(n))]
+        rows += [dict(step=step, split=split, layer="all", domain=domain, metric="loss", value=loss),
+                 dict(step=step, split=split, layer="all", domain=domain, metric="tokens", value=float(n))]
     return rows
 
 
 # ----------------------------------------------------------------------------- cells
 def prefix_paths(exp_dir: Path, cfg: dict) -> dict[str, Path]:
-    tag = f"top{cfg['adapt_top_layers']}_len{cfg['max_length']}_n{cfg['n_train']}-{cfg['n_test']}_s{cfg['split_seed']}"
-    return {split: exp_dir / f"prefix_{split}_{tag}.safetensors" for split in ("train", "test")}
+    tag = (f"top{cfg['adapt_top_layers']}_len{cfg['max_length']}_n{cfg['n_train']}-{cfg['n_val']}-{cfg['n_test']}"
+           f"_s{cfg['split_seed']}")
+    return {split: exp_dir / f"prefix_{split}_{tag}.safetensors" for split in SPLITS}
 
 
 def prepare_prefix(cfg: dict, exp_dir: str | Path, device: str = "cpu") -> dict[str, tuple[PrefixCache, Tensor, Tensor]]:
@@ -400,7 +420,7 @@ def prepare_prefix(cfg: dict, exp_dir: str | Path, device: str = "cpu") -> dict[
     from .results import atomic_path
 
     exp_dir = Path(exp_dir)
-    split = make_lm_split(cfg["n_train"], cfg["n_test"], cfg["split_seed"])
+    split = make_lm_split(cfg["n_train"], cfg["n_val"], cfg["n_test"], cfg["split_seed"])
     out, model = {}, None
     for name, path in prefix_paths(exp_dir, cfg).items():
         part = split[split["split"] == name]
@@ -431,34 +451,40 @@ def _cache_on(cache: PrefixCache, device) -> PrefixCache:
     return PrefixCache(cache.hidden.to(device), cache.offsets, cache.ids)
 
 
-def lm_cell(method: str, seed: int, cfg: dict, exp_dir: str, device: str = "cpu") -> list[dict]:
+def lm_cell(method: str, seed: int, cfg: dict, exp_dir: str, device: str = "cpu", lr: float | None = None,
+            tuning: bool = False) -> list[dict]:
     """One causal-LM training run (rows: module docstring).  ``method = "base"``: no adapters, no
-    training — the frozen model's held-out loss (= every method's step-0 loss, since B = 0)."""
+    training — the frozen model's held-out loss (= every method's step-0 loss, since B = 0).  ``lr``:
+    the tuned learning rate (default ``cfg["lr"]``), decayed with a cosine schedule.  ``tuning``: the
+    lr-selection run — validation rows only (routing and churn on the validation tokens)."""
     t_start, cpu_start = time.perf_counter(), time.process_time()
     data = prepare_prefix(cfg, exp_dir)
-    (train_cache, train_tokens, _), (test_cache, test_tokens, test_domains) = data["train"], data["test"]
-    test_cache, train_cache = _cache_on(test_cache, device), _cache_on(train_cache, device)
+    caches = {split: (_cache_on(c, device), tokens, domains) for split, (c, tokens, domains) in data.items()}
+    train_cache, train_tokens, _ = caches["train"]
     if method == "base":
         model = load_smollm_top(cfg["adapt_top_layers"])[0].to(device)
-        return loss_rows(0, held_out_loss(model, test_cache, test_tokens, test_domains))
+        return [r for split in ("val", "test") for r in loss_rows(0, held_out_loss(model, *caches[split]), split)]
     model, first = build_lm(method, seed, cfg["adapt_top_layers"], cfg["rank"], cfg["num_experts"], cfg["dropout"])
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    opt = torch.optim.AdamW(params, lr=cfg["lr"] if lr is None else lr, weight_decay=cfg["weight_decay"])
+    schedule = cosine_schedule(opt, cfg["steps"])
     spec = registry.method(method)
     routed = spec.routed
+    watched = "val" if tuning else "test"          # where routing, balance and churn are measured
     rows = [dict(step=0, split="train", layer="all", domain="all", metric="trainable_parameters",
                  value=float(count_parameters(model, True)))]
 
-    def checkpoint(step: int, previous, with_loss: bool):
-        out = loss_rows(step, held_out_loss(model, test_cache, test_tokens, test_domains)) if with_loss else []
+    def checkpoint(step: int, previous):
         if not routed:
-            return out, None
-        gates = {k: v.cpu() for k, v in held_out_routing(model, first, test_cache, test_domains).items()}
-        return out + routing_rows(step, gates, previous), gates
+            return [], None
+        cache, _, domains = caches[watched]
+        gates = {k: v.cpu() for k, v in held_out_routing(model, first, cache, domains).items()}
+        return routing_rows(step, gates, previous, cfg["tie_threshold"], watched), gates
 
-    new, previous = checkpoint(0, None, False)               # step-0 loss: the "base" cell
+    new, previous = checkpoint(0, None)               # step-0 loss: the "base" cell
     rows += new
+    check = quarter_steps(cfg["steps"])
     torch.manual_seed(seed)                      # dropout masks: the same stream for every method
     step_times = []
     for step, index in enumerate(batch_order(len(train_cache), cfg["batch_size"], cfg["steps"], seed), 1):
@@ -471,12 +497,19 @@ def lm_cell(method: str, seed: int, cfg: dict, exp_dir: str, device: str = "cpu"
         opt.zero_grad(set_to_none=True)
         (loss + spec.aux_weight * aux if torch.is_tensor(aux) else loss).backward()
         opt.step()
+        schedule.step()
         step_times.append(time.perf_counter() - t0)
         rows.append(dict(step=step, split="train", layer="all", domain="all", metric="train_loss",
                          value=loss.item()))
+        if step in check:
+            rows += loss_rows(step, held_out_loss(model, *caches["val"]), "val")
         if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
-            new, previous = checkpoint(step, previous, cfg["loss_every_eval"] or step == cfg["steps"])
+            new, previous = checkpoint(step, previous)
             rows += new
+        if not tuning and cfg["loss_every_eval"] and step % cfg["eval_every"] == 0 and step != cfg["steps"]:
+            rows += loss_rows(step, held_out_loss(model, *caches["test"]))
+    if not tuning:
+        rows += loss_rows(cfg["steps"], held_out_loss(model, *caches["test"]))
     rows += [dict(step=cfg["steps"], split="train", layer="all", domain="all", metric="step_seconds",
                   value=float(np.median(step_times))),
              dict(step=cfg["steps"], split="train", layer="all", domain="all", metric="wall_seconds",
@@ -495,10 +528,14 @@ def run(config, *, results_dir="results", workers: int = 1, executor=None, force
     cfg = config.lm.to_dict()
     store = ResultStore("lm", results_dir)
     prepare_prefix(cfg, store.path, device)
-    run_cfg = {k: v for k, v in cfg.items() if k not in ("methods", "seeds")}
+    run_cfg = {k: v for k, v in cfg.items() if k not in ("methods", "seeds", "tuning_seeds", "lr_grid")}
     params = dict(cfg=run_cfg, exp_dir=str(store.path), **({} if device == "cpu" else {"device": device}))
-    base_cfg = {k: run_cfg[k] for k in ("adapt_top_layers", "max_length", "n_train", "n_test", "split_seed")}
+    lrs = run_tuning("lm", lm_cell, [(dict(method=m), cfg["lr_grid"]) for m in cfg["methods"]], cfg["tuning_seeds"],
+                     params, results_dir=results_dir, workers=workers, executor=executor, force=force, config=config,
+                     by=("method",))
+    base_cfg = {k: run_cfg[k] for k in ("adapt_top_layers", "max_length", "n_train", "n_val", "n_test", "split_seed")}
     cells = [Cell(lm_cell, dict(method="base", seed=-1), {**params, "cfg": base_cfg})]
-    cells += [Cell(lm_cell, dict(method=m, seed=s), params) for s in cfg["seeds"] for m in cfg["methods"]]
+    cells += [Cell(lm_cell, dict(method=m, seed=s), dict(params, lr=lrs[(m,)])) for s in cfg["seeds"]
+              for m in cfg["methods"]]
     return run_sweep("lm", cells, results_dir=results_dir, workers=workers, executor=executor,
                      force=force, config=config)

@@ -387,6 +387,7 @@ class LMConfig(_Section):
     max_length: int = 64
     adapt_top_layers: int = 4
     n_train: int = 400
+    n_val: int = 30
     n_test: int = 50
     split_seed: int = 0
     lr: float = 3e-4
@@ -395,6 +396,9 @@ class LMConfig(_Section):
     num_experts: int = 4
     dropout: float = 0.05
     loss_every_eval: bool = False
+    tuning_seeds: list = field(default_factory=lambda: [100])
+    lr_grid: list = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
+    tie_threshold: float = 0.1
 
     def __post_init__(self):
         p = self.SECTION
@@ -405,10 +409,11 @@ class LMConfig(_Section):
         _int(f"{p}.max_length", self.max_length, lo=2, hi=2048)
         _int(f"{p}.adapt_top_layers", self.adapt_top_layers, lo=1, hi=SMOLLM_LAYERS)
         _int(f"{p}.n_train", self.n_train, lo=1)
+        _int(f"{p}.n_val", self.n_val, lo=1)
         _int(f"{p}.n_test", self.n_test, lo=1)
-        if self.n_train + self.n_test > LM_MAX_TEXTS:
-            _fail(f"{p}.n_test", f"an int with lm.n_train + lm.n_test <= {LM_MAX_TEXTS} (GSM8K has "
-                  f"{LM_MAX_TEXTS} problems; n_train = {self.n_train})", self.n_test)
+        if self.n_train + self.n_val + self.n_test > LM_MAX_TEXTS:
+            _fail(f"{p}.n_test", f"an int with lm.n_train + lm.n_val + lm.n_test <= {LM_MAX_TEXTS} (GSM8K has "
+                  f"{LM_MAX_TEXTS} problems; n_train = {self.n_train}, n_val = {self.n_val})", self.n_test)
         _int(f"{p}.split_seed", self.split_seed, lo=0)
         self.lr = _float(f"{p}.lr", self.lr, lo=0.0, lo_open=True)
         self.weight_decay = _float(f"{p}.weight_decay", self.weight_decay, lo=0.0)
@@ -416,6 +421,11 @@ class LMConfig(_Section):
         self.dropout = _float(f"{p}.dropout", self.dropout, lo=0.0, hi=0.99)
         if not isinstance(self.loss_every_eval, bool):
             _fail(f"{p}.loss_every_eval", "a bool", self.loss_every_eval)
+        self.tuning_seeds = _int_list(f"{p}.tuning_seeds", self.tuning_seeds, lo=0)
+        if set(self.seeds) & set(self.tuning_seeds):
+            _fail(f"{p}.tuning_seeds", f"a list disjoint from lm.seeds {self.seeds}", self.tuning_seeds)
+        self.lr_grid = _float_list(f"{p}.lr_grid", self.lr_grid, lo=0.0, lo_open=True)
+        self.tie_threshold = _float(f"{p}.tie_threshold", self.tie_threshold, lo=0.0, hi=1.0)
 
 
 @dataclass
