@@ -63,7 +63,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from talklora_min import AdapterConfig, adapter_layers, auxiliary_loss, count_parameters, inject
-from talklora_min.layers import absorbed_router
 from talklora_min.probes import gini, load_entropy, record_routing
 
 from .data import bbc_articles, load_movie_reviews, pack_file
@@ -71,7 +70,7 @@ from .fast_linear import use_onednn_for_frozen_linears
 from .models import PrefixCache, load_smollm
 from . import methods as registry
 from .protocol import cosine_schedule, quarter_steps, run_tuning
-from .train import batch_order
+from .train import batch_order, certified_ratios, router_start
 
 DOMAINS = ("movie", "news", "math")
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
@@ -273,12 +272,7 @@ def init_adapters(model, method: str, seed: int) -> None:
                 if hasattr(layer, "T") and getattr(layer, "talk_structure", "full") == "full" \
                         and layer.talk_init == "official":
                     w["T"] = T
-                if spec.router_init == "scale-matched":
-                    W_r = W_r * (torch.linalg.matrix_norm(absorbed_router(W_r, T, m), ord=2)
-                                 / torch.linalg.matrix_norm(W_r, ord=2))
-                elif spec.router_init == "function-matched":
-                    W_r = absorbed_router(W_r, T, m)
-                w["W_r"] = W_r
+                w["W_r"] = router_start(spec.router_init, W_r, T, m, w["A"])
         for key, value in w.items():
             getattr(layer, key).copy_(value.to(dtype))
         layer.B.zero_()
@@ -510,6 +504,8 @@ def lm_cell(method: str, seed: int, cfg: dict, exp_dir: str, device: str = "cpu"
             rows += loss_rows(step, held_out_loss(model, *caches["test"]))
     if not tuning:
         rows += loss_rows(cfg["steps"], held_out_loss(model, *caches["test"]))
+    rows += [dict(step=cfg["steps"], split="weights", layer=short_name(name, first), domain="all",
+                  metric="certified_ratio", value=v) for name, v in certified_ratios(model).items()]
     rows += [dict(step=cfg["steps"], split="train", layer="all", domain="all", metric="step_seconds",
                   value=float(np.median(step_times))),
              dict(step=cfg["steps"], split="train", layer="all", domain="all", metric="wall_seconds",

@@ -22,6 +22,8 @@ ROUTER_INITS = {
     "scale-matched": "W_r' = W_r · ‖W_r (T ⊗ I_m)‖₂ / ‖W_r‖₂: TalkLoRA-official's router scale, no communication",
     "function-matched": "W' = W_r (T ⊗ I_m) (talk absorption, docs/method.md §3): the same function as "
                         "TalkLoRA-official at step 0, without T",
+    "centred-matched": "W_r' = W_r · ‖P W_r (T ⊗ I_m) A‖₂ / ‖P W_r A‖₂, P = I − J/E: the reference's centred "
+                       "router map w.r.t. the input (what sets its sensitivity to x), no communication",
 }
 
 # Tags the claims and figures select methods by.
@@ -33,6 +35,7 @@ TAGS = {
     "talk": "has a Talking Module T",
     "function-matched": "the function-matched twin of the reference (same function at step 0, no T)",
     "scale-matched": "the scale-matched control of the reference (same ‖W_eff‖₂ at step 0, no T)",
+    "centred-matched": "the control matched on the centred router map (I − J/E) W_eff A at step 0, no T",
     "isolates-communication": "differs from the reference only by the communication (same A, C, B, W_r stream)",
     "input-router": "routes on the token x instead of the code h",
     "balance-loss": "trained with an auxiliary balance loss",
@@ -121,6 +124,9 @@ METHODS: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
     Method("moelora-code-scaled", "scale-matched control", "#ff7f0e", "<", _CODE, router_init="scale-matched",
            tags={"routed", "scale-matched", "isolates-communication"},
            description="MoELoRA-code with W_r rescaled to TalkLoRA-official's ‖W_r(T⊗I)‖₂"),
+    Method("moelora-code-centred", "centred-map-matched control", "#bc80bd", ">", _CODE, router_init="centred-matched",
+           tags={"routed", "centred-matched", "isolates-communication"},
+           description="MoELoRA-code with W_r rescaled to TalkLoRA-official's ‖(I − J/E) W_r(T⊗I) A‖₂ (C5 control)"),
     Method("moelora-twin", "function-matched twin", "#2ca02c", "h", _CODE, router_init="function-matched",
            tags={"routed", "function-matched", "isolates-communication", "twin-arm"},
            description="MoELoRA-code with W' = W_r(T⊗I): TalkLoRA-official's function at step 0, no T"),

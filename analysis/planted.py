@@ -94,14 +94,26 @@ def build(method: str, seed: int, cfg: dict, W0: Tensor) -> Student:
     return net
 
 
-def method_parameters(method: str, cfg: dict) -> int:
+def method_parameters(method: str, cfg: dict, rank: int | None = None) -> int:
+    """Closed-form trainable parameters of ``method`` at ``rank`` (default ``cfg["rank"]``)."""
     spec = registry.method(method)
     if spec.adapter is None:
         return 0
     kw = spec.adapter_kwargs()
     talk = {k: kw[k] for k in ("talk_structure", "talk_groups", "talk_bandwidth", "talk_rank") if k in kw}
-    return closed_form_parameters(kw["kind"], cfg["rank"], cfg["num_experts"], [("proj", cfg["d_in"], cfg["d_out"])],
-                                  router_input=kw.get("router_input", "code"), **talk)
+    return closed_form_parameters(kw["kind"], rank or cfg["rank"], cfg["num_experts"],
+                                  [("proj", cfg["d_in"], cfg["d_out"])], router_input=kw.get("router_input", "code"),
+                                  **talk)
+
+
+def matched_rank(method: str, reference_rank: int, cfg: dict) -> tuple[int, float]:
+    """``(rank, gap)``: the rank (a multiple of E for routed methods) whose closed-form count is
+    closest to the reference method's at ``reference_rank``, and the relative count gap."""
+    target = method_parameters(registry.reference(), cfg, reference_rank)
+    step = cfg["num_experts"] if registry.method(method).routed else 1
+    rank = min(range(step, 4 * reference_rank + 1, step),
+               key=lambda r: (abs(method_parameters(method, cfg, r) - target), r))
+    return rank, method_parameters(method, cfg, rank) / target - 1
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -145,10 +157,17 @@ def churn(previous: Tensor, current: Tensor, tie: float) -> tuple[float, float]:
     return share, float(changed.double().mean())
 
 
-def planted_cell(method: str, seed: int, cfg: dict, lr: float | None = None, tuning: bool = False) -> list[dict]:
+def planted_cell(method: str, seed: int, cfg: dict, lr: float | None = None, tuning: bool = False,
+                 budget: int | None = None) -> list[dict]:
     """One run of ``method`` (rows: module docstring).  ``lr``: the adapter learning rate (the tuned
-    one in the evaluation sweep).  ``tuning``: validation loss only (the lr-selection sweep)."""
+    one in the evaluation sweep).  ``tuning``: validation rows only (the lr-selection sweep).
+    ``budget``: a C7 cell — the reference at rank ``budget``, every other method at its matched rank
+    (:func:`matched_rank`; rows add ``budget_gap``)."""
     t0 = time.perf_counter()
+    gap = None
+    if budget is not None:
+        rank, gap = (budget, 0.0) if method == registry.reference() else matched_rank(method, budget, cfg)
+        cfg = dict(cfg, rank=rank)
     task = make_task(cfg)
     net = build(method, seed, cfg, task["W0"])
     spec = registry.method(method)
@@ -158,6 +177,9 @@ def planted_cell(method: str, seed: int, cfg: dict, lr: float | None = None, tun
     probe = x_val[:cfg["n_probe"]]
     rows = [dict(step=0, split="val", layer="all", metric="loss", value=mse(net, x_val, y_val))]
     previous = gates_of(layer, probe) if routed else None
+    if routed:                  # step 0: the difference-in-differences of C6 removes the start's gap
+        rows += [dict(step=0, split="val", layer=LAYER, metric=k, value=v)
+                 for k, v in routing_metrics(layer, x_val, task["c_val"], cfg["clusters"]).items()]
     W_start = layer.effective_router().detach().clone() if routed else None
     if spec.adapter is not None:
         opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr,
@@ -193,7 +215,9 @@ def planted_cell(method: str, seed: int, cfg: dict, lr: float | None = None, tun
     rows += [dict(common, layer="all", metric="loss", value=mse(net, task["x_test"], task["y_test"])),
              dict(common, layer="all", metric="trainable_parameters", value=count_parameters(net)),
              dict(common, layer="all", metric="closed_form_parameters", value=method_parameters(method, cfg))]
-    if routed:
+    if gap is not None:
+        rows.append(dict(common, layer="all", metric="budget_gap", value=gap))
+    if routed and budget is None:
         x_test = task["x_test"]
         values = routing_metrics(layer, x_test, task["c_test"], cfg["clusters"])
         W_end = layer.effective_router().detach()
@@ -220,12 +244,19 @@ def run(config, *, results_dir="results", workers: int = 1, executor=None, force
     from .results import Cell, run_sweep
 
     cfg = config.planted.to_dict()
-    settings = {k: v for k, v in cfg.items() if k not in ("methods", "seeds", "tuning_seeds", "lr_grid")}
+    settings = {k: v for k, v in cfg.items()
+                if k not in ("methods", "seeds", "tuning_seeds", "lr_grid", "budget_ranks", "budget_methods")}
     trained = [m for m in cfg["methods"] if registry.method(m).adapter is not None]
     lrs = run_tuning("planted", planted_cell, [(dict(method=m), cfg["lr_grid"]) for m in trained],
                      cfg["tuning_seeds"], dict(cfg=settings), results_dir=results_dir, workers=workers,
                      executor=executor, force=force, config=config, by=("method",))
     cells = [Cell(planted_cell, dict(method=m, seed=s), dict(cfg=settings, lr=lrs.get((m,))))
              for m in cfg["methods"] for s in cfg["seeds"]]
-    return run_sweep("planted", cells, results_dir=results_dir, workers=workers, executor=executor,
-                     force=force, config=config)
+    result = run_sweep("planted", cells, results_dir=results_dir, workers=workers, executor=executor,
+                       force=force, config=config)
+    budget = [Cell(planted_cell, dict(method=m, seed=s, budget=r), dict(cfg=settings, lr=lrs[(m,)]))
+              for r in cfg["budget_ranks"] for m in cfg["budget_methods"] for s in cfg["seeds"] if (m,) in lrs]
+    if budget:
+        run_sweep("planted_budget", budget, results_dir=results_dir, workers=workers, executor=executor,
+                  force=force, config=config)
+    return result

@@ -466,6 +466,8 @@ class PlantedConfig(_Section):
     amplification_tokens: int = 128
     amplification_eps: list = field(default_factory=lambda: [0.1])
     adversarial_steps: int = 5
+    budget_ranks: list = field(default_factory=lambda: [24, 32])   # with rank 16: three budgets within ±2 %
+    budget_methods: list = field(default_factory=lambda: [reference(), *tagged("baseline")])
 
     def __post_init__(self):
         p = self.SECTION
@@ -495,6 +497,17 @@ class PlantedConfig(_Section):
         self.tie_threshold = _float(f"{p}.tie_threshold", self.tie_threshold, lo=0.0, hi=1.0)
         self.amplification_eps = _float_list(f"{p}.amplification_eps", self.amplification_eps, lo=0.0, lo_open=True)
         _int(f"{p}.adversarial_steps", self.adversarial_steps, lo=0, hi=1000)
+        if not isinstance(self.budget_ranks, (list, tuple)) or not all(_is_int(r) and 0 < r <= 4096 for r in self.budget_ranks) \
+                or len(set(self.budget_ranks)) != len(self.budget_ranks) \
+                or any(r % self.num_experts or r == self.rank for r in self.budget_ranks):
+            _fail(f"{p}.budget_ranks", f"a list (possibly empty) of distinct multiples of planted.num_experts "
+                  f"({self.num_experts}) other than planted.rank ({self.rank})", self.budget_ranks)
+        self.budget_ranks = list(self.budget_ranks)
+        self.budget_methods = _choice_list(f"{p}.budget_methods", self.budget_methods,
+                                           [m for m in self.methods if METHODS[m].adapter is not None])
+        if reference() not in self.budget_methods:
+            _fail(f"{p}.budget_methods", f"a list that contains {reference()!r} (the budget reference)",
+                  self.budget_methods)
 
 
 @dataclass

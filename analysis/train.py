@@ -231,13 +231,29 @@ def crn_weights(method: str, layer: nn.Module, seed: int, name: str) -> dict[str
     W_r = crn_uniform((E, r), r ** -0.5, seed, name, "W_r")
     if hasattr(layer, "T") and getattr(layer, "talk_structure", "full") == "full":
         w["T"] = official_talk(E, seed, name) if layer.talk_init == "official" else layer.T.detach().clone()
-    init = registry.method(method).router_init
-    if init != "crn":
-        W_eff = absorbed_router(W_r, official_talk(E, seed, name), m)
-        W_r = W_eff if init == "function-matched" else W_r * (torch.linalg.matrix_norm(W_eff, ord=2)
-                                                              / torch.linalg.matrix_norm(W_r, ord=2))
-    w["W_r"] = W_r
+    w["W_r"] = router_start(registry.method(method).router_init, W_r, official_talk(E, seed, name), m, w["A"])
     return w
+
+
+def router_start(init: str, W_r: Tensor, T: Tensor, m: int, A: Tensor) -> Tensor:
+    """A code router's initial ``W_r`` under a method's ``router_init`` (:data:`analysis.methods.ROUTER_INITS`),
+    from the seed's draws ``W_r``, the reference's official ``T`` and ``A``, with ``W_eff = W_r (T ⊗ I_m)``:
+    ``crn`` W_r; ``function-matched`` W_eff; ``scale-matched`` W_r · ‖W_eff‖₂ / ‖W_r‖₂;
+    ``centred-matched`` W_r · ‖P W_eff A‖₂ / ‖P W_r A‖₂ with ``P = I − J/E`` (softmax ignores a common
+    shift of the logits, so the centred map w.r.t. the input is what sets the router's sensitivity)."""
+    if init == "crn":
+        return W_r
+    W_eff = absorbed_router(W_r, T, m)
+    if init == "function-matched":
+        return W_eff
+    norm = lambda M: torch.linalg.matrix_norm(M.double(), ord=2)
+    if init == "scale-matched":
+        return W_r * (norm(W_eff) / norm(W_r)).to(W_r.dtype)
+    if init == "centred-matched":
+        E = W_r.shape[0]
+        P = torch.eye(E, dtype=torch.float64) - 1.0 / E
+        return W_r * (norm(P @ W_eff.double() @ A.double()) / norm(P @ W_r.double() @ A.double())).to(W_r.dtype)
+    raise ValueError(f"router_init must be one of {list(registry.ROUTER_INITS)}, got {init!r}")
 
 
 def build_model(method: str, seed: int, cfg: dict, encoder, num_labels: int = 2,
@@ -387,6 +403,16 @@ def movement_rows(step: int, before: dict, after: dict) -> list[dict]:
         rows += [dict(step=step, split="weights", layer=layer, domain="all", metric=k, value=v)
                  for k, v in values.items()]
     return rows
+
+
+@torch.no_grad()
+def certified_ratios(model: nn.Module) -> dict[str, float]:
+    """Per adapted layer with a Talking Module: ``‖W_r (T ⊗ I_m)‖₂ / ‖W_r‖₂`` — the certified router
+    bound w.r.t. the code relative to that of ``T = I`` with the same ``W_r`` (C13: ≤ 1 for any
+    doubly-stochastic T)."""
+    norm = lambda M: float(torch.linalg.matrix_norm(M.double(), ord=2))
+    return {name: norm(layer.effective_router()) / norm(layer.W_r)
+            for name, layer in adapter_layers(model).items() if hasattr(layer, "T")}
 
 
 def probe_index(n: int, n_probe: int) -> Tensor:
@@ -565,6 +591,8 @@ def train_cell(method: str, seed: int, cfg: dict, exp_dir: str, task: str = "sen
     if main:
         rows += eval_rows(last, "val", *evaluate(model, caches["val"], labels["val"])[:2])
     rows += movement_rows(last, start, effective_routers(model))
+    rows += [dict(step=last, split="weights", layer=short_name(name), domain="all", metric="certified_ratio", value=v)
+             for name, v in certified_ratios(model).items()]
     if not tuning:
         metrics, layers, logits, _ = evaluate(model, caches["test"], labels["test"])
         rows += eval_rows(last, "test", metrics, layers)
