@@ -4,7 +4,7 @@ Layout of one experiment, ``<results_dir>/<experiment>/``::
 
     rows.csv            tidy table, one row per measurement (written when every cell is done)
     meta.json           config, seeds, package versions, git commit, code versions, wall time,
-                        cell counts
+                        cell counts, the frozen-linear fast path (on/off, why, speed-up) of the cells
     cells/<hash>.json   one file per finished cell: key, params, rows, wall time
 
 Row schema (tidy): every row holds the cell's key columns (e.g. ``E, r, talk, seed``), then the
@@ -183,11 +183,20 @@ def normalise_rows(rows, key: dict) -> list[dict]:
     return out
 
 
+def _fast_linear_status() -> dict | None:
+    """The frozen-linear fast path of this process (:mod:`analysis.fast_linear`), None when nothing
+    in it used the fast-path module (the module is not even imported then)."""
+    module = sys.modules.get(f"{__package__ or 'analysis'}.fast_linear")
+    return module.fast_path_status(check=False) if module is not None else None
+
+
 def execute_cell(fn: Callable, key: dict, params: dict) -> dict:
-    """Run one cell (in whatever process the executor chose); returns a picklable record."""
+    """Run one cell (in whatever process the executor chose); returns a picklable record, with the
+    frozen-linear fast path status of that process (it decides on its own, see :mod:`analysis.fast_linear`)."""
     t0 = time.perf_counter()
     rows = normalise_rows(fn(**key, **params), key)
-    return {"rows": rows, "wall_s": time.perf_counter() - t0, "host": platform.node(), "pid": os.getpid()}
+    return {"rows": rows, "wall_s": time.perf_counter() - t0, "host": platform.node(), "pid": os.getpid(),
+            "fast_linear": _fast_linear_status()}
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -312,6 +321,18 @@ def _reusable(store: ResultStore, cell: Cell, code: dict, experiment: str, log, 
     return False
 
 
+def _fast_linear_summary(records: list[dict]) -> list[dict] | None:
+    """One entry per distinct fast-path status among the cells' records (a status per process that
+    ran cells), with how many cells ran under it; None when no cell used the fast-path module."""
+    groups: dict[str, dict] = {}
+    for record in records:
+        status = record.get("fast_linear")
+        if status is not None:
+            entry = groups.setdefault(json.dumps(status, sort_keys=True), {**status, "cells": 0})
+            entry["cells"] += 1
+    return list(groups.values()) or None
+
+
 def run_sweep(experiment: str, cells: list[Cell], *, results_dir: str | Path = DEFAULT_RESULTS_DIR,
               executor=None, workers: int = 1, force: bool = False, config=None,
               meta: dict | None = None, progress: bool = True, log: Callable[[str], None] = print
@@ -427,6 +448,7 @@ def _sweep_locked(store: ResultStore, cells: list[Cell], hashes: list[str], *, t
         "git_commit": git_commit(),
         "git_dirty": git_dirty(),
         "code": codes,
+        "fast_linear": _fast_linear_summary(done_records),
         "host": {"node": platform.node(), "cpus": os.cpu_count(), "platform": platform.platform()},
         "command": sys.argv,
         "cell_hashes": hashes,
