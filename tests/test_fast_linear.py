@@ -278,7 +278,7 @@ def test_a_training_cell_gives_the_same_rows_with_the_path_on_and_off(tmp_path, 
     assert len(rows["on"]) == len(rows["off"]) > 50
     for on, off in zip(rows["on"], rows["off"]):
         assert {k: v for k, v in on.items() if k != "value"} == {k: v for k, v in off.items() if k != "value"}
-        assert on["value"] == pytest.approx(off["value"], rel=1e-3, abs=1e-4), (on, off)
+        assert on["value"] == pytest.approx(off["value"], rel=1e-4, abs=1e-6), (on, off)   # measured: <= 1e-5
 
 
 def test_benchmark_runs_and_reports_ratios_and_differences(tmp_path, capsys):
