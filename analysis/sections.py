@@ -11,20 +11,20 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .methods import METHODS, reference, tagged
+
 # Perturbation kinds (SPEC §4): isotropic Gaussian in x, Gaussian confined to one expert block of
 # the code h, adversarial PGD in the eps-ball.  These are the strings passed to
 # ``talklora_min.probes.perturbation_response(..., kind=...)``.
 PERTURB_KINDS = ("gaussian", "block", "adversarial")
 REAL_MODELS = ("minilm", "smollm")
-TRAIN_METHODS = ("head-only", "lora", "moelora-code", "moelora-input", "talklora-official",
-                 "talklora-identity", "moelora-code-scaled", "moelora-twin",
-                 "topk-entropy", "switch")   # the last two: LoRA-Mixer hard-soft top-2 + entropy loss, Switch loss
+TRAIN_METHODS = tuple(METHODS)               # every entry of the method registry (analysis.methods)
 TRAIN_TASKS = ("sentiment", "topic")         # = analysis.data.TASKS
-TWIN_MODELS = ("talklora", "moelora-twin", "talklora-frozen-T", "talklora-identity")
+TWIN_MODELS = tagged("twin-arm")
 # "same-rank": every method uses train.rank (and num_experts for the MoE methods); trainable-parameter
 #   counts differ and are reported (F5 plots accuracy against them).
 # "match-params": each method's rank is chosen (a multiple of num_experts for MoE methods) so that
-#   its trainable-parameter count is the closest to that of talklora-official at train.rank.
+#   its trainable-parameter count is the closest to that of the reference method at train.rank.
 MATCHED_BUDGET_RULES = ("same-rank", "match-params")
 MINILM_TARGETS = ("query", "key", "value", "up", "down")   # up = intermediate.dense, down = output.dense
 TWIN_OPTIMIZERS = ("adamw", "sgd")
@@ -307,7 +307,7 @@ class TrainConfig(_Section):
     matched_budget: str = "same-rank"
     cache_prefix: bool = True
     budget_ranks: list = field(default_factory=list)
-    budget_methods: list = field(default_factory=lambda: ["talklora-official", "lora", "moelora-code"])
+    budget_methods: list = field(default_factory=lambda: [reference(), *tagged("baseline")])
     budget_tasks: list = field(default_factory=lambda: ["sentiment"])
 
     def __post_init__(self):
@@ -349,9 +349,9 @@ class TrainConfig(_Section):
                   f"({self.num_experts}) up to {MINILM_WIDTH}, other than train.rank ({self.rank})", self.budget_ranks)
         self.budget_ranks = list(self.budget_ranks)
         self.budget_methods = _choice_list(f"{p}.budget_methods", self.budget_methods,
-                                           [m for m in TRAIN_METHODS if m != "head-only"])
-        if "talklora-official" not in self.budget_methods:
-            _fail(f"{p}.budget_methods", "a list that contains 'talklora-official' (the budget reference)",
+                                           [m for m in TRAIN_METHODS if METHODS[m].adapter is not None])
+        if reference() not in self.budget_methods:
+            _fail(f"{p}.budget_methods", f"a list that contains {reference()!r} (the budget reference)",
                   self.budget_methods)
         self.budget_tasks = _choice_list(f"{p}.budget_tasks", self.budget_tasks, TRAIN_TASKS)
         _split_fits(f"{p}.n_test", dict.fromkeys([*self.tasks, *self.budget_tasks]), self.n_val, self.n_test)
@@ -367,12 +367,12 @@ class TwinsConfig(_Section):
     """Function-matched twin runs (C9, F8): TalkLoRA and the MoELoRA-code twin obtained by talk
     absorption start from the same function and are trained on the same batches, per ``tasks`` ×
     ``optimizers`` × ``seeds`` (the splits, probe set and model settings are those of ``[train]``).
-    ``models`` must contain ``talklora`` (the reference the others are compared to).  AdamW trains the
+    ``models`` (registry entries tagged ``twin-arm``) must contain the reference method (the arm the others are compared to).  AdamW trains the
     head at ``train.head_lr``, SGD at ``head_lr_sgd`` (adapters: ``lr_adamw`` / ``lr_sgd``)."""
 
     SECTION = "twins"
     tasks: list = field(default_factory=lambda: ["sentiment"])
-    models: list = field(default_factory=lambda: ["talklora", "moelora-twin"])
+    models: list = field(default_factory=lambda: [reference(), *tagged("function-matched")])
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     steps: int = 200
     eval_every: int = 25
@@ -387,8 +387,8 @@ class TwinsConfig(_Section):
         p = self.SECTION
         self.tasks = _choice_list(f"{p}.tasks", self.tasks, TRAIN_TASKS)
         self.models = _choice_list(f"{p}.models", self.models, TWIN_MODELS)
-        if "talklora" not in self.models:
-            _fail(f"{p}.models", "a list that contains 'talklora' (the reference)", self.models)
+        if reference() not in self.models:
+            _fail(f"{p}.models", f"a list that contains {reference()!r} (the reference)", self.models)
         self.seeds = _seeds(f"{p}.seeds", self.seeds)
         _schedule(p, self.steps, self.eval_every)
         self.optimizers = _choice_list(f"{p}.optimizers", self.optimizers, TWIN_OPTIMIZERS)
@@ -400,7 +400,7 @@ class TwinsConfig(_Section):
             _fail(f"{p}.talk_init", "'official' (the twins start from the seed's official T)", self.talk_init)
 
 
-LM_METHODS = ("lora", "moelora-code", "moelora-code-scaled", "moelora-twin", "talklora-official")
+LM_METHODS = tuple(n for n, m in METHODS.items() if m.adapter is not None)   # the frozen base is always scored
 LM_MAX_TEXTS = 1319          # per domain: GSM8K's test split, the smallest of the three domains
 SMOLLM_LAYERS = 30
 
@@ -419,7 +419,8 @@ class LMConfig(_Section):
     """
 
     SECTION = "lm"
-    methods: list = field(default_factory=lambda: list(LM_METHODS))
+    methods: list = field(default_factory=lambda: [*tagged("baseline"), *tagged("scale-matched"),
+                                                   *tagged("function-matched"), reference()])
     seeds: list = field(default_factory=lambda: list(range(8)))
     steps: int = 200
     eval_every: int = 50

@@ -13,23 +13,11 @@ building one layer cannot shift another layer's draws.  T (official init) and W_
 own keyed streams ``(seed, layer, "T")`` / ``(seed, layer, "W_g")``.  Methods at a different rank
 (the C7 budgets) read the same streams, but their tensors have other shapes and are not equal.
 
-Methods (``train.methods``):
-
-====================  =======================================================================
-``head-only``         no adapters: the baseline showing how much the adapters add
-``lora``              LoRA (A from the CRN stream, B = 0)
-``moelora-code``      MoELoRA, router on the code, W_r from the CRN stream
-``moelora-input``     MoELoRA, router on the input, W_g from its own stream
-``talklora-official`` TalkLoRA, official T ~ U(±1/√E) from its own stream
-``talklora-identity`` TalkLoRA with T = I (= MoELoRA-code at step 0)
-``moelora-code-scaled`` scale-matched control: MoELoRA-code with W_r' = W_r · ‖W_r(T⊗I)‖₂/‖W_r‖₂
-                      (T the seed's official T of that layer): TalkLoRA-official's router
-                      temperature (same ‖W_eff‖₂), no communication
-``moelora-twin``      function-matched twin: MoELoRA-code with W' = W_r(T⊗I) — the same function
-                      as TalkLoRA-official at step 0 (SPEC §3), trained on the same batches
-``topk-entropy``      LoRA-Mixer hard–soft top-2 + entropy balance loss (code router)
-``switch``            dense code router + Switch balance loss
-====================  =======================================================================
+Methods (``train.methods``): entries of the method registry (:mod:`analysis.methods`), which says
+for each its adapter, how its router starts from the seed's draws (the scale-matched control and the
+function-matched twin start from the reference's T of the same seed and layer, docs/method.md §3),
+which tensors stay frozen and the weight of its balance loss.  The no-adapter baseline trains only
+the head.
 
 Rows (tidy; the cell adds ``task, method, seed``, C7 budget cells also ``budget``); every row has
 ``step, split, layer, domain ("all"), rank, metric, value`` — ``layer`` is ``"all"`` for
@@ -40,7 +28,8 @@ model-level metrics.  Splits:
   ``gini_normalized``, ``load_entropy`` (normalised), ``token_entropy`` (mean per-token gate
   entropy / log E);
 * ``test`` (every held-out test example) at the last step: the same metrics, plus
-  ``trainable_parameters`` (adapters; head and tied tensors excluded/counted once), ``n_train``,
+  ``trainable_parameters`` (adapters; head and tied tensors excluded/counted once),
+  ``closed_form_parameters`` (the same count from :func:`talklora_min.budget.closed_form_parameters`), ``n_train``,
   ``n_test``, ``wall_seconds``;
 * ``probe`` (a fixed set of ``n_probe`` validation examples, all their tokens) at every checkpoint
   (step 0, every ``eval_every`` steps, the last step): ``gini``, ``load_entropy`` per layer, and
@@ -53,9 +42,9 @@ model-level metrics.  Splits:
   sandwich of every trained router (``metric = lipschitz``, ``kind = lipschitz_input``) and the
   probe rows of :func:`~talklora_min.probes.perturbation_response` at ``FINAL_EPS``.
 
-C7 budget cells (``train.budget_ranks``, sweep ``train_budget``): TalkLoRA-official at rank r and
+C7 budget cells (``train.budget_ranks``, sweep ``train_budget``): the reference method at rank r and
 each other method of ``train.budget_methods`` at the rank whose exact trainable-parameter count is
-closest to TalkLoRA's (:func:`matched_rank`); their rows: the ``test`` metrics, the counts and
+closest to the reference's (:func:`matched_rank`); their rows: the ``test`` metrics, the counts and
 ``budget_gap`` (relative count gap to TalkLoRA), ``weights`` (no val/probe/router-probe rows).  The budget at ``train.rank`` is the main sweep (same-rank counts are within ±2 % there).
 """
 from __future__ import annotations
@@ -73,29 +62,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from talklora_min import AdapterConfig, adapter_layers, auxiliary_loss, count_parameters, inject
+from talklora_min.budget import closed_form_parameters
 from talklora_min.io import save_adapter
 from talklora_min.layers import absorbed_router, talk_matrix
 from talklora_min.probes import (capture_layer_inputs, gini, load_entropy, perturbation_response,
                                  record_routing, routed_layers, router_lipschitz)
 
+from . import methods as registry
 from .data import TASKS, task_split
 from .fast_linear import use_onednn_for_frozen_linears
 from .models import PrefixCache, SentenceClassifier, base_qkv, compute_prefix, load_minilm, minilm_targets
 
-METHODS = {
-    "head-only": None,
-    "lora": dict(kind="lora"),
-    "moelora-code": dict(kind="moelora", router_input="code"),
-    "moelora-input": dict(kind="moelora", router_input="input"),
-    "talklora-official": dict(kind="talklora", talk_init="official"),
-    "talklora-identity": dict(kind="talklora", talk_init="identity"),
-    "moelora-code-scaled": dict(kind="moelora", router_input="code"),
-    "moelora-twin": dict(kind="moelora", router_input="code"),
-    "topk-entropy": dict(kind="moelora", router_input="code", top_k=2, balance_loss="entropy"),
-    "switch": dict(kind="moelora", router_input="code", balance_loss="switch"),
-}
-ROUTER_INIT = {"moelora-code-scaled": "scaled", "moelora-twin": "absorbed"}   # else: the CRN W_r
-AUX_WEIGHT = 0.01          # weight of a balance loss in the objective (LoRA-Mixer / Switch scale)
 FINAL_EPS = (0.01, 0.1)    # relative perturbation sizes probed on the trained routers
 FINAL_KINDS = ("gaussian_input", "adversarial")
 ROUTER_PROBE_TOKENS = 256  # tokens per layer for the final Lipschitz / amplification probes
@@ -164,38 +141,28 @@ MINILM_DIMS = {"query": (384, 384), "key": (384, 384), "value": (384, 384),
                "up": (384, 1536), "down": (1536, 384)}
 
 
-def closed_form_parameters(method: str, rank: int, num_experts: int, layers: int, targets,
-                           dims: dict = MINILM_DIMS, shared_B: bool = False) -> int:
-    """Trainable adapter parameters (head excluded).  Per adapted layer: A r·d_in + C E·m² +
-    B d_out·r + T E² + W_r E·r (MoELoRA-input: W_g E·d_in instead of W_r; LoRA: A and B only;
-    head-only: 0).  ``shared_B``: one B per projection type across layers (official layout)."""
-    if method == "head-only":
+def method_parameters(method: str, rank: int, cfg: dict) -> int:
+    """Closed-form trainable adapter parameters of ``method`` at ``rank`` in the adapted MiniLM layers
+    (head excluded; :func:`talklora_min.budget.closed_form_parameters`; 0 without adapters)."""
+    m = registry.method(method)
+    if m.adapter is None:
         return 0
-    r, E = rank, num_experts
-    m = r // E
-    total = 0
-    for t in targets:
-        d_in, d_out = dims[t]
-        if method == "lora":
-            per, b = r * d_in, d_out * r
-        else:
-            per, b = r * d_in + E * m * m, d_out * r
-            per += E * d_in if method == "moelora-input" else E * r
-            if method.startswith("talklora"):
-                per += E * E
-        total += layers * per + (b if shared_B else layers * b)
-    return total
+    kw = m.adapter_kwargs()
+    shapes = [(t, *MINILM_DIMS[t]) for _ in range(cfg["adapt_top_layers"]) for t in cfg["targets"]]
+    talk = {k: kw[f"talk_{k}"] for k in ("structure", "groups", "bandwidth", "rank") if f"talk_{k}" in kw}
+    return closed_form_parameters(kw["kind"], rank, cfg["num_experts"], shapes,
+                                  router_input=kw.get("router_input", "code"),
+                                  **{f"talk_{k}": v for k, v in talk.items()})
 
 
 def matched_rank(method: str, talk_rank: int, cfg: dict) -> tuple[int, int, int]:
-    """``(rank, count, talk_count)``: the rank (a multiple of E for the MoE methods) whose exact
-    trainable-parameter count is closest to talklora-official's at ``talk_rank``."""
-    E, layers, targets = cfg["num_experts"], cfg["adapt_top_layers"], cfg["targets"]
-    target = closed_form_parameters("talklora-official", talk_rank, E, layers, targets)
-    step = 1 if method in ("lora", "head-only") else E
+    """``(rank, count, reference_count)``: the rank (a multiple of E for the MoE methods) whose exact
+    trainable-parameter count is closest to the reference method's at ``talk_rank``."""
+    target = method_parameters(registry.reference(), talk_rank, cfg)
+    step = cfg["num_experts"] if registry.method(method).routed else 1
     rank = min(range(step, 4 * talk_rank + 1, step),
-               key=lambda r: (abs(closed_form_parameters(method, r, E, layers, targets) - target), r))
-    return rank, closed_form_parameters(method, rank, E, layers, targets), target
+               key=lambda r: (abs(method_parameters(method, r, cfg) - target), r))
+    return rank, method_parameters(method, rank, cfg), target
 
 
 def method_rank(method: str, cfg: dict) -> int:
@@ -207,14 +174,13 @@ def method_rank(method: str, cfg: dict) -> int:
 
 
 def adapter_config(method: str, cfg: dict, num_layers: int, rank: int | None = None) -> AdapterConfig:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-    if METHODS[method] is None:
+    m = registry.method(method)
+    if m.adapter is None:
         raise ValueError(f"method {method!r} has no adapters")
     return AdapterConfig(rank=rank or method_rank(method, cfg), num_experts=cfg["num_experts"],
                          alpha=None if not cfg["alpha"] else cfg["alpha"], dropout=cfg["dropout"],
                          target_modules=[r"encoder\." + p for p in minilm_targets(num_layers, cfg["adapt_top_layers"], cfg["targets"])],
-                         target_match="regex", **METHODS[method])
+                         target_match="regex", **m.adapter_kwargs())
 
 
 def crn_generator(seed: int, *keys) -> torch.Generator:
@@ -247,9 +213,11 @@ def official_talk(num_experts: int, seed: int, layer: str) -> Tensor:
 def crn_weights(method: str, layer: nn.Module, seed: int, name: str) -> dict[str, Tensor]:
     """The CRN initial tensors of one adapter layer (``name`` its short name, e.g. ``L5.query``).
 
-    Official init (SPEC §1) drawn from keyed streams: A U(±1/√d_in), C U(±1/√m), W_r U(±1/√r),
-    W_g U(±1/√d_in), B = 0; T official / identity.  ``moelora-code-scaled``: W_r · ‖W_r(T⊗I)‖₂/‖W_r‖₂;
-    ``moelora-twin``: W_r(T⊗I) (T the official T of the same seed and layer)."""
+    Official init (docs/method.md §1) drawn from keyed streams: A U(±1/√d_in), C U(±1/√m),
+    W_r U(±1/√r), W_g U(±1/√d_in), B = 0; a full T official (its own stream) or as ``talk_init``
+    gives it; other communication structures start at their own init.  The method's
+    ``router_init`` (:data:`analysis.methods.ROUTER_INITS`): ``scale-matched`` W_r · ‖W_r(T⊗I)‖₂/‖W_r‖₂,
+    ``function-matched`` W_r(T⊗I) (T the official T of the same seed and layer)."""
     d_in, r = layer.in_features, layer.rank
     w = {"A": crn_uniform((r, d_in), d_in ** -0.5, seed, name, "A"), "B": torch.zeros_like(layer.B)}
     if not hasattr(layer, "num_experts"):
@@ -260,13 +228,13 @@ def crn_weights(method: str, layer: nn.Module, seed: int, name: str) -> dict[str
         w["W_g"] = crn_uniform((E, d_in), d_in ** -0.5, seed, name, "W_g")
         return w
     W_r = crn_uniform((E, r), r ** -0.5, seed, name, "W_r")
-    if hasattr(layer, "T"):
+    if hasattr(layer, "T") and getattr(layer, "talk_structure", "full") == "full":
         w["T"] = official_talk(E, seed, name) if layer.talk_init == "official" else layer.T.detach().clone()
-    init = ROUTER_INIT.get(method)
-    if init is not None:
+    init = registry.method(method).router_init
+    if init != "crn":
         W_eff = absorbed_router(W_r, official_talk(E, seed, name), m)
-        W_r = W_eff if init == "absorbed" else W_r * (torch.linalg.matrix_norm(W_eff, ord=2)
-                                                      / torch.linalg.matrix_norm(W_r, ord=2))
+        W_r = W_eff if init == "function-matched" else W_r * (torch.linalg.matrix_norm(W_eff, ord=2)
+                                                              / torch.linalg.matrix_norm(W_r, ord=2))
     w["W_r"] = W_r
     return w
 
@@ -276,18 +244,19 @@ def build_model(method: str, seed: int, cfg: dict, encoder, num_labels: int = 2,
     """MiniLM classifier with adapters of ``method`` on a private copy of ``encoder``; every adapter
     tensor and the head drawn from the CRN streams of ``seed`` (:func:`crn_weights`).  The frozen
     encoder's own dropout is switched off (p = 0) so the only noise in training is the adapters'."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    spec = registry.method(method)
     encoder = copy.deepcopy(encoder)
     for module in encoder.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
     clf = SentenceClassifier(encoder, num_labels=num_labels, adapt_top=cfg["adapt_top_layers"])
     crn_head(clf.head, seed)
-    if METHODS[method] is not None:
+    if spec.adapter is not None:
         inject(clf, adapter_config(method, cfg, clf.num_layers, rank))
         for name, layer in adapter_layers(clf).items():
             layer.set_weights(**crn_weights(method, layer, seed, short_name(name)))
+            for tensor in spec.frozen:                 # e.g. T kept at its init
+                getattr(layer, tensor).requires_grad_(False)
     clf.head.requires_grad_(True)
     use_onednn_for_frozen_linears(clf)            # frozen base linears: same math, faster GEMM (fast_linear)
     return clf
@@ -324,13 +293,16 @@ def optimizer_for(model: nn.Module, name: str, lr: float, head_lr: float, weight
     raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {name!r}")
 
 
-def train_step(model: SentenceClassifier, opt, cache: PrefixCache, labels: Tensor, index: Tensor) -> float:
+def train_step(model: SentenceClassifier, opt, cache: PrefixCache, labels: Tensor, index: Tensor,
+               aux_weight: float = 0.0) -> float:
+    """One optimiser step on the examples ``index``: cross-entropy plus ``aux_weight`` × the adapters'
+    balance losses (when the method has one); returns the cross-entropy."""
     model.train()
     device = model.head.weight.device
     x, lengths, base = (None if t is None else t.to(device) for t in cache.packed(index))
     loss = F.cross_entropy(model.forward_packed(x, lengths, base), labels[index].to(device))
     aux = auxiliary_loss(model)
-    total = loss + AUX_WEIGHT * aux if torch.is_tensor(aux) else loss
+    total = loss + aux_weight * aux if torch.is_tensor(aux) and aux_weight else loss
     opt.zero_grad(set_to_none=True)
     total.backward()
     opt.step()
@@ -451,7 +423,7 @@ def router_rows(model: SentenceClassifier, cache: PrefixCache, seed: int, max_to
 @functools.lru_cache(maxsize=6)
 def _frozen_features(path: str, mtime_ns: int, size: int, adapt_top: int) -> Tensor:
     """Mean-pooled top-layer states ``(N, H)`` of every example of one saved prefix cache under the
-    frozen encoder (no adapters, dropout off), memoised per process — what head-only trains on."""
+    frozen encoder (no adapters, dropout off), memoised per process — what the no-adapter baseline trains on."""
     cache = _prefix_with_base(path, mtime_ns, size, adapt_top)
     clf = SentenceClassifier(frozen_encoder(), num_labels=2, adapt_top=adapt_top).eval()
     with torch.no_grad():
@@ -460,7 +432,7 @@ def _frozen_features(path: str, mtime_ns: int, size: int, adapt_top: int) -> Ten
 
 
 def head_only_cell(seed: int, cfg: dict, exp_dir: Path, task: str, device: str = "cpu") -> list[dict]:
-    """The ``head-only`` baseline: the frozen encoder's pooled states never change, so they are computed
+    """The no-adapter baseline: the frozen encoder's pooled states never change, so they are computed
     once per process (:func:`_frozen_features`) and only the linear head (CRN init, same batch order,
     AdamW at ``head_lr``) trains on them — the same function as running the frozen top layer each step."""
     t0 = time.perf_counter()
@@ -499,9 +471,8 @@ def train_cell(method: str, seed: int, cfg: dict, exp_dir: str, task: str = "sen
     """One training run of ``method`` on ``task`` (see module docstring for the rows).  ``budget``:
     a C7 cell — TalkLoRA-official at rank ``budget`` and every other method at :func:`matched_rank`."""
     exp_dir = Path(exp_dir)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-    if METHODS[method] is None and budget is None:
+    spec = registry.method(method)
+    if spec.adapter is None and budget is None:
         return head_only_cell(seed, cfg, exp_dir, task, device)
     t0 = time.perf_counter()
     encoder = frozen_encoder()
@@ -509,7 +480,7 @@ def train_cell(method: str, seed: int, cfg: dict, exp_dir: str, task: str = "sen
     labels = split_labels(exp_dir, cfg, task)
     rank, gap = method_rank(method, cfg), None
     if budget is not None:
-        rank, count, target = ((budget, None, None) if method == "talklora-official"
+        rank, count, target = ((budget, None, None) if method == registry.reference()
                                else matched_rank(method, budget, cfg))
         gap = 0.0 if count is None else count / target - 1
     model = build_model(method, seed, cfg, encoder, len(TASKS[task]), rank).to(device)
@@ -531,7 +502,7 @@ def train_cell(method: str, seed: int, cfg: dict, exp_dir: str, task: str = "sen
     top1 = checkpoint(0, None) if is_routed(model) and main else None
     torch.manual_seed(int(crn_generator(seed, "dropout").initial_seed()))    # CRN dropout masks
     for step, index in enumerate(batch_order(len(caches["train"]), cfg["batch_size"], cfg["steps"], seed), 1):
-        train_step(model, opt, caches["train"], labels["train"], index)
+        train_step(model, opt, caches["train"], labels["train"], index, spec.aux_weight)
         if top1 is not None and (step % cfg["eval_every"] == 0 or step == cfg["steps"]):
             top1 = checkpoint(step, top1)
     last = cfg["steps"]
@@ -542,18 +513,19 @@ def train_cell(method: str, seed: int, cfg: dict, exp_dir: str, task: str = "sen
     common = dict(step=last, split="test", layer="all", domain="all")
     rows += [dict(common, metric="trainable_parameters",
                   value=count_parameters(model) - sum(p.numel() for p in model.head.parameters())),
+             dict(common, metric="closed_form_parameters", value=method_parameters(method, rank, cfg)),
              dict(common, metric="n_train", value=len(caches["train"])),
              dict(common, metric="n_test", value=len(caches["test"]))]
     if gap is not None:
         rows.append(dict(common, metric="budget_gap", value=gap))
     if is_routed(model) and main:
         rows += router_rows(model, caches["test"], seed)
-    if METHODS[method] is not None and main:
+    if spec.adapter is not None and main:
         save_adapter(model, exp_dir / "adapters" / f"{task}-{method}-seed{seed}",
                      adapter_config(method, cfg, model.num_layers, rank))
     rows.append(dict(common, metric="wall_seconds", value=time.perf_counter() - t0))
     for r in rows:
-        r["rank"] = 0 if METHODS[method] is None else rank
+        r["rank"] = 0 if spec.adapter is None else rank
     return rows
 
 
@@ -571,9 +543,14 @@ def run(config, *, results_dir="results", workers: int = 1, executor=None, force
     """Run every (task, method, seed) cell of ``config.train`` not done yet (sweep ``train``; the
     ``extra_methods`` only on the first task), then
     the C7 budget cells (sweep ``train_budget``) when ``train.budget_ranks`` is set.  Returns the
-    ``train`` sweep result."""
+    ``train`` sweep result.  A config with a user ``[setting]`` runs the same battery on that setting
+    instead (:func:`analysis.custom.run`, experiment ``custom``)."""
     from .results import Cell, run_sweep
 
+    if getattr(config, "setting", None) is not None:
+        from . import custom
+        return custom.run(config, results_dir=results_dir, workers=workers, executor=executor, force=force,
+                          device=device)
     cfg = config.train.to_dict()
     exp_dir = Path(results_dir) / "train"
     exp_dir.mkdir(parents=True, exist_ok=True)

@@ -2,15 +2,12 @@
 
 SPEC §3: a linear Talking Module is absorbed by the router, ``W' = W_r (T ⊗ I_m)``, so TalkLoRA and
 MoELoRA-code compute the same family of functions.  Any difference in training must come from the
-parameterisation and the optimiser.  Per (task, optimizer, seed) one cell builds the models of
-``twins.models`` from the seed's common random numbers (:func:`analysis.train.build_model`), which
-compute the SAME function at step 0 (asserted), and trains them on the same batches, in the same
-order, with the same dropout masks:
-
-* ``talklora``           TalkLoRA, official init (A, C, B, T, W_r trained) = train's ``talklora-official``
-* ``moelora-twin``       MoELoRA-code with the absorbed router ``W' = W_r (T ⊗ I)`` = train's ``moelora-twin``
-* ``talklora-frozen-T``  TalkLoRA with T frozen at its init
-* ``talklora-identity``  TalkLoRA with ``T = I`` and ``W_r = W'`` (function-matched identity init)
+parameterisation and the optimiser.  Per (task, optimizer, seed) one cell builds the arms of
+``twins.models`` — method-registry entries tagged ``twin-arm`` (:mod:`analysis.methods`: the
+reference, its function-matched twin, the reference with T frozen, T = I with the absorbed router) —
+from the seed's common random numbers (:func:`analysis.train.build_model`), which compute the SAME
+function at step 0 (asserted), and trains them on the same batches, in the same order, with the
+same dropout masks.
 
 Optimisers: AdamW at ``twins.lr_adamw`` (official 3e-4, weight decay ``twins.weight_decay``) and
 plain SGD at ``twins.lr_sgd`` (head: ``twins.head_lr_sgd``).  With B = 0 at init the router gets no
@@ -20,7 +17,7 @@ gradient until B has grown, so a too small SGD lr leaves the routers where they 
 Rows (the cell adds ``task, optimizer, seed``): ``step, split, model, layer, metric, value``.
 ``split = "probe"`` at every checkpoint (step 0, every ``eval_every``, the last step) on the fixed
 probe set of ``train.n_probe`` validation examples: ``logit_maxabs_diff`` / ``logit_meanabs_diff``
-of each model to ``talklora``, per-layer ``gini`` and ``load_entropy``, ``router_norm`` (‖W_eff‖₂),
+of each arm to the reference, per-layer ``gini`` and ``load_entropy``, ``router_norm`` (‖W_eff‖₂),
 ``talk_norm`` (‖T‖₂), ``lipschitz_certified`` / ``lipschitz_local_max`` (w.r.t. the code h), and
 ``accuracy``/``loss`` at every checkpoint but the last.  ``split = "val"`` at step 0 and the last
 step on the whole validation split: per-layer ``gini`` and ``load_entropy`` (C6 against the twin).
@@ -37,36 +34,22 @@ import torch
 from talklora_min import adapter_layers
 from talklora_min.probes import certified_lipschitz, local_lipschitz
 
+from . import methods as registry
 from .data import TASKS
 from .train import (batch_order, build_model, cell_settings, crn_generator, effective_routers, evaluate,
                     frozen_encoder, layer_inputs, movement_rows, optimizer_for, prefix_caches, probe_index,
                     short_name, split_labels, train_step)
 
-MODELS = ("talklora", "moelora-twin", "talklora-frozen-T", "talklora-identity")
 MATCH_ATOL = 1e-5      # float32: the models agree at step 0 to this absolute tolerance
 
 
-def build_twins(seed: int, cfg: dict, encoder, models=MODELS, num_labels: int = 2) -> dict:
-    """The function-matched models ``models`` of a seed (see module docstring)."""
-    unknown = [m for m in models if m not in MODELS]
-    if unknown:
-        raise ValueError(f"twin models must be among {list(MODELS)}, got {unknown}")
-    talk = build_model("talklora-official", seed, cfg, encoder, num_labels)
-    out = {"talklora": talk}
-    if "moelora-twin" in models:
-        out["moelora-twin"] = build_model("moelora-twin", seed, cfg, encoder, num_labels)
-    if "talklora-frozen-T" in models:
-        frozen = build_model("talklora-official", seed, cfg, encoder, num_labels)
-        for layer in adapter_layers(frozen).values():
-            layer.T.requires_grad_(False)
-        out["talklora-frozen-T"] = frozen
-    if "talklora-identity" in models:
-        ident = build_model("talklora-identity", seed, cfg, encoder, num_labels)
-        with torch.no_grad():
-            for name, src in adapter_layers(talk).items():
-                ident.get_submodule(name).set_weights(W_r=src.effective_router())
-        out["talklora-identity"] = ident
-    return {k: out[k] for k in MODELS if k in out}
+def build_twins(seed: int, cfg: dict, encoder, models, num_labels: int = 2) -> dict:
+    """The function-matched arms ``models`` of a seed (registry names tagged ``twin-arm``; the
+    reference is always built), in registry order."""
+    arms = registry.tagged("twin-arm")
+    registry.check_names(models, "twins.models", arms)
+    wanted = {registry.reference(), *models}
+    return {name: build_model(name, seed, cfg, encoder, num_labels) for name in arms if name in wanted}
 
 
 @torch.no_grad()
@@ -105,7 +88,7 @@ def twins_cell(optimizer: str, seed: int, cfg: dict, twins: dict, exp_dir: str, 
         with torch.no_grad():
             for m in models.values():
                 m.eval()
-            ref = models["talklora"].forward_packed(x, lengths, base)
+            ref = models[registry.reference()].forward_packed(x, lengths, base)
             for name, m in models.items():
                 diff = (m.forward_packed(x, lengths, base) - ref).abs()
                 rows += [dict(step=step, split="probe", model=name, layer="all", metric="logit_maxabs_diff",

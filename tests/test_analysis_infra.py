@@ -327,7 +327,7 @@ def corpus():
 
 @pytest.mark.real_models
 def test_split_is_deterministic_disjoint_balanced(corpus, tmp_path):
-    from analysis.data import LABELS, NUM_LABELS, experiment_split, load_split, make_split
+    from analysis.data import LABELS, NUM_LABELS, make_split
     a = make_split(60, 20, 30, seed=3, corpus=corpus)
     b = make_split(60, 20, 30, seed=3, corpus=corpus)
     pd.testing.assert_frame_equal(a, b)
@@ -340,12 +340,6 @@ def test_split_is_deterministic_disjoint_balanced(corpus, tmp_path):
     per_class = a[a.split == "train"].groupby("label_name").size()
     assert per_class["fresh"] == per_class["rotten"] == 30 and per_class["tech"] == 12
     assert all(LABELS[l] == n for l, n in zip(a["label"], a["label_name"]))
-    saved = experiment_split(tmp_path, 60, 20, 30, seed=3)
-    pd.testing.assert_frame_equal(saved, a)
-    pd.testing.assert_frame_equal(load_split(tmp_path / "split.csv"), a)
-    pd.testing.assert_frame_equal(experiment_split(tmp_path, 60, 20, 30, seed=3), a)
-    with pytest.raises(ValueError, match="was made with"):
-        experiment_split(tmp_path, 60, 20, 30, seed=4)
     with pytest.raises(ValueError, match="has .* examples"):
         make_split(10, 10, 2000, corpus=corpus)
 

@@ -1,4 +1,4 @@
-"""Common random numbers (issue 10, item 1): for one seed every method draws the same A, C, B, W_r,
+"""Common random numbers (docs/method.md §5, training protocol): for one seed every method draws the same A, C, B, W_r,
 head init and batch order in every adapted layer; T and W_g come from their own keyed streams; the
 scale-matched control and the function-matched twin are built from the same draws.
 
@@ -84,8 +84,13 @@ def test_talk_and_input_router_come_from_their_own_streams(encoder):
         assert talk[layer]["T"].abs().max() <= bound and not torch.equal(talk[layer]["T"], torch.eye(4))
         d_in = inp[layer]["W_g"].shape[1]
         assert inp[layer]["W_g"].abs().max() <= d_in ** -0.5
-        # independent streams: T is not a piece of W_r, W_g is not A's stream
-        assert not torch.equal(talk[layer]["T"].flatten(), code[layer]["W_r"].flatten()[:16])
+        # T is the first draw of its own keyed stream (seed, layer, "T"), computed here from the key
+        # itself (not through train.official_talk, which a wrong key would change too) ...
+        expected = torch.empty(4, 4).uniform_(-bound, bound, generator=train.crn_generator(1, layer, "T"))
+        torch.testing.assert_close(talk[layer]["T"], expected, rtol=0, atol=0)
+        # ... and not a rescaled piece of W_r's stream (U(±b) draws of one stream differ only by the scale b)
+        w_r = code[layer]["W_r"].flatten()[:16] / 8 ** -0.5
+        assert not torch.allclose(talk[layer]["T"].flatten() / bound, w_r, atol=1e-6)
         assert not torch.equal(inp[layer]["W_g"].flatten()[:d_in], code[layer]["A"][0])
     assert not torch.equal(talk["L1.query"]["T"], talk["L2.query"]["T"])
     g1 = train.crn_generator(1, "L1.query", "T")

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from analysis import methods as registry
 from analysis import perturb, train, twins
 from analysis.config import load_profile
 from talklora_min import MoELoRALinear, adapter_layers
@@ -114,8 +115,12 @@ def test_twins_are_identical_at_step_0_and_diverge_under_adamw(tmp_path):
     cfg = tiny_train_cfg()
     caches = train.prefix_caches(cfg, tmp_path, "sentiment")
     labels = train.split_labels(tmp_path, cfg, "sentiment")
-    models = twins.build_twins(0, cfg, train.frozen_encoder())
-    assert list(models) == list(twins.MODELS)
+    arms = list(registry.tagged("twin-arm"))
+    models = twins.build_twins(0, cfg, train.frozen_encoder(), arms)
+    assert list(models) == arms == ["talklora-official", "moelora-twin", "talklora-frozen-T",
+                                    "talklora-identity-matched"]
+    assert not any(layer.T.requires_grad for layer in adapter_layers(models["talklora-frozen-T"]).values())
+    assert all(layer.T.requires_grad for layer in adapter_layers(models["talklora-official"]).values())
     hidden, mask = caches["val"].batch(torch.arange(len(caches["val"])))
     for model in models.values():          # B = 0 at init hides the router: give the experts an output
         for layer in adapter_layers(model).values():
@@ -123,8 +128,8 @@ def test_twins_are_identical_at_step_0_and_diverge_under_adamw(tmp_path):
     with torch.no_grad():
         outs = {k: m.eval().forward_top(hidden, mask) for k, m in models.items()}
     for k, out in outs.items():
-        assert (out - outs["talklora"]).abs().max() <= twins.MATCH_ATOL, k
-    talk, twin = models["talklora"], models["moelora-twin"]
+        assert (out - outs["talklora-official"]).abs().max() <= twins.MATCH_ATOL, k
+    talk, twin = models["talklora-official"], models["moelora-twin"]
     for name, layer in adapter_layers(talk).items():
         torch.testing.assert_close(twin.get_submodule(name).W_r, layer.effective_router(), rtol=0, atol=1e-6)
     # same batches, AdamW: the parameterisations take different paths
@@ -140,7 +145,7 @@ def test_twins_are_identical_at_step_0_and_diverge_under_adamw(tmp_path):
 @pytest.mark.real_models
 def test_twins_cell_rows_and_router_movement(tmp_path):
     cfg = tiny_train_cfg()
-    spec = dict(models=["talklora", "moelora-twin"], steps=4, eval_every=2, lr_adamw=3e-4, lr_sgd=1e-3,
+    spec = dict(models=["talklora-official", "moelora-twin"], steps=4, eval_every=2, lr_adamw=3e-4, lr_sgd=1e-3,
                 head_lr_sgd=0.1, weight_decay=0.01)
     rows = pd.DataFrame(twins.twins_cell("adamw", 0, cfg, spec, str(tmp_path), "sentiment"))
     assert set(rows.split) == {"probe", "val", "test", "weights"}
@@ -151,7 +156,7 @@ def test_twins_cell_rows_and_router_movement(tmp_path):
     assert (step0 <= twins.MATCH_ATOL).all()
     moved = rows[rows.metric == "router_rel_change"]
     assert len(moved) == 2 * 5 and (moved.value > 0).all() and (moved.value < 1).all()
-    assert set(rows[rows.metric == "talk_rel_change"].model) == {"talklora"}
+    assert set(rows[rows.metric == "talk_rel_change"].model) == {"talklora-official"}
 
 
 @pytest.mark.real_models
@@ -200,8 +205,9 @@ def test_budget_cell_matches_talklora_count_within_two_percent(tmp_path):
     rows = pd.DataFrame(train.train_cell("lora", 0, cfg, str(tmp_path), "sentiment", budget=8))
     gap = rows[rows.metric == "budget_gap"].value.item()
     count = rows[rows.metric == "trainable_parameters"].value.item()
-    talk = train.closed_form_parameters("talklora-official", 8, 4, 1, cfg["targets"])
-    assert count == train.closed_form_parameters("lora", int(rows["rank"].iloc[0]), 4, 1, cfg["targets"])
+    talk = train.method_parameters("talklora-official", 8, cfg)
+    assert count == train.method_parameters("lora", int(rows["rank"].iloc[0]), cfg)
+    assert rows[rows.metric == "closed_form_parameters"].value.item() == count
     assert gap == pytest.approx(count / talk - 1) and abs(gap) <= 0.02
 
 
@@ -218,12 +224,12 @@ def test_real_model_perturbation_cell(model):
 
 def test_matched_budget_rules():
     cfg = tiny_train_cfg(rank=8, num_experts=4, adapt_top_layers=1, targets=["query", "up"])
-    assert {m: train.method_rank(m, cfg) for m in train.METHODS} == {m: 8 for m in train.METHODS}
-    assert train.closed_form_parameters("head-only", 8, 4, 1, ["query"]) == 0
+    assert {m: train.method_rank(m, cfg) for m in registry.METHODS} == {m: 8 for m in registry.METHODS}
+    assert train.method_parameters("head-only", 8, cfg) == 0
     cfg["matched_budget"] = "match-params"
-    count = lambda m, r: train.closed_form_parameters(m, r, 4, 1, ["query", "up"])
+    count = lambda m, r: train.method_parameters(m, r, cfg)
     target = count("talklora-official", 8)
-    for method in train.METHODS:
+    for method in registry.METHODS:
         r = train.method_rank(method, cfg)
         step = 1 if method in ("lora", "head-only") else 4
         assert r % step == 0

@@ -11,7 +11,7 @@ from analysis.config import ConfigError, ExperimentConfig, LMConfig, load_profil
 
 
 @pytest.mark.parametrize("field, bad, message", [
-    ("methods", ["lora", "moelora-input"], "lm.methods:"),
+    ("methods", ["lora", "dora"], "lm.methods:"),
     ("seeds", [], "lm.seeds:"),
     ("eval_every", 1000, "lm.eval_every:"),
     ("adapt_top_layers", 31, "lm.adapt_top_layers:"),
@@ -30,7 +30,8 @@ def test_lm_profiles_round_trip_and_use_the_official_layout():
         cfg = load_profile(name)
         assert ExperimentConfig.from_toml(cfg.to_toml()) == cfg
         assert (cfg.lm.rank, cfg.lm.num_experts, cfg.lm.dropout) == (32, 4, 0.05)
-        assert len(cfg.lm.seeds) >= 8 and set(cfg.lm.methods) == set(lm.METHODS)
+        assert len(cfg.lm.seeds) >= 8 and set(cfg.lm.methods) == {"lora", "moelora-code", "moelora-code-scaled",
+                                                                 "moelora-twin", "talklora-official"}
     assert load_profile("paper").lm.lr == 3e-4
 
 
@@ -96,7 +97,8 @@ def test_cached_prefix_top_model_reproduces_the_full_model():
 def test_methods_share_common_random_numbers_and_the_control_matches_the_router_norm():
     from talklora_min import adapter_layers
     from talklora_min.layers import absorbed_router
-    models = {m: lm.build_lm(m, 3, 1, 32, 4, 0.05)[0] for m in lm.METHODS}
+    models = {m: lm.build_lm(m, 3, 1, 32, 4, 0.05)[0]
+              for m in ("lora", "moelora-code", "moelora-code-scaled", "moelora-twin", "talklora-official")}
     layers = {m: adapter_layers(model) for m, model in models.items()}
     names = list(layers["talklora-official"])
     assert [n.split(".")[-1] for n in names] == list(lm.TARGETS)
