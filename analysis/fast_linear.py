@@ -59,10 +59,11 @@ class FastPathStatus:
     speedup: float | None = None          # F.linear time / oneDNN time on the probe
     max_rel_diff: float | None = None     # on the probe, outputs and input gradients
     mode: str = "auto"
+    threads: int = dataclasses.field(default_factory=torch.get_num_threads)   # when it was decided
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "required_speedup": REQUIRED_SPEEDUP, "probe": list(PROBE),
-                "threads": torch.get_num_threads(), "torch": torch.__version__}
+                "torch": torch.__version__}
 
 
 _status: FastPathStatus | None = None

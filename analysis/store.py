@@ -131,6 +131,7 @@ def git_dirty(cwd: str | Path | None = None) -> bool | None:
 # imported from a package's __init__ counts as the submodule that defines it, so changing one
 # module (plotting, claims, io) does not touch cells that never import it.  Hashes are of file
 # contents with LF line ends: the same checkout gives the same record on every machine and path.
+# (A cell function defined where there is no source file, e.g. interactively, records no modules.)
 CODE_PACKAGES = ("analysis", "talklora_min")
 # Modules that store results or read and validate configs: a cell's numbers depend on its params
 # (hashed), never on how they were checked or where the rows are saved.
@@ -168,8 +169,12 @@ def _facts(path: Path, module: str) -> tuple[str, tuple]:
 def _imports(digest: str, package: str, data: bytes) -> tuple:
     """Every import statement of a module's source ``data`` in package ``package``, as
     ``(absolute module, imported names)`` (cached by content: parsing is the slow part)."""
+    try:
+        tree = ast.parse(data)
+    except SyntaxError:                  # edited on disk since it was imported: the hash shows the change
+        return ()
     imports = []
-    for node in ast.walk(ast.parse(data)):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             imports += [(a.name, ()) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
