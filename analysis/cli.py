@@ -85,9 +85,36 @@ def _int_at_least(lo: int):
 _positive_int, _nonnegative_int = _int_at_least(1), _int_at_least(0)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (exit status 2) that names the option and
+    what it accepts, instead of the usage block plus the error."""
+
+    def error(self, message: str):
+        option = message.split(":", 1)[0].removeprefix("argument ") if message.startswith("argument ") else None
+        action = next((a for a in self._actions if option and option in a.option_strings), None)
+        if action is not None and "choose from" not in message and "must be" not in message:
+            accepted = (f"one of {list(action.choices)}" if action.choices else
+                        action.metavar or action.dest.upper())
+            message += f" ({action.option_strings[-1]} takes {accepted})"
+        elif message.startswith("unrecognized arguments"):
+            options = sorted({o for a in self._actions for o in a.option_strings if o.startswith("--")})
+            message += f"; {self.prog} accepts {', '.join(options)}"
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        """Unknown options are reported by the subcommand's parser (naming what it accepts), not
+        by the top-level one."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        command = getattr(namespace, "command", None)
+        if extras and self._subparsers is not None and command is not None:
+            sub = next(a for a in self._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
+            sub.choices[command].error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="python -m analysis", description=__doc__.split("\n\n")[0],
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{perturb,train,twins,lm,figures,claims,config}")
     for name, help_text in {**EXPERIMENTS, "config": "print the resolved config as TOML"}.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -97,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="TOML config file (extends = \"<profile>\", or complete on its own)")
         if name == "config":
             continue
-        p.add_argument("--workers", type=int, default=1, help="cells run in parallel (default 1: inline)")
+        p.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+                       help="cells run in parallel (default 1: inline)")
         p.add_argument("--results-dir", type=Path, default=Path("results"), metavar="DIR",
                        help="results root (default: results)")
         p.add_argument("--force", action="store_true", help="re-run cells that are already done")
@@ -231,9 +259,6 @@ def main(argv=None) -> int:
     if args.command == "config":
         print(config.to_toml(), end="")
         return EXIT_OK
-    if args.workers < 1:
-        print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
-        return EXIT_USAGE
     try:
         device = resolve_execution(args)
         check_writable_dir(args.results_dir)

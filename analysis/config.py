@@ -22,8 +22,9 @@ override only some fields::
 
 A file without ``extends`` must give every section and every field (an empty file is refused, and
 so is a partial one, naming the missing fields): nothing silently comes from the dataclass
-defaults.  File problems (missing, a directory, unreadable, not UTF-8, invalid TOML) and values of
-the wrong shape (a list where a name belongs, ...) are :class:`ConfigError` too.
+defaults.  File problems (missing, a directory, a FIFO or device, over 1 MiB, unreadable, not UTF-8,
+invalid TOML, nested more than 32 levels) and values of the wrong shape (a list where a name
+belongs, ...) are :class:`ConfigError` too.
 
 Round trips: ``ExperimentConfig.from_dict(cfg.to_dict()) == cfg`` and the same through
 ``to_json``/``from_json`` and ``to_toml``/``from_toml``.
@@ -41,12 +42,14 @@ from .sections import (  # noqa: F401  (the public names are re-exported here)
     ConfigError, LMConfig, LM_MAX_TEXTS, LM_METHODS, MATCHED_BUDGET_RULES, MINILM_TARGETS,
     MarginsConfig, PERTURB_KINDS, PerturbConfig, PlantedConfig, REAL_MODELS, SCALE_CONTROLS, SECTIONS,
     SMOLLM_LAYERS, TRAIN_METHODS, TRAIN_TASKS, TWIN_MODELS, TWIN_OPTIMIZERS, TrainConfig,
-    TwinsConfig, _fail)
+    TwinsConfig, _fail, _split_fits)
+from .files import FileProblem, parse_json, parse_toml, read_regular_file
 
 from .settings import UserSetting
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 OPTIONAL = {"setting": UserSetting}          # optional tables: absent from the profiles
+MAX_CONFIG_BYTES = 1 << 20      # the profiles are ~5 KB; a bigger "config" is a mistake (or /dev/zero)
 
 
 @dataclass
@@ -71,6 +74,7 @@ class ExperimentConfig:
                 setattr(self, name, cls.from_dict(value))
             elif not isinstance(value, cls) and not (name in OPTIONAL and value is None):
                 _fail(name, f"a {cls.__name__} or a table", value)
+        _split_fits("twins.tasks", self.twins.tasks, self.train.n_val, self.train.n_test)   # twins use train's split
 
     # -- dict / JSON / TOML
     def to_dict(self) -> dict:
@@ -108,7 +112,11 @@ class ExperimentConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "ExperimentConfig":
-        return cls.from_dict(json.loads(text))
+        try:
+            data = parse_json(text.encode("utf-8") if isinstance(text, str) else text)
+        except FileProblem as err:
+            raise ConfigError(f"config: {err}") from None
+        return cls.from_dict(data)
 
     def to_toml(self) -> str:
         return dumps_toml(self.to_dict())
@@ -177,14 +185,17 @@ def _check_complete(data: dict, origin: str) -> None:
 
 
 def _read_text(path: Path) -> str:
-    """A config file's text; any file-system or encoding problem is a :class:`ConfigError`."""
+    """A config file's text: a regular file of at most :data:`MAX_CONFIG_BYTES` (a FIFO or a device
+    is refused, not read); any file-system or encoding problem is a :class:`ConfigError`."""
     try:
-        raw = path.read_bytes()
+        raw = read_regular_file(path, MAX_CONFIG_BYTES)
     except FileNotFoundError:
         raise ConfigError(f"config: file not found: {path}") from None
     except IsADirectoryError:
         raise ConfigError(f"config: {path} is a directory, not a TOML file") from None
-    except OSError as err:                     # permissions, name too long, a FIFO gone away, ...
+    except FileProblem as err:
+        raise ConfigError(f"config: {path} is {err}; a config is a TOML file") from None
+    except OSError as err:                     # permissions, name too long, ...
         raise ConfigError(f"config: cannot read {path}: {err.strerror or err}") from None
     try:
         return raw.decode("utf-8")
@@ -195,9 +206,11 @@ def _read_text(path: Path) -> str:
 
 def _parse_toml(text: str, origin: str) -> dict:
     try:
-        return tomllib.loads(text)
+        return parse_toml(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{origin}: invalid TOML: {err}") from None
+    except FileProblem as err:
+        raise ConfigError(f"{origin}: {err}") from None
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

@@ -3,7 +3,8 @@
 Layout of one experiment, ``<results_dir>/<experiment>/``::
 
     rows.csv            tidy table, one row per measurement (written when every cell is done)
-    meta.json           config, seeds, package versions, git commit, wall time, cell counts
+    meta.json           config, seeds, package versions, git commit, code versions, wall time,
+                        cell counts, the frozen-linear fast path (on/off, why, speed-up) of the cells
     cells/<hash>.json   one file per finished cell: key, params, rows, wall time
 
 Row schema (tidy): every row holds the cell's key columns (e.g. ``E, r, talk, seed``), then the
@@ -16,8 +17,12 @@ A sweep is a list of :class:`Cell` objects: ``Cell(fn, key, params)``; running i
 ``fn(**key, **params)``, which returns a list of row dicts (or a DataFrame).  ``fn`` must be a
 picklable top-level function, ``key``/``params`` JSON-serialisable.  The cell hash covers the
 function's qualified name, key and params, so a changed config gives new cells instead of reusing
-stale ones.  Every finished cell is written atomically as its own file, so an interrupted run loses
-at most the cells in flight; a re-run computes only the missing cells and a finished re-run runs
+stale ones.  Each cell file also records the code that computed it
+(:func:`~analysis.store.code_version`: the package version and a hash of every project module the
+cell's module imports); a cell computed by other code is *stale*: it is re-run, and the run says how
+many cells and which modules changed (a change to a module the cell does not import, e.g. plotting
+or claims, leaves it alone).  Every finished cell is written atomically as its own file, so an
+interrupted run loses at most the cells in flight; a re-run computes only the missing cells and a finished re-run runs
 nothing (and says so).  ``rows.csv`` concatenates the cells *in the order of the cell list*, so it
 does not depend on completion order or on how many workers ran.
 
@@ -43,10 +48,12 @@ listing the failed cells, and ``rows.csv`` is not written until every cell has s
 Faults: a sweep holds an exclusive lock on ``<experiment>/.lock`` (``fcntl.flock``, released by the
 kernel even on ``kill -9``) while it runs, so a second run on the same results directory stops at
 once with :class:`ResultsLockedError` (naming the holder) instead of computing every cell again.
-Each cell file carries the SHA-256 of its rows; a cell file that is not UTF-8 JSON, lacks the
-record schema, belongs to another cell or fails its checksum is reported by name, moved aside to
-``<hash>.json.damaged`` and its cell re-run.  ``meta.json`` records the SHA-256 of ``rows.csv``, so
-a damaged ``rows.csv`` is rebuilt from the cells.  Files are created with the user's umask (a file
+Each cell file carries the SHA-256 of its rows; a cell file that is not a regular file of UTF-8
+JSON, is nested absurdly deep, lacks the record schema or its checksum, belongs to another cell or
+fails its checksum is reported by name, moved aside to ``<hash>.json.damaged`` and its cell re-run.
+``meta.json`` records the SHA-256 of ``rows.csv``, so a damaged ``rows.csv`` (or a ``meta.json``
+without that checksum) is rebuilt from the cells.  The lock file is opened without following links
+and refused unless it is a regular file of its own.  Files are created with the user's umask (a file
 that is replaced keeps its permissions), never the 0600 of a bare temporary file.
 """
 from __future__ import annotations
@@ -69,7 +76,8 @@ import pandas as pd
 from .store import (  # noqa: F401  (re-exported: analysis.results is the public place)
     DEFAULT_RESULTS_DIR, LOCATION_PARAMS, REQUIRED_COLUMNS, DamagedResultsError, ResultStore,
     ResultsLockedError, _sha256, atomic_path, atomic_write_csv, atomic_write_json, atomic_write_text,
-    computed_params, git_commit, git_dirty, package_versions, read_rows, rows_checksum, update_marked_section)
+    code_version, computed_params, git_commit, git_dirty, package_versions, read_rows, rows_checksum,
+    update_marked_section)
 
 
 # ----------------------------------------------------------------------------- cells
@@ -175,11 +183,20 @@ def normalise_rows(rows, key: dict) -> list[dict]:
     return out
 
 
+def _fast_linear_status() -> dict | None:
+    """The frozen-linear fast path of this process (:mod:`analysis.fast_linear`), None when nothing
+    in it used the fast-path module (the module is not even imported then)."""
+    module = sys.modules.get(f"{__package__ or 'analysis'}.fast_linear")
+    return module.fast_path_status(check=False) if module is not None else None
+
+
 def execute_cell(fn: Callable, key: dict, params: dict) -> dict:
-    """Run one cell (in whatever process the executor chose); returns a picklable record."""
+    """Run one cell (in whatever process the executor chose); returns a picklable record, with the
+    frozen-linear fast path status of that process (it decides on its own, see :mod:`analysis.fast_linear`)."""
     t0 = time.perf_counter()
     rows = normalise_rows(fn(**key, **params), key)
-    return {"rows": rows, "wall_s": time.perf_counter() - t0, "host": platform.node(), "pid": os.getpid()}
+    return {"rows": rows, "wall_s": time.perf_counter() - t0, "host": platform.node(), "pid": os.getpid(),
+            "fast_linear": _fast_linear_status()}
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -229,12 +246,14 @@ class SweepResult:
     n_run: int
     n_skipped: int
     wall_s: float
+    n_stale: int = 0
 
     def summary(self) -> str:
         if self.n_run == 0:
             return (f"[{self.experiment}] all {self.n_cells} cells already done, nothing to run; "
                     f"{len(self.rows)} rows in {self.path / 'rows.csv'}")
-        return (f"[{self.experiment}] {self.n_run} cells run, {self.n_skipped} skipped (already done), "
+        stale = f" ({self.n_stale} of them stale: computed by other code)" if self.n_stale else ""
+        return (f"[{self.experiment}] {self.n_run} cells run{stale}, {self.n_skipped} skipped (already done), "
                 f"{self.n_cells} total; {len(self.rows)} rows -> {self.path / 'rows.csv'}; "
                 f"wall {self.wall_s:.1f} s")
 
@@ -280,21 +299,38 @@ def _meta_matches(store: ResultStore, hashes: list[str]) -> bool:
     except (OSError, ValueError):
         return False
     return (meta.get("status") == "complete" and meta.get("cell_hashes") == hashes
-            and meta.get("rows_sha256", rows_sha) == rows_sha)
+            and meta.get("rows_sha256") == rows_sha)          # no checksum: rebuild, never trust
 
 
-def _reusable(store: ResultStore, cell: Cell, experiment: str, log) -> bool:
-    """Whether ``cell`` has a sound file; a damaged one is named, moved aside and its cell re-run."""
+def _reusable(store: ResultStore, cell: Cell, code: dict, experiment: str, log, stale: dict) -> bool:
+    """Whether ``cell`` has a sound file computed by ``code``; a damaged one is named, moved aside
+    and its cell re-run; a stale one (other code) is noted in ``stale`` (label -> reason) and re-run."""
     path = store.cell_path(cell.hash)
     if not path.is_file():
         return False
     problem = store.cell_problem(cell)
     if problem is None:
-        return True
+        reason = store.stale_reason(cell, code)
+        if reason is None:
+            return True
+        stale[cell.label()] = reason
+        return False
     aside = path.with_name(path.name + ".damaged")
     os.replace(path, aside)
     log(f"[{experiment}] {path} is damaged ({problem}); moved to {aside.name}, re-running cell {cell.label()}")
     return False
+
+
+def _fast_linear_summary(records: list[dict]) -> list[dict] | None:
+    """One entry per distinct fast-path status among the cells' records (a status per process that
+    ran cells), with how many cells ran under it; None when no cell used the fast-path module."""
+    groups: dict[str, dict] = {}
+    for record in records:
+        status = record.get("fast_linear")
+        if status is not None:
+            entry = groups.setdefault(json.dumps(status, sort_keys=True), {**status, "cells": 0})
+            entry["cells"] += 1
+    return list(groups.values()) or None
 
 
 def run_sweep(experiment: str, cells: list[Cell], *, results_dir: str | Path = DEFAULT_RESULTS_DIR,
@@ -335,12 +371,19 @@ def _sweep_locked(store: ResultStore, cells: list[Cell], hashes: list[str], *, t
     from tqdm.auto import tqdm
 
     experiment = store.experiment
-    todo = [c for c in cells if force or not _reusable(store, c, experiment, log)]
+    codes = {fn_name: code_version(fn) for fn_name, fn in {c.fn_name: c.fn for c in cells}.items()}
+    stale: dict[str, str] = {}
+    todo = [c for c in cells if force or not _reusable(store, c, codes[c.fn_name], experiment, log, stale)]
     n_skipped = len(cells) - len(todo)
     failures: dict[str, str] = {}
+    if stale:
+        reasons = sorted(set(stale.values()))
+        more = f" (and {len(reasons) - 1} other reasons)" if len(reasons) > 1 else ""
+        log(f"[{experiment}] {len(stale)} of {len(cells)} cells are stale, re-running them: {reasons[0]}{more}")
 
     def save(cell: Cell, record: dict) -> None:
         store.write_cell(cell.hash, {"key": cell.key, "params": cell.params, "fn": cell.fn_name,
+                                     "code": codes[cell.fn_name],
                                      "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                      **record, "rows_sha256": rows_checksum(record["rows"])})
 
@@ -389,8 +432,8 @@ def _sweep_locked(store: ResultStore, cells: list[Cell], hashes: list[str], *, t
             own_pool.shutdown(wait=True, cancel_futures=True)
 
     wall = time.perf_counter() - t0
-    done_cells = [c for c in cells if store.has_cell(c.hash)]
-    cell_wall = sum(store.read_cell(c.hash).get("wall_s", 0.0) for c in done_cells)
+    done_records = [store.read_cell(c.hash) for c in cells if store.has_cell(c.hash)]
+    cell_wall = sum(r.get("wall_s", 0.0) for r in done_records)
     meta_record = {
         "experiment": experiment,
         "status": "complete" if not failures else "incomplete",
@@ -398,12 +441,14 @@ def _sweep_locked(store: ResultStore, cells: list[Cell], hashes: list[str], *, t
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_s": wall,
         "cells": {"total": len(cells), "run": len(todo) - len(failures), "skipped": n_skipped,
-                  "failed": len(failures), "cell_wall_s_total": cell_wall},
+                  "stale_rerun": len(stale), "failed": len(failures), "cell_wall_s_total": cell_wall},
         "config": config.to_dict() if hasattr(config, "to_dict") else config,
         "seeds": sorted({c.key["seed"] for c in cells if "seed" in c.key}),
         "packages": package_versions(),
         "git_commit": git_commit(),
         "git_dirty": git_dirty(),
+        "code": codes,
+        "fast_linear": _fast_linear_summary(done_records),
         "host": {"node": platform.node(), "cpus": os.cpu_count(), "platform": platform.platform()},
         "command": sys.argv,
         "cell_hashes": hashes,
@@ -419,7 +464,7 @@ def _sweep_locked(store: ResultStore, cells: list[Cell], hashes: list[str], *, t
     meta_record["rows"] = len(rows)
     meta_record["rows_sha256"] = _sha256(store.rows_path.read_bytes())
     store.write_meta(meta_record)
-    result = SweepResult(experiment, store.path, rows, len(cells), len(todo), n_skipped, wall)
+    result = SweepResult(experiment, store.path, rows, len(cells), len(todo), n_skipped, wall, len(stale))
     log(result.summary())
     return result
 

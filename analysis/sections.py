@@ -35,6 +35,27 @@ class ConfigError(ValueError):
     """An invalid experiment configuration; the message starts with ``section.field:``."""
 
 
+# ----------------------------------------------------------------------------- run-time limits
+# Bounds on what the cells can do, checked here so that a value out of range fails before any
+# work instead of in every cell.  Seeds are mixed into torch generator seeds (``1_000_003 * seed +
+# offset``), which must fit in 64 bits; sizes are capped where a larger value would only exhaust
+# the memory (every bound is far above the profiles).
+MAX_SEED = 2**32 - 1
+MAX_STEPS = 1_000_000
+MAX_WIDTH = 8192                 # perturb.d_in / d_out (a weight matrix of at most 512 MiB in float64)
+MAX_TOKEN_ELEMENTS = 2**26       # perturb.n_tokens x max(d_in, d_out): one token matrix of 512 MiB in float64
+MAX_EXPERTS = 64
+MAX_SYNTHETIC_RANK = 1024
+MAX_MC_DRAWS = 200_000           # rows are stored per draw: 400,000 rows per cell at most
+MAX_PGD_STEPS = 1000
+MAX_SENTENCES = 1024             # perturb.n_sentences, drawn from the 7-way corpus (smallest class ~300)
+MAX_BATCH = 4096
+MINILM_WIDTH, SMOLLM_WIDTH = 384, 576    # hidden sizes: an adapter rank above them adds nothing
+# Examples per class of the two training tasks in the pinned data packs (after deduplication; the
+# split draws exactly n_val + n_test of them, stratified, and must leave training examples).
+TASK_CLASS_SIZES = {"sentiment": (7368, 5384), "topic": (502, 365, 399, 502, 337)}
+
+
 # ----------------------------------------------------------------------------- validators
 def _fail(name: str, what: str, value: Any) -> None:
     raise ConfigError(f"{name}: must be {what}, got {value!r}")
@@ -67,9 +88,11 @@ def _float(name, v, lo=None, hi=None, lo_open=False) -> float:
     return float(v)
 
 
-def _int_list(name, v, lo=None, unique=True) -> list[int]:
+def _int_list(name, v, lo=None, unique=True, hi=None) -> list[int]:
     if not isinstance(v, (list, tuple)) or not v or not all(_is_int(x) for x in v):
         _fail(name, "a non-empty list of ints", v)
+    if hi is not None and any(x < lo or x > hi for x in v):
+        _fail(name, f"a non-empty list of ints in [{lo}, {hi}]", v)
     if lo is not None and any(x < lo for x in v):
         _fail(name, f"a non-empty list of ints >= {lo}", v)
     if unique and len(set(v)) != len(v):
@@ -87,6 +110,25 @@ def _float_list(name, v, lo=None, lo_open=False) -> list[float]:
     return [float(x) for x in v]
 
 
+def _seeds(name, v) -> list[int]:
+    """Distinct seeds in ``[0, MAX_SEED]`` (they are mixed into 64-bit torch generator seeds)."""
+    return _int_list(name, v, lo=0, hi=MAX_SEED)
+
+
+def _split_fits(name: str, tasks, n_val, n_test) -> None:
+    """Every task in ``tasks`` has room for ``n_val`` + ``n_test`` held-out examples, stratified by
+    class (each class gives at most ceil(n * class / total) to each), with training examples left."""
+    for task in tasks:
+        sizes = TASK_CLASS_SIZES.get(task)
+        if sizes is None:
+            continue
+        total = sum(sizes)
+        held = [-(-n_val * c // total) - (-n_test * c // total) for c in sizes]
+        if any(h >= c for h, c in zip(held, sizes)):
+            _fail(name, f"an int with train.n_val + train.n_test small enough to leave training examples in "
+                  f"every class of task {task!r} (class sizes {list(sizes)}; train.n_val = {n_val})", n_test)
+
+
 def _choice_list(name, v, choices) -> list[str]:
     if (not isinstance(v, (list, tuple)) or not v or not all(isinstance(x, str) for x in v)
             or any(x not in choices for x in v) or len(set(v)) != len(v)):
@@ -101,17 +143,18 @@ def _choice(name, v, choices) -> str:
 
 
 def _schedule(section: str, steps, eval_every) -> None:
-    """``steps >= 1`` and ``1 <= eval_every <= steps`` (the training sections share this)."""
-    _int(f"{section}.steps", steps, lo=1)
+    """``1 <= steps <= MAX_STEPS`` and ``1 <= eval_every <= steps`` (the training sections share this)."""
+    _int(f"{section}.steps", steps, lo=1, hi=MAX_STEPS)
     _int(f"{section}.eval_every", eval_every, lo=1)
     if eval_every > steps:
         _fail(f"{section}.eval_every", f"an int <= {section}.steps ({steps})", eval_every)
 
 
-def _expert_split(section: str, rank, num_experts) -> None:
-    """``rank >= 1``, ``num_experts >= 1`` and ``rank`` a multiple of ``num_experts`` (m = r / E)."""
-    _int(f"{section}.rank", rank, lo=1)
-    _int(f"{section}.num_experts", num_experts, lo=1)
+def _expert_split(section: str, rank, num_experts, max_rank: int) -> None:
+    """``1 <= rank <= max_rank``, ``1 <= num_experts <= MAX_EXPERTS`` and ``rank`` a multiple of
+    ``num_experts`` (m = r / E)."""
+    _int(f"{section}.rank", rank, lo=1, hi=max_rank)
+    _int(f"{section}.num_experts", num_experts, lo=1, hi=MAX_EXPERTS)
     if rank % num_experts:
         _fail(f"{section}.rank", f"a multiple of {section}.num_experts ({num_experts})", rank)
 
@@ -191,28 +234,34 @@ class PerturbConfig(_Section):
         for E, r in self.grid:
             if r % E:
                 _fail(f"{p}.grid", f"[E, r] pairs with E dividing r ({[E, r]} does not)", self.grid)
+            if E > MAX_EXPERTS or r > MAX_SYNTHETIC_RANK:
+                _fail(f"{p}.grid", f"[E, r] pairs with E <= {MAX_EXPERTS} and r <= {MAX_SYNTHETIC_RANK} "
+                      f"({[E, r]} is not)", self.grid)
         if len({tuple(g) for g in self.grid}) != len(self.grid):
             _fail(f"{p}.grid", "a list of distinct [E, r] pairs", self.grid)
+        if not any(E >= 3 for E, _ in self.grid):        # the dense vs top-k router comparison needs one
+            _fail(f"{p}.grid", "a list with at least one [E, r] pair with E >= 3 (with E = 2, top-2 routing "
+                  "is the dense router: the router comparison needs a sparse one)", self.grid)
         if not isinstance(self.talk, (list, tuple)) or not self.talk or len(set(self.talk)) != len(self.talk):
             _fail(f"{p}.talk", "a non-empty list of distinct talk settings", self.talk)
         self.talk = [_talk_setting(f"{p}.talk", t) for t in self.talk]
         self.eps = _float_list(f"{p}.eps", self.eps, lo=0.0, lo_open=True)
         self.kinds = _choice_list(f"{p}.kinds", self.kinds, PERTURB_KINDS)
-        self.seeds = _int_list(f"{p}.seeds", self.seeds, lo=0)
-        _int(f"{p}.n_tokens", self.n_tokens, lo=1)
-        _int(f"{p}.d_in", self.d_in, lo=1)
-        _int(f"{p}.d_out", self.d_out, lo=1)
-        _int(f"{p}.adversarial_steps", self.adversarial_steps, lo=1)
+        self.seeds = _seeds(f"{p}.seeds", self.seeds)
+        _int(f"{p}.d_in", self.d_in, lo=1, hi=MAX_WIDTH)
+        _int(f"{p}.d_out", self.d_out, lo=1, hi=MAX_WIDTH)
+        _int(f"{p}.n_tokens", self.n_tokens, lo=1, hi=MAX_TOKEN_ELEMENTS // max(self.d_in, self.d_out))
+        _int(f"{p}.adversarial_steps", self.adversarial_steps, lo=1, hi=MAX_PGD_STEPS)
         if not isinstance(self.models, (list, tuple)) or len(set(self.models)) != len(self.models) \
                 or any(m not in REAL_MODELS for m in self.models):
             _fail(f"{p}.models", f"a list (possibly empty) of distinct values from {list(REAL_MODELS)}",
                   self.models)
         self.models = list(self.models)
-        _int(f"{p}.n_sentences", self.n_sentences, lo=1)
+        _int(f"{p}.n_sentences", self.n_sentences, lo=1, hi=MAX_SENTENCES)
         _int(f"{p}.max_length", self.max_length, lo=2, hi=512)
         self.controls = _choice_list(f"{p}.controls", self.controls, SCALE_CONTROLS)
-        _int(f"{p}.mc_draws", self.mc_draws, lo=1)
-        self.mc_experts = _int_list(f"{p}.mc_experts", self.mc_experts, lo=1)
+        _int(f"{p}.mc_draws", self.mc_draws, lo=1, hi=MAX_MC_DRAWS)
+        self.mc_experts = _int_list(f"{p}.mc_experts", self.mc_experts, lo=1, hi=MAX_EXPERTS)
 
 
 @dataclass
@@ -274,13 +323,13 @@ class TrainConfig(_Section):
             _fail(f"{p}.extra_methods", f"a list (possibly empty) of distinct values from {list(TRAIN_METHODS)} "
                   "not already in train.methods", self.extra_methods)
         self.extra_methods = list(self.extra_methods)
-        self.seeds = _int_list(f"{p}.seeds", self.seeds, lo=0)
+        self.seeds = _seeds(f"{p}.seeds", self.seeds)
         _schedule(p, self.steps, self.eval_every)
-        _int(f"{p}.batch_size", self.batch_size, lo=1)
+        _int(f"{p}.batch_size", self.batch_size, lo=1, hi=MAX_BATCH)
         self.lr = _float(f"{p}.lr", self.lr, lo=0.0, lo_open=True)
         self.head_lr = _float(f"{p}.head_lr", self.head_lr, lo=0.0, lo_open=True)
         self.weight_decay = _float(f"{p}.weight_decay", self.weight_decay, lo=0.0)
-        _expert_split(p, self.rank, self.num_experts)
+        _expert_split(p, self.rank, self.num_experts, MINILM_WIDTH)
         self.alpha = _float(f"{p}.alpha", self.alpha, lo=0.0)
         self.dropout = _float(f"{p}.dropout", self.dropout, lo=0.0, hi=0.99)
         _int(f"{p}.adapt_top_layers", self.adapt_top_layers, lo=1, hi=6)
@@ -292,15 +341,16 @@ class TrainConfig(_Section):
         _int(f"{p}.n_probe", self.n_probe, lo=1)
         if self.n_probe > self.n_val:
             _fail(f"{p}.n_probe", f"an int <= train.n_val ({self.n_val})", self.n_probe)
-        _int(f"{p}.split_seed", self.split_seed, lo=0)
+        _int(f"{p}.split_seed", self.split_seed, lo=0, hi=MAX_SEED)
         self.matched_budget = _choice(f"{p}.matched_budget", self.matched_budget, MATCHED_BUDGET_RULES)
         if not isinstance(self.cache_prefix, bool):
             _fail(f"{p}.cache_prefix", "a bool", self.cache_prefix)
-        if not isinstance(self.budget_ranks, (list, tuple)) or not all(_is_int(r) and r > 0 for r in self.budget_ranks) \
+        if not isinstance(self.budget_ranks, (list, tuple)) or not all(_is_int(r) and 0 < r <= MINILM_WIDTH
+                                                                       for r in self.budget_ranks) \
                 or len(set(self.budget_ranks)) != len(self.budget_ranks) \
                 or any(r % self.num_experts or r == self.rank for r in self.budget_ranks):
             _fail(f"{p}.budget_ranks", f"a list (possibly empty) of distinct multiples of train.num_experts "
-                  f"({self.num_experts}) other than train.rank ({self.rank})", self.budget_ranks)
+                  f"({self.num_experts}) up to {MINILM_WIDTH}, other than train.rank ({self.rank})", self.budget_ranks)
         self.budget_ranks = list(self.budget_ranks)
         self.budget_methods = _choice_list(f"{p}.budget_methods", self.budget_methods,
                                            [m for m in TRAIN_METHODS if METHODS[m].adapter is not None])
@@ -308,7 +358,8 @@ class TrainConfig(_Section):
             _fail(f"{p}.budget_methods", f"a list that contains {reference()!r} (the budget reference)",
                   self.budget_methods)
         self.budget_tasks = _choice_list(f"{p}.budget_tasks", self.budget_tasks, TRAIN_TASKS)
-        self.tuning_seeds = _int_list(f"{p}.tuning_seeds", self.tuning_seeds, lo=0)
+        _split_fits(f"{p}.n_test", dict.fromkeys([*self.tasks, *self.budget_tasks]), self.n_val, self.n_test)
+        self.tuning_seeds = _seeds(f"{p}.tuning_seeds", self.tuning_seeds)
         if set(self.seeds) & set(self.tuning_seeds):
             _fail(f"{p}.tuning_seeds", f"a list disjoint from train.seeds {self.seeds}", self.tuning_seeds)
         self.lr_grid = _float_list(f"{p}.lr_grid", self.lr_grid, lo=0.0, lo_open=True)
@@ -348,7 +399,7 @@ class TwinsConfig(_Section):
         self.models = _choice_list(f"{p}.models", self.models, TWIN_MODELS)
         if reference() not in self.models:
             _fail(f"{p}.models", f"a list that contains {reference()!r} (the reference)", self.models)
-        self.seeds = _int_list(f"{p}.seeds", self.seeds, lo=0)
+        self.seeds = _seeds(f"{p}.seeds", self.seeds)
         _schedule(p, self.steps, self.eval_every)
         self.optimizers = _choice_list(f"{p}.optimizers", self.optimizers, TWIN_OPTIMIZERS)
         self.lr_adamw = _float(f"{p}.lr_adamw", self.lr_adamw, lo=0.0, lo_open=True)
@@ -403,9 +454,9 @@ class LMConfig(_Section):
     def __post_init__(self):
         p = self.SECTION
         self.methods = _choice_list(f"{p}.methods", self.methods, LM_METHODS)
-        self.seeds = _int_list(f"{p}.seeds", self.seeds, lo=0)
+        self.seeds = _seeds(f"{p}.seeds", self.seeds)
         _schedule(p, self.steps, self.eval_every)
-        _int(f"{p}.batch_size", self.batch_size, lo=1)
+        _int(f"{p}.batch_size", self.batch_size, lo=1, hi=MAX_BATCH)
         _int(f"{p}.max_length", self.max_length, lo=2, hi=2048)
         _int(f"{p}.adapt_top_layers", self.adapt_top_layers, lo=1, hi=SMOLLM_LAYERS)
         _int(f"{p}.n_train", self.n_train, lo=1)
@@ -414,14 +465,14 @@ class LMConfig(_Section):
         if self.n_train + self.n_val + self.n_test > LM_MAX_TEXTS:
             _fail(f"{p}.n_test", f"an int with lm.n_train + lm.n_val + lm.n_test <= {LM_MAX_TEXTS} (GSM8K has "
                   f"{LM_MAX_TEXTS} problems; n_train = {self.n_train}, n_val = {self.n_val})", self.n_test)
-        _int(f"{p}.split_seed", self.split_seed, lo=0)
+        _int(f"{p}.split_seed", self.split_seed, lo=0, hi=MAX_SEED)
         self.lr = _float(f"{p}.lr", self.lr, lo=0.0, lo_open=True)
         self.weight_decay = _float(f"{p}.weight_decay", self.weight_decay, lo=0.0)
-        _expert_split(p, self.rank, self.num_experts)
+        _expert_split(p, self.rank, self.num_experts, SMOLLM_WIDTH)
         self.dropout = _float(f"{p}.dropout", self.dropout, lo=0.0, hi=0.99)
         if not isinstance(self.loss_every_eval, bool):
             _fail(f"{p}.loss_every_eval", "a bool", self.loss_every_eval)
-        self.tuning_seeds = _int_list(f"{p}.tuning_seeds", self.tuning_seeds, lo=0)
+        self.tuning_seeds = _seeds(f"{p}.tuning_seeds", self.tuning_seeds)
         if set(self.seeds) & set(self.tuning_seeds):
             _fail(f"{p}.tuning_seeds", f"a list disjoint from lm.seeds {self.seeds}", self.tuning_seeds)
         self.lr_grid = _float_list(f"{p}.lr_grid", self.lr_grid, lo=0.0, lo_open=True)
@@ -472,8 +523,8 @@ class PlantedConfig(_Section):
     def __post_init__(self):
         p = self.SECTION
         self.methods = _choice_list(f"{p}.methods", self.methods, TRAIN_METHODS)
-        self.seeds = _int_list(f"{p}.seeds", self.seeds, lo=0)
-        self.tuning_seeds = _int_list(f"{p}.tuning_seeds", self.tuning_seeds, lo=0)
+        self.seeds = _seeds(f"{p}.seeds", self.seeds)
+        self.tuning_seeds = _seeds(f"{p}.tuning_seeds", self.tuning_seeds)
         if set(self.seeds) & set(self.tuning_seeds):
             _fail(f"{p}.tuning_seeds", f"a list disjoint from planted.seeds {self.seeds}", self.tuning_seeds)
         self.lr_grid = _float_list(f"{p}.lr_grid", self.lr_grid, lo=0.0, lo_open=True)
@@ -540,9 +591,12 @@ class MarginsConfig(_Section):
     c8_share: float = 0.01
     c10_relative: float = 0.05
 
+    SHARES = ("c6_gini", "c6_entropy", "c7_accuracy", "c9_accuracy", "c11_accuracy", "c12_churn", "c8_share")
+
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _float(f"{self.SECTION}.{f.name}", getattr(self, f.name), lo=0.0, lo_open=True))
+        for f in dataclasses.fields(self):       # a share's margin above 1 would call every effect irrelevant
+            hi = 1.0 if f.name in self.SHARES else None
+            setattr(self, f.name, _float(f"{self.SECTION}.{f.name}", getattr(self, f.name), lo=0.0, lo_open=True, hi=hi))
 
 
 SECTIONS = {"perturb": PerturbConfig, "train": TrainConfig, "twins": TwinsConfig, "lm": LMConfig,

@@ -274,12 +274,17 @@ def test_damaged_cell_file_is_named_and_rerun(tmp_path, name):
 
 
 def test_cell_record_carries_checksum_of_its_rows(tmp_path):
+    """A cell file without its checksum is damage (deleting the checksum must not skip the check)."""
     run_sweep("exp", cells()[:1], results_dir=tmp_path, **quiet)
-    rec = ResultStore("exp", tmp_path).read_cell(cells()[0].hash)
+    store = ResultStore("exp", tmp_path)
+    rec = store.read_cell(cells()[0].hash)
     assert rec["rows_sha256"] == rows_checksum(rec["rows"]) and len(rec["rows_sha256"]) == 64
-    legacy = {k: v for k, v in rec.items() if k != "rows_sha256"}          # files from before checksums
-    atomic_write_text(ResultStore("exp", tmp_path).cell_path(cells()[0].hash), json.dumps(legacy))
-    assert ResultStore("exp", tmp_path).cell_problem(cells()[0]) is None
+    edited = {k: v for k, v in json.loads(json.dumps(rec)).items() if k != "rows_sha256"}
+    edited["rows"][0]["value"] += 1.0                                      # a hand edit that hides itself
+    atomic_write_text(store.cell_path(cells()[0].hash), json.dumps(edited))
+    assert "no 'rows_sha256'" in store.cell_problem(cells()[0])
+    again = run_sweep("exp", cells()[:1], results_dir=tmp_path, **quiet)
+    assert again.n_run == 1 and again.rows["value"].tolist() == [r["value"] for r in rec["rows"]]
 
 
 @pytest.mark.parametrize("target, garbage", [("rows.csv", b"\xff\xfe\x00garbage"), ("rows.csv", b"seed,E\n1,2,3,4\n"),
