@@ -14,7 +14,7 @@ import pytest
 
 from analysis import stats as S
 from analysis.claims import claim_spec
-from test_claims import PASS, failing, judge, jitter, synth_frame, talk_norms_frame
+from test_claims import PASS, failing, judge, synth_frame, talk_norms_frame
 
 SEEDS = tuple(range(8))
 MARGINS = dict(c5_ratio=0.05, c6_gini=0.02, c6_entropy=0.01, c7_accuracy=0.01, c8_share=0.05, c9_accuracy=0.01,

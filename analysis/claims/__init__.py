@@ -1,9 +1,9 @@
 """The claims: one module per claim (or small group), the claim and figure registries, and the
 ``python -m analysis claims`` entry point.
 
-=================  ==========  ==========  ===========================
+=================  ==========  ==========  ===============================
 module             claims      figures     notebook
-=================  ==========  ==========  ===========================
+=================  ==========  ==========  ===============================
 ``equivalence``    C1–C3       F6          ``notebooks/03_equivalence.py``
 ``lipschitz``      C4          F3          ``notebooks/02_smoothness.py``
 ``amplification``  C5          F2          ``notebooks/02_smoothness.py``
@@ -15,7 +15,7 @@ module             claims      figures     notebook
 ``outperforms``    C11         —           —
 ``churn``          C12         F11         ``notebooks/02_smoothness.py``
 ``forest``         —           F10         ``notebooks/01_balance.py``
-=================  ==========  ==========  ===========================
+=================  ==========  ==========  ===============================
 
 Each claim module declares its :class:`~analysis.claims.base.ClaimSpec` (statement, rule text,
 figures, backing tests) and its code in four steps — select (rows → tidy frames), compare (paired

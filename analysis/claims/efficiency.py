@@ -17,7 +17,7 @@ import pandas as pd
 
 from .. import methods
 from ..plotting import WIDTH, dedupe, legend_below, nice_log, order, sel, summarise
-from ..stats import Comparison, combine, fmt, pct
+from ..stats import Comparison, Family, combine, fmt, pct
 from .base import ClaimSpec, FigureSpec, Outcome, margin
 from .helpers import at_last_step, comparison_table, interval_text, md_table, paired, with_task
 
@@ -129,7 +129,7 @@ def evaluate_c7(data: dict, config: dict, verdicts: dict) -> Outcome:
     cells = c7_cells(data, cfg.get("rank"))
     count_rows, mismatch, missing = count_check(cells)
     budgets = compare_c7(cells, margin(config, "c7_accuracy"))
-    comps = [b["comparison"] for b in budgets if b["comparison"] is not None]
+    family = Family.of((b["comparison"] for b in budgets), holm=False)       # 95 %: no multiplicity correction
     decide = [b["comparison"] for b in budgets if b["comparison"] is not None and b["decides"]]
     matched = {(b["task"], b["budget"]) for b in budgets if b["comparison"] is not None and b["decides"]}
     n_budgets = max((sum(1 for t, _ in matched if t == task) for task, _ in matched), default=0)
@@ -154,9 +154,9 @@ def evaluate_c7(data: dict, config: dict, verdicts: dict) -> Outcome:
           f"±{100 * C7_GAP:g} %), test accuracy on every test example, paired by seed:",
           md_table(["task", "TalkLoRA rank", "baseline", "its rank", "its params", "gap", "matched", "Δacc [95 %]",
                     "verdict"], budget_rows) if budget_rows else "(no budgets)",
-          comparison_table(comps) if comps else ""]
+          comparison_table(family) if len(family) else ""]
     key = f"{n_budgets} matched budgets; T adds {fmt(overhead)} params ({pct(rel)}) over MoELoRA-code"
-    return Outcome(verdict, reason, key, [e for e in ev if e], comparisons=comps)
+    return Outcome(verdict, reason, key, [e for e in ev if e], comparisons=list(family))
 
 
 # ----------------------------------------------------------------------------- F5 accuracy vs parameters
