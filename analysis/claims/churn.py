@@ -140,7 +140,7 @@ C12 = ClaimSpec(
           "claimed side < 0, margin ±margins.c12_churn, intervals at Holm-ordered levels over all the "
           "comparisons; each comparison's verdict is docs/method.md §5's. C12 holds if every comparison holds, is "
           "refuted if any comparison is refuted (no relevant difference or more churn), else inconclusive."),
-    figures=("F11", "F10"), tests=(), experiments=("lm",), optional=("train",), evaluate=evaluate_c12)
+    figures=("F10", "F11"), tests=(), experiments=("lm",), optional=("train",), evaluate=evaluate_c12)
 F11 = FigureSpec(
     "F11", "routing_churn_over_training", ("lm", "train"), prepare_f11, draw_f11, notebook="02_smoothness.py",
     caption_text=

@@ -204,7 +204,8 @@ C4 = ClaimSpec(
 F3 = FigureSpec(
     "F3", "lipschitz_sandwich", ("perturb_synthetic", "train"), prepare_f3, draw_f3, notebook="02_smoothness.py",
     caption_text=
-    "Router Lipschitz sandwich ({claims}): certified bound ½‖W_eff‖₂ ≥ max local Jacobian norm ≥ empirical "
+    "Router Lipschitz sandwich ({claims}): certified bound (½‖W_eff‖₂ w.r.t. h, ½‖W_eff A‖₂ w.r.t. x) ≥ max "
+    "local Jacobian norm ≥ empirical "
     "(PGD) quotient, across talk strength α (T = αI + (1−α)J/E; α = 1 is the identity) and the "
     "official init on synthetic layers (w.r.t. the code h and the input x; mean ± 95% CI over seeds), and "
     "for every trained router of the training sweep (w.r.t. x; mean ± 95% CI over seeds and layers). The "
