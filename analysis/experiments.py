@@ -1,4 +1,4 @@
-"""The one experiment registry shared by figures and claims.
+"""The one experiment registry shared by figures and claims (importing it loads no torch).
 
 :data:`EXPERIMENTS` maps every saved experiment (a ``<results_dir>/<name>/rows.csv``) to the
 ``python -m analysis <command>`` that produces it; :func:`ensure_results` runs those commands
@@ -8,8 +8,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-from .results import ResultStore
 
 # experiment -> the command (``analysis.<command>.run``) that produces it
 EXPERIMENTS = {
@@ -52,6 +50,8 @@ def ensure_results(config, *, results_dir="results", workers: int = 1, executor=
 
 def load(experiment: str, results_dir="results", needed_by: str = "claims"):
     """``rows.csv`` of ``experiment`` as a data frame, or :class:`MissingResultsError`."""
+    from .results import ResultStore          # here, not above: the results store loads torch
+
     store = ResultStore(experiment, results_dir)
     if not store.rows_path.is_file():
         raise MissingResultsError(experiment, results_dir, needed_by)
@@ -60,6 +60,8 @@ def load(experiment: str, results_dir="results", needed_by: str = "claims"):
 
 def load_all(experiments, results_dir="results", needed_by: str = "claims") -> tuple[dict, dict]:
     """Rows and meta (``{}`` when unreadable) of every experiment; fails before reading if one is missing."""
+    from .results import ResultStore
+
     experiments = list(dict.fromkeys(experiments))
     for name in experiments:
         if not ResultStore(name, results_dir).rows_path.is_file():

@@ -1,4 +1,8 @@
-"""The one style and the shared drawing helpers of every figure (the topics' ``draw_f<n>``).
+"""The one style and the shared drawing helpers of every figure (the claim modules' ``draw_f<n>``).
+
+Methods are drawn with their registry label, colour and marker (:func:`analysis.methods.label` /
+``color`` / ``marker``, in :data:`analysis.methods.ORDER`); this module holds what is not a method:
+the perturbation routers of C10, the Lipschitz statistics, the perturbation kinds and the talk settings.
 
 :func:`summarise` gives the ``mean, lo, hi, n`` rows every figure draws: a 95 % Student-t interval
 ``mean ± t₀.₉₇₅,n−1 · sd/√n`` over seeds (:func:`analysis.stats.t_quantile`; ``lo = hi = mean``
@@ -18,17 +22,6 @@ from .stats import t_quantile
 DPI = 150
 WIDTH = 7.5                     # inches: ~1100 px at 150 dpi, readable scaled to ~800 px
 ZERO_FLOOR = 1e-9               # exact zeros are drawn here on log axes (marked in the figure)
-METHOD_ORDER = ["lora", "moelora-code", "moelora-input", "talklora-official", "talklora-identity",
-                "topk-entropy", "switch"]
-METHOD_COLORS = dict(zip(METHOD_ORDER, ["#7f7f7f", "#1f77b4", "#17becf", "#d62728", "#9467bd",
-                                        "#8c564b", "#bcbd22"]))
-METHOD_MARKERS = dict(zip(METHOD_ORDER, ["o", "s", "^", "D", "v", "P", "X"]))
-# methods added with issue 10: the scale-matched control, the head-only baseline, the twin
-METHOD_COLORS = {**METHOD_COLORS, "moelora-code-scaled": "#ff7f0e", "head-only": "#000000", "moelora-twin": "#2ca02c"}
-METHOD_MARKERS = {**METHOD_MARKERS, "moelora-code-scaled": "<", "head-only": "*", "moelora-twin": "h"}
-TWIN_COLORS = {"talklora": "#d62728", "moelora-twin": "#1f77b4", "talklora-frozen-T": "#ff7f0e",
-               "talklora-identity": "#9467bd"}
-TWIN_MARKERS = {"moelora-twin": "s", "talklora-frozen-T": "^", "talklora-identity": "o"}
 ROUTER_COLORS = {"dense": "#1f77b4", "top2": "#ff7f0e", "top1": "#d62728"}
 ROUTER_MARKERS = {"dense": "o", "top2": "s", "top1": "^"}
 STAT_COLORS = {"certified": "#d62728", "local_max": "#1f77b4", "empirical": "#2ca02c",

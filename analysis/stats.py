@@ -1,14 +1,13 @@
 """Statistics of the claims and figures, on ``scipy.stats`` (no hand-written quantile tables).
 
-* :func:`t_quantile` / :func:`estimate` / :func:`paired` — mean over replicates (seeds) with a
-  two-sided Student-t interval ``mean ± t_{1−α/2, n−1} · s / √n`` (on the log scale for ratios);
+* :func:`t_interval` / :func:`estimate` — mean over replicates (seeds) with a two-sided Student-t
+  interval ``mean ± t_{1−α/2, n−1} · s / √n`` (on the log scale for ratios);
 * :func:`wilson` — a binomial fraction with its Wilson score interval;
-* :func:`holm` — Holm's step-down correction of a family of p-values;
-* :func:`tost` — equivalence by two one-sided t-tests against ``±margin``;
 * :func:`mde` — minimum detectable effect of a paired t-test;
-* :func:`verdict_from_interval` — the SPEC §5 verdict of one comparison from its interval;
+* :func:`verdict_from_interval` — the verdict of one comparison from its interval (docs/method.md §5);
 * :class:`Comparison` — one paired comparison as a claim reports it (n, effect, interval, margin, MDE);
-* :func:`holm_family` — a family of paired comparisons with Holm-ordered interval levels;
+* :class:`Family` — the comparisons of one claim with Holm's step-down applied once
+  (:func:`holm_levels`, :func:`holm`);
 * :func:`combine` — a claim's verdict from its comparisons' verdicts (the declared combination).
 """
 from __future__ import annotations
@@ -53,21 +52,6 @@ class Est:
     n: int
     log: bool = False
 
-    @property
-    def null(self) -> float:
-        return 1.0 if self.log else 0.0
-
-    @property
-    def direction(self) -> str:
-        """``above`` / ``below`` when the interval excludes the null value, else ``unresolved``."""
-        if not (math.isfinite(self.lo) and math.isfinite(self.hi)):
-            return "unresolved"
-        if self.lo > self.null:
-            return "above"
-        if self.hi < self.null:
-            return "below"
-        return "unresolved"
-
     def text(self, digits: int = 3, unit: str = "seed") -> str:
         if self.n == 0 or not math.isfinite(self.mean):
             return "n/a (no data)"
@@ -86,13 +70,6 @@ def estimate(values, log: bool = False) -> Est:
     if log:
         mean, lo, hi = (math.exp(x) if math.isfinite(x) else math.nan for x in (mean, lo, hi))
     return Est(mean, lo, hi, n, log)
-
-
-def paired(wide, a: str, b: str) -> Est:
-    """Paired difference ``wide[a] − wide[b]`` (rows: replicates, e.g. seeds) with its t-interval."""
-    if a not in wide or b not in wide:
-        return Est(math.nan, math.nan, math.nan, 0)
-    return estimate((wide[a] - wide[b]).dropna().to_numpy())
 
 
 def wilson(k: int, n: int, conf: float = CONF) -> tuple[float, float, float]:
@@ -120,19 +97,6 @@ def holm(pvalues) -> np.ndarray:
     return out
 
 
-def tost(values, margin: float) -> float:
-    """p-value of equivalence within ``±margin`` (two one-sided t-tests; the larger of the two p)."""
-    if not margin > 0:
-        raise ValueError(f"margin must be > 0, got {margin!r}")
-    v = np.asarray(list(values), dtype=float)
-    v = v[np.isfinite(v)]
-    if len(v) < 2:
-        return math.nan
-    p_low = stats.ttest_1samp(v, -margin, alternative="greater").pvalue
-    p_high = stats.ttest_1samp(v, margin, alternative="less").pvalue
-    return float(max(p_low, p_high))
-
-
 def mde(sd: float, n: int, conf: float = CONF, power: float = 0.8) -> float:
     """Minimum detectable effect of a two-sided paired t-test, ``(t_{1−α/2} + t_{power}) · sd / √n``
     with df = n − 1 (NaN for n < 2)."""
@@ -144,7 +108,7 @@ def mde(sd: float, n: int, conf: float = CONF, power: float = 0.8) -> float:
 
 
 def verdict_from_interval(ci_low: float, ci_high: float, margin: float, claimed_side: str) -> str:
-    """SPEC §5 verdict of one difference: ``refuted`` if the interval lies entirely inside ``±margin``
+    """The verdict of one difference (docs/method.md §5): ``refuted`` if the interval lies entirely inside ``±margin``
     (no practically relevant effect, even when it excludes 0: the margin is the smallest effect
     declared relevant) or entirely on the wrong side of 0; else ``holds`` if it lies entirely on the
     claimed side of 0; else ``inconclusive`` (also for a missing interval)."""
@@ -167,7 +131,7 @@ def verdict_from_interval(ci_low: float, ci_high: float, margin: float, claimed_
 
 @dataclass(frozen=True)
 class Comparison:
-    """One paired comparison of a claim (SPEC §5): ``effect`` with its interval, ``margin``, ``mde``."""
+    """One paired comparison of a claim (docs/method.md §5): ``effect`` with its interval, ``margin``, ``mde``."""
     name: str
     n: int
     effect: float
@@ -250,49 +214,81 @@ def holm_levels(pvalues, conf: float = CONF) -> list[float]:
     return out
 
 
-def holm_family(items, conf: float = CONF) -> list["Comparison"]:
-    """Paired comparisons of one family with Holm-ordered levels (:func:`holm_levels`).  ``items``:
-    ``(name, differences, margin, claimed_side)`` tuples (differences: one per seed)."""
-    items = [(name, np.asarray(list(d), dtype=float), margin, side) for name, d, margin, side in items]
-    levels = holm_levels([p_value(d) for _, d, _, _ in items], conf)
-    return [Comparison.from_differences(name, d, margin, side, conf=lv)
-            for (name, d, margin, side), lv in zip(items, levels)]
-
-
-def holm_adjust(comparisons, conf: float = CONF) -> list["Comparison"]:
-    """A family's comparisons at their Holm-ordered levels (:func:`holm_levels` of their p-values)."""
-    comparisons = list(comparisons)
-    levels = holm_levels([c.p_value for c in comparisons], conf)
-    return [c.at_level(lv) for c, lv in zip(comparisons, levels)]
-
-
-def combine_verdicts(verdicts) -> str:
-    """``holds`` if every verdict holds, ``refuted`` if any is refuted, else ``inconclusive`` (also for none)."""
+def combine(verdicts) -> str:
+    """The one combination of verdicts a claim declares: ``holds`` if every verdict holds (and there is
+    one), ``refuted`` if any is refuted (a general claim fails where the effect is absent or
+    reversed), else ``inconclusive``."""
     verdicts = list(verdicts)
     if verdicts and all(v == "holds" for v in verdicts):
         return "holds"
     return "refuted" if "refuted" in verdicts else "inconclusive"
 
 
-def combine(comparisons) -> tuple[str, str]:
-    """The declared combination of a claim's comparisons: ``holds`` if every comparison holds,
-    ``refuted`` if at least one is refuted (a general claim fails where the effect is absent or
-    reversed), else ``inconclusive`` (also for no comparisons).  Returns ``(verdict, reason)``."""
-    comparisons = list(comparisons)
-    if not comparisons:
-        return "inconclusive", "no comparisons"
-    verdicts = [c.verdict for c in comparisons]
-    if combine_verdicts(verdicts) == "holds":
-        return "holds", f"all {len(verdicts)} comparisons hold"
-    refuted = [c for c in comparisons if c.verdict == "refuted"]
-    if refuted:
-        return "refuted", ("refuted by " + "; ".join(
-            f"{c.name} {fmt(c.effect)} [{fmt(c.ci_low)}, {fmt(c.ci_high)}] (±{fmt(c.margin)})" for c in refuted[:4])
-            + (f" and {len(refuted) - 4} more" if len(refuted) > 4 else ""))
-    open_ = [c.name for c in comparisons if c.verdict == "inconclusive"]
-    return "inconclusive", (f"{len(open_)} of {len(comparisons)} comparisons undecided (interval neither "
-                            f"on the claimed side nor inside ±margin): " + ", ".join(open_[:4]))
+@dataclass(frozen=True)
+class Family:
+    """The paired comparisons of one claim, corrected for multiplicity once.
 
+    With ``holm=True`` the comparison with the i-th smallest p-value (of m) is reported at level
+    ``1 − α/(m − i + 1)`` (:func:`holm_levels`), so its interval excludes 0 exactly when it passes
+    Holm's step-down at family-wise α = 1 − conf; ``adjusted_p`` holds Holm's adjusted p-values
+    (:func:`holm`).  With ``holm=False`` every comparison keeps its 95 % interval.  A comparison's
+    verdict is then :func:`verdict_from_interval` of its (Holm-level) interval — one inside ±margin
+    is refuted at any level.
+
+    Two constructors: :meth:`of` re-levels the intervals of comparisons already computed at 95 %
+    (their MDE stays at 95 %); :meth:`of_differences` computes each comparison from its per-seed
+    differences at its Holm level (interval and MDE)."""
+    comparisons: tuple[Comparison, ...]
+    holm: bool = True
+
+    @classmethod
+    def of(cls, comparisons, holm: bool = True, conf: float = CONF) -> "Family":
+        comparisons = [c for c in comparisons if c is not None]
+        if not holm:
+            return cls(tuple(comparisons), holm=False)
+        levels = holm_levels([c.p_value for c in comparisons], conf)
+        return cls(tuple(c.at_level(lv) for c, lv in zip(comparisons, levels)))
+
+    @classmethod
+    def of_differences(cls, items, holm: bool = True, conf: float = CONF) -> "Family":
+        """``items``: ``(name, differences, margin, claimed_side)`` (differences: one per seed)."""
+        items = [(name, np.asarray(list(d), dtype=float), margin, side) for name, d, margin, side in items]
+        levels = holm_levels([p_value(d) for _, d, _, _ in items], conf) if holm else [conf] * len(items)
+        return cls(tuple(Comparison.from_differences(name, d, margin, side, conf=lv)
+                         for (name, d, margin, side), lv in zip(items, levels)), holm=holm)
+
+    def __iter__(self):
+        return iter(self.comparisons)
+
+    def __len__(self) -> int:
+        return len(self.comparisons)
+
+    @property
+    def verdicts(self) -> list[str]:
+        return [c.verdict for c in self.comparisons]
+
+    @property
+    def adjusted_p(self) -> list[float]:
+        """Holm-adjusted p-values (a missing p-value, n < 2, counts as 1)."""
+        p = [c.p_value for c in self.comparisons]
+        return holm([x if math.isfinite(x) else 1.0 for x in p]).tolist() if p else []
+
+    def decide(self) -> tuple[str, str]:
+        """:func:`combine` of every comparison's verdict, with the reason in words."""
+        comparisons = self.comparisons
+        if not comparisons:
+            return "inconclusive", "no comparisons"
+        verdict = combine(self.verdicts)
+        if verdict == "holds":
+            return "holds", f"all {len(comparisons)} comparisons hold"
+        refuted = [c for c in comparisons if c.verdict == "refuted"]
+        if refuted:
+            return "refuted", ("refuted by " + "; ".join(
+                f"{c.name} {fmt(c.effect)} [{fmt(c.ci_low)}, {fmt(c.ci_high)}] (±{fmt(c.margin)})" for c in refuted[:4])
+                + (f" and {len(refuted) - 4} more" if len(refuted) > 4 else ""))
+        open_ = [c.name for c in comparisons if c.verdict == "inconclusive"]
+        return "inconclusive", (f"{len(open_)} of {len(comparisons)} comparisons undecided (interval neither "
+                                f"on the claimed side nor inside ±margin): " + ", ".join(open_[:4]))
 
 def fmt(x, digits: int = 3) -> str:
     """A number for the report: thousands separators for integers, scientific when tiny or huge."""

@@ -14,21 +14,22 @@
 # ---
 
 # %% [markdown]
-# # Evidence topic: balance and efficiency (F1, F4, F5, F10)
+# # Evidence: balance and efficiency (F1, F4, F5, F10)
 #
 # Claims C6 (communication gives more balanced expert load), C7 (parameter efficiency at matched
 # budgets) and C11 (consistently better than LoRA and MoELoRA), on MiniLM adapters trained per task
 # (sentiment, topic) and a SmolLM2 causal LM, 8 paired seeds per method (common random numbers).  Every figure is redrawn from its saved data file
-# with the topic's own drawing function, so this notebook and `figures/` cannot drift.
-# Intervals are 95% t-intervals over seeds.  Claims, rules and figures: `analysis/topics/balance.py`.
+# with the claim modules' own drawing functions, so this notebook and `figures/` cannot drift.
+# Intervals are 95% t-intervals over seeds.  Claims, rules and figures: `analysis/claims/balance.py` (C6,
+# F1, F4), `efficiency.py` (C7, F5), `outperforms.py` (C11) and `forest.py` (F10).
 
 # %% [markdown]
 # *Setup: the figure data is read from `figures/data/` (or `$TALKLORA_FIGURES_DIR/data`); the
-# drawing functions are the topic module's own, so notebook and `python -m analysis figures` agree.*
+# drawing functions are the claim modules' own, so notebook and `python -m analysis figures` agree.*
 
 # %%
 from analysis.figures import figure_data as load, set_style
-from analysis.topics import balance as T
+from analysis.claims import balance, efficiency, forest
 
 set_style()
 
@@ -36,16 +37,18 @@ set_style()
 # %% [markdown]
 # ## F1 — expert load per layer after training
 # Gini of the soft expert load (0 = perfectly balanced; at most (E−1)/E) and its normalised
-# entropy (1 = uniform) on the validation split at the final step — the split and step the C6
-# verdict uses — for the routed methods, one column per task.  If TalkLoRA balanced load
-# better, its points would sit lower in Gini and higher in entropy than MoELoRA's.
+# entropy (1 = uniform) on the validation split at the last step, per adapted layer, for the routed
+# methods of the training sweep, one column per task.  If TalkLoRA balanced load better, its points
+# would sit lower in Gini and higher in entropy than MoELoRA's.  The C6 verdict does not read these
+# per-layer values: it compares the layer-mean Gini at the end with that at step 0
+# (difference-in-differences against the communication-isolating baselines) in every setting.
 
 # %%
 f1 = load("F1")
 f1.pivot_table(index=["layer"], columns=["metric", "method"], values="mean", sort=False).round(3)
 
 # %%
-fig = T.draw_f1(f1)
+fig = balance.draw_f1(f1)
 
 # %% [markdown]
 # ## F4 — balance over training
@@ -54,7 +57,7 @@ fig = T.draw_f1(f1)
 
 # %%
 f4 = load("F4")
-fig = T.draw_f4(f4)
+fig = balance.draw_f4(f4)
 
 # %% [markdown]
 # ## F5 — accuracy vs trainable parameters at matched budgets
@@ -66,7 +69,7 @@ f5 = load("F5")
 f5[[c for c in ("task", "budget", "method", "trainable_parameters", "mean", "lo", "hi", "n") if c in f5]]
 
 # %%
-fig = T.draw_f5(f5)
+fig = efficiency.draw_f5(f5)
 
 # %% [markdown]
 # ## F10 — every paired comparison behind the claims
@@ -80,4 +83,4 @@ f10 = load("F10")
 f10[["claim", "comparison", "n", "effect", "ci_low", "ci_high", "margin", "verdict"]]
 
 # %%
-fig = T.draw_f10(f10)
+fig = forest.draw_f10(f10)

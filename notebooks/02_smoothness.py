@@ -14,23 +14,23 @@
 # ---
 
 # %% [markdown]
-# # Evidence topic: smoothness (F2, F3, F7, F9, F11)
+# # Evidence: smoothness (F2, F3, F7, F9, F11)
 #
 # Claims C4 (router Lipschitz bounds), C5 (communication mitigates perturbation amplification,
 # against a scale-matched MoELoRA-code control), C8 (how often the official init raises the router
 # bound), C10 (dense softmax vs hard–soft top-k routing, per ε and statistic) and C12 (communication
-# smooths routing dynamics: top-1 churn over training).  Claims, rules and figures:
-# `analysis/topics/smoothness.py` (C8/F7: `smoothness_init.py`, C10/F9: `smoothness_topk.py`,
-# C12/F11: `smoothness_churn.py`).  The synthetic layers of a seed share A, C, B and W_r and differ
+# smooths routing dynamics: top-1 churn over training).  Claims, rules and figures, in
+# `analysis/claims/`: `lipschitz.py` (C4, F3), `amplification.py` (C5, F2), `init_norms.py` (C8, F7),
+# `topk.py` (C10, F9) and `churn.py` (C12, F11).  The synthetic layers of a seed share A, C, B and W_r and differ
 # only in the Talking Module T, so any difference between talk settings is T's.
 
 # %% [markdown]
 # *Setup: the figure data is read from `figures/data/` (or `$TALKLORA_FIGURES_DIR/data`); the
-# drawing functions are the topic module's own, so notebook and `python -m analysis figures` agree.*
+# drawing functions are the claim modules' own, so notebook and `python -m analysis figures` agree.*
 
 # %%
 from analysis.figures import figure_data as load, set_style
-from analysis.topics import smoothness as T
+from analysis.claims import amplification, churn, init_norms, lipschitz, topk
 
 set_style()
 
@@ -54,7 +54,7 @@ if "panel" in f2:       # talk / control ratios (absent from figure data written
                                                                  values="mean").round(3))
 
 # %%
-fig = T.draw_f2(f2)
+fig = amplification.draw_f2(f2)
 
 # %% [markdown]
 # ## F3 — Lipschitz sandwich
@@ -63,7 +63,7 @@ fig = T.draw_f2(f2)
 
 # %%
 f3 = load("F3")
-fig = T.draw_f3(f3)
+fig = lipschitz.draw_f3(f3)
 
 # %% [markdown]
 # ## F9 — dense vs top-k routing
@@ -73,7 +73,7 @@ fig = T.draw_f3(f3)
 
 # %%
 f9 = load("F9")
-fig = T.draw_f9(f9)
+fig = topk.draw_f9(f9)
 
 # %% [markdown]
 # ## F7 — ‖T‖₂ under the official initialisation
@@ -85,7 +85,7 @@ f7 = load("F7")
 f7[["metric", "E", "median", "mean", "frac_gt_1", "n"]]
 
 # %%
-fig = T.draw_f7(f7)
+fig = init_norms.draw_f7(f7)
 
 # %% [markdown]
 # ## F11 — routing churn over training
@@ -95,11 +95,11 @@ fig = T.draw_f7(f7)
 
 # %%
 from pathlib import Path
-from analysis.figures import default_figures_dir
+from analysis.figures import FIGURE_BY_ID, default_figures_dir
 
-if (Path(default_figures_dir()) / "data" / f"{T.F11.name}.csv").is_file():
+if (Path(default_figures_dir()) / "data" / f"{FIGURE_BY_ID['F11'].name}.csv").is_file():
     f11 = load("F11")
     display(f11.pivot_table(index=["source", "step"], columns="method", values="mean").round(4))
-    fig = T.draw_f11(f11)
+    fig = churn.draw_f11(f11)
 else:   # figure data committed before F11 existed: `python -m analysis figures` writes it
-    print(f"no {T.F11.name}.csv yet: run `python -m analysis figures`")
+    print(f"no {FIGURE_BY_ID['F11'].name}.csv yet: run `python -m analysis figures`")

@@ -14,18 +14,18 @@
 # ---
 
 # %% [markdown]
-# # Evidence topic: equivalence (F6)
+# # Evidence: equivalence (F6)
 #
 # Claims C1–C3 (TalkLoRA with T = I is MoELoRA; a linear T is absorbed by the router; a code router
-# is an input router, not conversely).  Claims, rules and figures: `analysis/topics/equivalence.py`.
+# is an input router, not conversely).  Claims, rules and figures: `analysis/claims/equivalence.py`.
 
 # %% [markdown]
 # *Setup: the figure data is read from `figures/data/` (or `$TALKLORA_FIGURES_DIR/data`); the
-# drawing functions are the topic module's own, so notebook and `python -m analysis figures` agree.*
+# drawing functions are the claim module's own, so notebook and `python -m analysis figures` agree.*
 
 # %%
 from analysis.figures import figure_data as load, set_style
-from analysis.topics import equivalence as T
+from analysis.claims import equivalence
 
 set_style()
 
@@ -43,4 +43,4 @@ f6 = load("F6")
 f6.groupby(["metric", "dtype"])["value"].agg(["count", "median", "min", "max"])
 
 # %%
-fig = T.draw_f6(f6)
+fig = equivalence.draw_f6(f6)

@@ -14,7 +14,7 @@
 # ---
 
 # %% [markdown]
-# # Evidence topic: twins (F8)
+# # Evidence: twins (F8)
 #
 # Claim C9: does any TalkLoRA advantage over MoELoRA-code persist from a function-matched start?
 # Up to four models compute the same function at step 0 and train on identical batches (AdamW with
@@ -24,15 +24,15 @@
 # The C9 verdict reads held-out loss (primary) and accuracy on every test example at the last step,
 # paired over 8 seeds; an optimiser arm enters it only if its routers move (median
 # ‖ΔW_eff‖/‖W_eff‖ ≥ 1e-2; the claims report lists the movement of every arm).
-# Claim, rule and figure: `analysis/topics/twins.py`.
+# Claim, rule and figure: `analysis/claims/twins.py`.
 
 # %% [markdown]
 # *Setup: the figure data is read from `figures/data/` (or `$TALKLORA_FIGURES_DIR/data`); the
-# drawing functions are the topic module's own, so notebook and `python -m analysis figures` agree.*
+# drawing functions are the claim module's own, so notebook and `python -m analysis figures` agree.*
 
 # %%
 from analysis.figures import figure_data as load, set_style
-from analysis.topics import twins as T
+from analysis.claims import twins
 
 set_style()
 
@@ -47,4 +47,4 @@ f8 = load("F8")
 f8[f8["step"] == f8["step"].max()].pivot_table(index=["optimizer", "model"], columns="metric", values="mean")
 
 # %%
-fig = T.draw_f8(f8)
+fig = twins.draw_f8(f8)

@@ -1,6 +1,6 @@
-"""Verdict rules of every claim (declared in analysis.topics, judged by analysis.evidence.judge) as tables:
-small synthetic frames in -> expected verdict; plus the claims report (analysis.claims).  No experiments,
-no pytest subprocess."""
+"""Verdict rules of every claim (declared in analysis.claims, judged by analysis.claims.base.judge) as tables:
+small synthetic frames in -> expected verdict; plus the claims report (analysis.claims.run, analysis.report).
+No experiments, no pytest subprocess."""
 from __future__ import annotations
 
 import math
@@ -9,9 +9,11 @@ import pandas as pd
 import pytest
 
 from analysis import claims as C
-from analysis.evidence import judge as _judge
-from analysis.topics import claim_spec
-from analysis.train import closed_form_parameters
+from analysis import methods
+from analysis import report as R
+from analysis.claims import claim_spec
+from analysis.claims.base import judge as _judge, tests_for
+from talklora_min.budget import closed_form_parameters as budget_closed_form
 
 SEEDS = (0, 1, 2, 3)
 PASS = {"tests/test_properties.py::test_c1_identity_talk_equals_moelora_code[cfg0]": "passed",
@@ -27,6 +29,20 @@ PASS = {"tests/test_properties.py::test_c1_identity_talk_equals_moelora_code[cfg
 MARGINS = {"margins": dict(c5_ratio=0.05, c6_gini=0.02, c6_entropy=0.01, c7_accuracy=0.01, c8_share=0.05,
                            c9_accuracy=0.01, c9_loss=0.02, c10_relative=0.05, c11_accuracy=0.005, c11_loss=0.02,
                            c12_churn=0.01)}
+
+
+MINILM_DIMS = {"query": (384, 384), "key": (384, 384), "value": (384, 384), "up": (384, 1536), "down": (1536, 384)}
+
+
+def closed_form(method: str, rank: int, num_experts: int = 4, layers: int = 1,
+                targets=("query", "key", "value", "up", "down")) -> int:
+    """The closed-form count the train cells record for ``method`` on MiniLM (no shared B; 0 without adapter)."""
+    kw = methods.method(method).adapter_kwargs()
+    if not kw:
+        return 0
+    shapes = [(t, *MINILM_DIMS[t]) for _ in range(layers) for t in targets]
+    experts = 1 if kw["kind"] == "lora" else num_experts        # LoRA has no experts (any rank)
+    return budget_closed_form(kw["kind"], rank, experts, shapes, router_input=kw.get("router_input", "code"))
 
 
 def failing(nodeid):
@@ -88,8 +104,8 @@ def train_frame(gini=None, acc=None, quotient=None, counts=None, seeds=SEEDS, gi
     acc = acc or {"lora": 0.60, "moelora-code": 0.70, "moelora-input": 0.70, "talklora-official": 0.70}
     quotient = quotient or {"moelora-code": 0.1, "talklora-official": 0.05}
     cfg = dict(rank=16, num_experts=4, adapt_top_layers=2, targets=["query", "key", "value", "up", "down"])
-    counts = counts or {m: closed_form_parameters(m, cfg["rank"], cfg["num_experts"], cfg["adapt_top_layers"],
-                                                    cfg["targets"]) for m in acc}
+    closed = {m: closed_form(m, cfg["rank"], cfg["num_experts"], cfg["adapt_top_layers"], cfg["targets"]) for m in acc}
+    counts = counts or closed
     rows = []
     for s in seeds:
         for m in sorted(set(gini) | set(acc)):
@@ -105,6 +121,8 @@ def train_frame(gini=None, acc=None, quotient=None, counts=None, seeds=SEEDS, gi
                              value=acc.get(m, 0.5) + (jitter(s, 0.004) if m.startswith("talk") else 0)))
             rows.append(dict(k, step=100, split="test", layer="all", domain="all", metric="trainable_parameters",
                              value=counts.get(m, 1)))
+            rows.append(dict(k, step=100, split="test", layer="all", domain="all", metric="closed_form_parameters",
+                             value=closed.get(m, 1)))
             if m in quotient:
                 for layer in ("L5.query", "L5.up"):
                     for kind in ("gaussian_input", "adversarial"):
@@ -133,8 +151,8 @@ def twins_frame(diff: dict, seeds=SEEDS, divergence=0.5, noise=0.004, move=None)
     rows = []
     for opt, d in diff.items():
         for s in seeds:
-            for model in ("talklora", "moelora-twin"):
-                gain = d + jitter(s, noise) if model == "talklora" else 0.0
+            for model in ("talklora-official", "moelora-twin"):
+                gain = d + jitter(s, noise) if model == "talklora-official" else 0.0
                 k = dict(optimizer=opt, seed=s, step=50, model=model)
                 rows += [dict(k, split="test", layer="all", metric="accuracy", value=0.6 + gain),
                          dict(k, split="test", layer="all", metric="loss", value=0.5 - gain),
@@ -142,10 +160,10 @@ def twins_frame(diff: dict, seeds=SEEDS, divergence=0.5, noise=0.004, move=None)
                               value=(move or {}).get(opt, 0.1))]
             k = dict(optimizer=opt, seed=s, layer="all", split="probe")
             for step in (0, 50):
-                for model in ("talklora", "moelora-twin", "talklora-frozen-T", "talklora-identity"):
-                    a = 0.6 + (d + jitter(s, noise) if model == "talklora" and step == 50 else 0)
+                for model in ("talklora-official", "moelora-twin", "talklora-frozen-T", "talklora-identity-matched"):
+                    a = 0.6 + (d + jitter(s, noise) if model == "talklora-official" and step == 50 else 0)
                     rows.append(dict(k, step=step, model=model, metric="accuracy", value=a))
-                    dv = 0.0 if model == "talklora" or step == 0 else divergence
+                    dv = 0.0 if model == "talklora-official" or step == 0 else divergence
                     rows.append(dict(k, step=step, model=model, metric="logit_maxabs_diff", value=dv))
                     for layer in ("L5.query",):
                         rows += [dict(k, step=step, model=model, layer=layer, metric="lipschitz_certified", value=1.0),
@@ -177,8 +195,9 @@ def routers_frame(max_extra: dict, median_extra: dict, seeds=SEEDS):
 
 
 def judge(cid, tests=None, config=None, verdicts=None, **data):
-    """Judge claim ``cid`` on the experiment frames given by name (as `python -m analysis claims` does)."""
-    return _judge(claim_spec(cid), data, tests, config, verdicts)
+    """Judge claim ``cid`` on the experiment frames given by name (as `python -m analysis claims` does);
+    ``config`` defaults to the declared margins alone."""
+    return _judge(claim_spec(cid), data, tests, MARGINS if config is None else config, verdicts)
 
 
 def c4_data(**kw):
@@ -192,10 +211,12 @@ def c5_data(ratios, quotient=None, seeds=SEEDS, noise=0.01):
     return dict(perturb_synthetic=synth_frame(ratios, seeds=seeds, noise=noise), train=tr)
 
 
-def c7_case(talk_acc=0.70, counts=None):
+def c7_case(talk_acc=0.70, counts=None, closed=True):
     tr, cfg = train_frame(acc={"lora": 0.6, "moelora-code": 0.7, "moelora-input": 0.7, "talklora-official": talk_acc},
                           counts=counts)
-    return dict(train=tr), {"train": cfg}
+    if not closed:
+        tr = tr[tr.metric != "closed_form_parameters"]
+    return dict(train=tr), {"train": cfg, **MARGINS}
 
 
 def c11_case(talk_loss):
@@ -239,7 +260,7 @@ VERDICT_TABLE = [
     ("C7", lambda: c7_case(0.75)[0], PASS, c7_case()[1], None, "inconclusive"),         # one budget (needs ≥ 3)
     ("C7", lambda: c7_case(counts={"lora": 1, "moelora-code": 2, "moelora-input": 3, "talklora-official": 4})[0],
      PASS, c7_case()[1], None, "inconclusive"),                                         # counts ≠ closed form
-    ("C7", lambda: c7_case(0.75)[0], PASS, None, None, "inconclusive"),                  # no config: no closed form
+    ("C7", lambda: c7_case(0.75, closed=False)[0], PASS, None, None, "inconclusive"),    # no closed-form rows
     ("C9", lambda: dict(twins=twins_frame({"adamw": 0.05, "sgd": 0.05})), None, None, None, "holds"),
     ("C9", lambda: dict(twins=twins_frame({"adamw": 0.05, "sgd": 0.0}, move={"sgd": 1e-3})), None, None, None,
      "holds"),                                                                          # sgd routers do not move
@@ -350,28 +371,17 @@ def test_c6_reports_the_step0_difference():
     assert "step 0" in claim.rule and claim.comparisons[0].effect == pytest.approx(-0.05 + 0.06)
 
 
-def test_c7_closed_form():
-    # r = 16, E = 4, m = 4, one layer of q/k/v (384 -> 384), up (384 -> 1536), down (1536 -> 384)
-    targets = ["query", "key", "value", "up", "down"]
-    lora = closed_form_parameters("lora", 16, 4, 1, targets)
-    assert lora == 16 * (3 * 768 + 2 * 1920)
-    code = closed_form_parameters("moelora-code", 16, 4, 1, targets)
-    assert code - lora == 5 * (4 * 16 + 4 * 16)
-    assert closed_form_parameters("talklora-official", 16, 4, 1, targets) - code == 5 * 16
-    two = closed_form_parameters("talklora-official", 16, 4, 2, targets)
-    shared = closed_form_parameters("talklora-official", 16, 4, 2, targets, shared_B=True)
-    assert two - shared == 16 * (3 * 384 + 1536 + 384)           # B counted once per projection type
-
-
 def test_c7_key_number_and_mismatch_reason():
     data, cfg = c7_case(0.75)
     assert "160" in judge("C7", PASS, cfg, **data).key_number      # E² = 16 per layer × 5 targets × 2 layers
     data, cfg = c7_case(counts={"lora": 1, "moelora-code": 2, "moelora-input": 3, "talklora-official": 4})
     assert "closed form" in judge("C7", PASS, cfg, **data).reason
+    data, cfg = c7_case(closed=False)
+    assert "no closed-form parameter count" in judge("C7", PASS, cfg, **data).reason
 
 
 def test_c9_reasons():
-    claim = judge("C9", config={"twins": {"lr_adamw": 3e-4, "lr_sgd": 1e-2}},
+    claim = judge("C9", config={"twins": {"lr_adamw": 3e-4, "lr_sgd": 1e-2}, **MARGINS},
                   twins=twins_frame({"adamw": 0.05, "sgd": 0.05}))
     assert "adamw (lr 0.0003)" in claim.reason
     still = judge("C9", twins=twins_frame({"sgd": 0.05}, move={"sgd": 1e-3}))
@@ -384,13 +394,14 @@ def test_parse_junit_and_claim_mapping(tmp_path):
     <testcase classname="tests.test_properties" name="test_c1_rejects_non_identity_talk"><failure message="x"/></testcase>
     <testcase classname="tests.test_probes_lipschitz" name="test_wide_layer_d4096"><skipped/></testcase>
     </testsuite></testsuites>"""
-    out = C.parse_junit(xml)
+    out = R.parse_junit(xml)
     assert out == {"tests/test_properties.py::test_c1_identity_talk_equals_moelora_code[cfg0]": "passed",
                    "tests/test_properties.py::test_c1_rejects_non_identity_talk": "failed",
                    "tests/test_probes_lipschitz.py::test_wide_layer_d4096": "skipped"}
-    s = C.tests_for("C1", out)
+    s = tests_for(claim_spec("C1").tests, out)
     assert s["status"] == "failed" and s["n_pass"] == 1 and s["n_run"] == 2
-    assert C.tests_for("C8", out)["applicable"] is False
+    assert tests_for(claim_spec("C8").tests, out)["applicable"] is False
+    assert tests_for(claim_spec("C1").tests, R.TestRun(out)) == s
 
 
 def test_missing_experiment_names_it_and_the_command(tmp_path):
@@ -417,12 +428,12 @@ def full_data():
 
 def test_report_has_all_ids_numbers_and_is_written_atomically(tmp_path):
     data, cfg = full_data()
-    claims = C.evaluate(data, C.TestRun(PASS, "pytest (fake)", 0, 1.0), cfg)
+    claims = C.evaluate(data, R.TestRun(PASS, "pytest (fake)", 0, 1.0), cfg)
     assert [c.id for c in claims] == list(C.CLAIM_IDS)
     assert all(c.verdict in C.VERDICTS for c in claims)
     md, csv = tmp_path / "CLAIMS.md", tmp_path / "claims.csv"
-    C.write_report(claims, md, csv, command="python -m analysis claims", results_dir=tmp_path,
-                   commit="deadbeef", dirty=False, tests=C.TestRun(PASS, "pytest (fake)", 0, 1.0))
+    R.write_report(claims, md, csv, ids=C.CLAIM_IDS, command="python -m analysis claims", results_dir=tmp_path,
+                   commit="deadbeef", dirty=False, tests=R.TestRun(PASS, "pytest (fake)", 0, 1.0))
     text = md.read_text()
     assert "Generated file" in text and "deadbeef" in text and "python -m analysis claims" in text
     for cid in C.CLAIM_IDS:
@@ -432,7 +443,7 @@ def test_report_has_all_ids_numbers_and_is_written_atomically(tmp_path):
     assert "160" in text                         # C7 overhead computed from the counts
     frame = pd.read_csv(csv)
     claim_rows = frame[frame.comparison.isna()]
-    assert tuple(frame.columns) == C.CSV_COLUMNS and list(claim_rows.id) == list(C.CLAIM_IDS)
+    assert tuple(frame.columns) == R.CSV_COLUMNS and list(claim_rows.id) == list(C.CLAIM_IDS)
     assert set(frame.verdict) <= set(C.VERDICTS)
     assert "Rule:" in frame.evidence[0]
     cmp_rows = frame[frame.comparison.notna()]
@@ -448,13 +459,13 @@ def test_failed_write_keeps_the_previous_report(tmp_path, monkeypatch):
     md.write_text("old report\n")
     csv.write_text("old,csv\n")
     with pytest.raises(ValueError, match="exactly the claims"):
-        C.write_report(claims[:-1], md, csv, command="x", results_dir=tmp_path, commit="c", dirty=None)
+        R.write_report(claims[:-1], md, csv, ids=C.CLAIM_IDS, command="x", results_dir=tmp_path, commit="c", dirty=None)
 
     def boom(self, *a, **k):
         raise OSError("disk full")
     monkeypatch.setattr(pd.DataFrame, "to_csv", boom)
     with pytest.raises(OSError, match="disk full"):
-        C.write_report(claims, md, csv, command="x", results_dir=tmp_path, commit="c", dirty=None)
+        R.write_report(claims, md, csv, ids=C.CLAIM_IDS, command="x", results_dir=tmp_path, commit="c", dirty=None)
     assert csv.read_text() == "old,csv\n"        # untouched: the CSV is replaced only when complete
     assert not list(tmp_path.glob(".*.tmp"))
 
@@ -493,7 +504,7 @@ def test_report_lists_comparisons_when_a_claim_has_them(tmp_path):
         c.comparisons = []
     claims[5].comparisons = [Comparison.from_differences("TalkLoRA − MoELoRA-code", [0.03, 0.05, 0.04], margin=0.01)]
     md, csv = tmp_path / "CLAIMS.md", tmp_path / "claims.csv"
-    C.write_report(claims, md, csv, command="x", results_dir=tmp_path, commit="c", dirty=False)
+    R.write_report(claims, md, csv, ids=C.CLAIM_IDS, command="x", results_dir=tmp_path, commit="c", dirty=False)
     text = md.read_text()
     assert text.count("| comparison | n | effect |") == 1 and "| TalkLoRA − MoELoRA-code | 3 | 0.04 |" in text
     frame = pd.read_csv(csv)

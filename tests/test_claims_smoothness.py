@@ -1,8 +1,9 @@
-"""Verdict rules of the smoothness claims C5, C8, C10, C12 (analysis.topics.smoothness*) as tables:
+"""Verdict rules of the smoothness claims C5, C8, C10, C12 (analysis.claims.amplification / init_norms /
+topk / churn) as tables:
 small synthetic frames in -> expected verdict, with data that gives each of holds / refuted /
 inconclusive; plus the SPEC §5 comparison rows they report (n, effect, interval, margin, MDE), the
 scale-matched control pairing of C5 and the per-ε / per-statistic split of C10.  (The statistics
-helpers — Holm levels, ``combine`` — are tested in tests/test_stats.py.)"""
+helpers — Holm levels, ``Family``, ``combine`` — are tested in tests/test_stats.py.)"""
 from __future__ import annotations
 
 import math
@@ -12,8 +13,8 @@ import pandas as pd
 import pytest
 
 from analysis import stats as S
-from analysis.topics import claim_spec
-from test_claims import PASS, failing, judge, jitter, synth_frame, talk_norms_frame
+from analysis.claims import claim_spec
+from test_claims import PASS, failing, judge, synth_frame, talk_norms_frame
 
 SEEDS = tuple(range(8))
 MARGINS = dict(c5_ratio=0.05, c6_gini=0.02, c6_entropy=0.01, c7_accuracy=0.01, c8_share=0.05, c9_accuracy=0.01,
@@ -172,7 +173,7 @@ def test_claim_verdict_follows_the_declared_combination():
         claim = judge(cid, PASS, CFG, None, **frames())
         if cid == "C8" or not claim.comparisons:
             continue
-        assert claim.verdict == S.combine(claim.comparisons)[0]
+        assert claim.verdict == S.combine(c.verdict for c in claim.comparisons)
         assert "holds if every comparison holds" in claim.rule and "refuted if any" in claim.rule
 
 

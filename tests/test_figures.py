@@ -1,4 +1,5 @@
-"""Figures F1–F9, F11 (declared in analysis.topics, drawn by analysis.figures) on small synthetic result tables."""
+"""Figures F1–F11 (declared in the claim modules of analysis.claims, drawn by analysis.figures) on small
+synthetic result tables."""
 from __future__ import annotations
 
 import io
@@ -18,7 +19,9 @@ from analysis import figures as F  # noqa: E402
 from analysis.config import load_profile  # noqa: E402
 from analysis import plotting as P  # noqa: E402
 from analysis import stats as S  # noqa: E402
-from analysis.topics import balance, equivalence, smoothness, twins  # noqa: E402
+from analysis import methods  # noqa: E402
+from analysis.claims import amplification, balance, churn, efficiency, init_norms, lipschitz, topk, twins  # noqa: E402
+from test_claims import MARGINS  # noqa: E402
 
 METHODS = ["lora", "moelora-code", "moelora-input", "talklora-official", "talklora-identity"]
 LAYERS = ["L5.query", "L5.value"]
@@ -139,14 +142,14 @@ def equivalence_rows() -> pd.DataFrame:
 
 def twin_rows() -> pd.DataFrame:
     rows = []
-    for opt, s, step, model in itertools.product(("adamw", "sgd"), (0, 1), (0, 2, 4), P.TWIN_COLORS):
+    for opt, s, step, model in itertools.product(("adamw", "sgd"), (0, 1), (0, 2, 4), methods.tagged("twin-arm")):
         base = dict(optimizer=opt, seed=s, step=step, model=model)
-        d = 0.0 if model == "talklora" else 1e-3 * step
+        d = 0.0 if model == "talklora-official" else 1e-3 * step
         rows += [dict(base, layer="all", metric="logit_maxabs_diff", value=d),
                  dict(base, layer="all", metric="logit_meanabs_diff", value=d / 10),
                  dict(base, layer="all", metric="accuracy", value=0.5 + (0.01 * step if model == "moelora-twin" else 0)),
                  dict(base, layer="L5.query", metric="gini", value=0.1),
-                 dict(base, layer="L5.value", metric="gini", value=0.2 + (0.01 if model != "talklora" else 0))]
+                 dict(base, layer="L5.value", metric="gini", value=0.2 + (0.01 if model != "talklora-official" else 0))]
     return pd.DataFrame(rows)
 
 
@@ -231,7 +234,7 @@ def test_figure_draws_and_redraws_from_its_data(fig_id):
     experiments, columns = CASES[fig_id]
     spec = F.FIGURE_BY_ID[fig_id]
     assert tuple(experiments) == spec.experiments
-    fig, data = spec.make(*(ROWS[e]() for e in experiments))
+    fig, data = spec.make(*(ROWS[e]() for e in experiments), config=MARGINS)
     assert isinstance(fig, matplotlib.figure.Figure) and _drawn(fig)
     assert columns <= set(data.columns), columns - set(data.columns)
     assert len(data) > 0 and len(data) < 5000
@@ -243,23 +246,27 @@ def test_f1_values_are_seed_means_of_the_final_validation_step():
     rows = train_rows()
     rows.loc[(rows["split"] == "test") & (rows["metric"] == "gini"), "value"] = 0.9      # must not be drawn
     data = balance.prepare_f1(rows).set_index(["metric", "layer", "method"])
-    assert set(data.index.get_level_values("method")) <= set(balance.ROUTED)     # LoRA has no router
+    assert set(data.index.get_level_values("method")) <= set(balance.f1_methods())   # LoRA has no router
     assert "lora" not in set(data.index.get_level_values("method"))
     row = data.loc[("gini", "L5.value", "talklora-official")]
     assert row["mean"] == pytest.approx(0.21) and row["n"] == 3 and row["lo"] < 0.21 < row["hi"]
 
 
-def test_f1_draws_what_the_c6_verdict_reads():
+def test_f1_draws_the_final_values_the_c6_verdict_reads():
+    """F1's per-layer means, averaged over layers, are the seed means of the layer-mean Gini at the last step
+    that C6's difference-in-differences takes (its 'end' frame)."""
     rows = train_rows()
     rows.loc[(rows["split"] == "val") & (rows["step"] == 5) & (rows["metric"] == "gini"), "value"] = 0.9
     drawn = balance.prepare_f1(rows)
     drawn = drawn[drawn["metric"] == "gini"].groupby("method")["mean"].mean()      # mean over layers
-    verdict_input = balance.final_layer_mean(rows, "gini").mean()                  # per seed, then over seeds
-    assert drawn.to_dict() == pytest.approx(verdict_input[drawn.index].to_dict())
+    (setting, frames), = balance.select_c6({"train": rows})
+    start, end = frames["gini"]
+    assert drawn.to_dict() == pytest.approx(end.mean()[drawn.index].to_dict())
+    assert start.mean()[drawn.index].to_numpy() == pytest.approx(drawn.to_numpy())   # step 0 = the end here
 
 
 def test_f2_medians_and_p95_by_talk():
-    data = smoothness.prepare_f2(synthetic_rows(), control_rows())
+    data = amplification.prepare_f2(synthetic_rows(), control_rows())
     quot = data[data["panel"] == "quotient"]
     assert set(quot["statistic"]) == {"median", "p95"} and set(quot["talk"]) == {"identity", "official", "uniform-mix:0.5"}
     med = quot[(quot["statistic"] == "median")]["mean"]
@@ -267,7 +274,7 @@ def test_f2_medians_and_p95_by_talk():
 
 
 def test_f2_ratio_to_the_scale_matched_controls():
-    data = smoothness.prepare_f2(synthetic_rows(), control_rows())
+    data = amplification.prepare_f2(synthetic_rows(), control_rows())
     ratio = data[data["panel"].str.startswith("ratio/")].set_index(["panel", "talk", "kind", "eps"])
     assert ratio.xs("ratio/spectral")["mean"].to_numpy() == pytest.approx(0.8)      # control quotient / 0.8
     assert ratio.xs("ratio/frobenius")["mean"].to_numpy() == pytest.approx(1.0)
@@ -275,12 +282,12 @@ def test_f2_ratio_to_the_scale_matched_controls():
 
 
 def test_f3_orders_alpha_grid_and_includes_trained():
-    data = smoothness.prepare_f3(synthetic_rows(), train_rows())
+    data = lipschitz.prepare_f3(synthetic_rows(), train_rows())
     assert set(data["panel"]) == {"synthetic, w.r.t. code", "synthetic, w.r.t. input", "trained routers, w.r.t. input"}
     assert P.talk_order(["official", "identity", "uniform-mix:0.75", "uniform-mix:0.25"]) == [
         "uniform-mix:0.25", "uniform-mix:0.75", "identity", "official"]
     trained = data[data["panel"].str.startswith("trained")]
-    assert set(trained["group"]) == set(balance.ROUTED) & set(METHODS) and (trained["n"] == 6).all()     # 3 seeds x 2 layers
+    assert set(trained["group"]) == set(METHODS) - {"lora"} and (trained["n"] == 6).all()     # 3 seeds x 2 layers
 
 
 def test_f4_averages_layers_then_seeds():
@@ -290,7 +297,7 @@ def test_f4_averages_layers_then_seeds():
 
 
 def test_f5_accuracy_and_parameters():
-    data = balance.prepare_f5(train_rows(), budget_rows()).set_index(["budget", "method"])
+    data = efficiency.prepare_f5(train_rows(), budget_rows()).set_index(["budget", "method"])
     assert data.loc[(0, "lora"), "trainable_parameters"] == 1000 and data.loc[(0, "lora"), "mean"] == pytest.approx(0.61)
     assert data.loc[(32, "talklora-official"), "trainable_parameters"] == 3200
     assert data.loc[(32, "talklora-official"), "mean"] == pytest.approx(0.642) and data.loc[(32, "lora"), "n"] == 3
@@ -298,7 +305,7 @@ def test_f5_accuracy_and_parameters():
 
 def test_f7_fraction_above_one():
     rows = talk_norm_rows()
-    data = smoothness.prepare_f7(rows).set_index(["metric", "E"])
+    data = init_norms.prepare_f7(rows).set_index(["metric", "E"])
     expected = (rows[(rows.metric == "talk_norm") & (rows.E == 8)]["value"] > 1).mean()
     assert data.loc[("talk_norm", 8), "frac_gt_1"] == pytest.approx(expected)
     assert data.loc[("talk_norm", 8), "n"] == 200
@@ -306,23 +313,23 @@ def test_f7_fraction_above_one():
 
 def test_f8_gaps_are_relative_to_talklora():
     data = twins.prepare_f8(twin_rows())
-    assert "talklora" not in set(data["model"])
+    assert "talklora-official" not in set(data["model"])
     acc = data[(data["metric"] == "accuracy_gap") & (data["step"] == 4)].set_index(["optimizer", "model"])
     assert acc.loc[("adamw", "moelora-twin"), "mean"] == pytest.approx(0.04)
-    assert acc.loc[("adamw", "talklora-identity"), "mean"] == pytest.approx(0.0)
+    assert acc.loc[("adamw", "talklora-identity-matched"), "mean"] == pytest.approx(0.0)
     gini = data[(data["metric"] == "gini_gap")]
     assert gini["mean"].to_numpy() == pytest.approx(0.005)
 
 
 def test_f9_certified_missing_for_topk():
-    data = smoothness.prepare_f9(router_rows())
+    data = topk.prepare_f9(router_rows())
     lip = data[data["panel"] == "lipschitz"]
     assert set(lip[lip["statistic"] == "certified"]["router"]) == {"dense"}
-    assert set(data["panel"]) == set(smoothness.F9_PANELS) | {"lipschitz"}
+    assert set(data["panel"]) == set(topk.F9_PANELS) | {"lipschitz"}
 
 
 def test_f9_relative_quotient_per_eps_and_statistic():
-    data = smoothness.prepare_f9(router_rows())
+    data = topk.prepare_f9(router_rows())
     rel = data[data["panel"].str.startswith("quotient_rel")].set_index(["panel", "router", "kind", "eps"])
     assert rel.xs("quotient_rel/max")["mean"].to_numpy() == pytest.approx(1.0)        # (2q − q)/q
     assert rel.xs("quotient_rel/median")["mean"].to_numpy() == pytest.approx(-0.5)    # (q/2 − q)/q
@@ -330,7 +337,7 @@ def test_f9_relative_quotient_per_eps_and_statistic():
 
 
 def test_f11_churn_per_source_method_and_step():
-    data = smoothness.prepare_f11(lm_rows(), churn_train_rows()).set_index(["source", "method", "step"])
+    data = churn.prepare_f11(lm_rows(), churn_train_rows()).set_index(["source", "method", "step"])
     assert data.loc[("train: sentiment", "talklora-official", 5), "mean"] == pytest.approx(0.05)
     assert data.loc[("lm (SmolLM2)", "moelora-code", 4), "mean"] == pytest.approx(0.06)    # 0.05 + mean 0.01·s
     assert (data["n"] == len(SEEDS)).all() and "lora" not in set(data.index.get_level_values("method"))
@@ -346,13 +353,14 @@ def _write_results(root):
 def test_draw_all_writes_images_data_and_manifest(tmp_path):
     _write_results(tmp_path / "results")
     out = tmp_path / "figs"
-    written = F.draw_all(tmp_path / "results", out, log=lambda _: None)
+    written = F.draw_all(tmp_path / "results", out, log=lambda _: None, config=MARGINS)
     assert set(written) == {f.id for f in F.FIGURES}
     readme = (out / "README.md").read_text()
     for f in F.FIGURES:
         for path in (out / f"{f.name}.png", out / f"{f.name}.pdf", out / "data" / f"{f.name}.csv"):
             assert path.is_file() and path.stat().st_size > 0
         assert f"{f.name}.png" in readme and f"data/{f.name}.csv" in readme and f.notebook in readme
+        assert f"module: `{f.draw.__module__}`" in readme and f.caption in readme
     assert not list(out.rglob("*.tmp"))
     assert plt.get_fignums() == []                     # every figure closed
 

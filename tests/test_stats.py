@@ -1,10 +1,10 @@
-"""analysis.stats: intervals, binomial intervals, Holm, TOST, MDE and the SPEC §5 verdict rule."""
+"""analysis.stats: intervals, binomial intervals, Holm (the Family of a claim's comparisons), MDE and the
+verdict rule of one comparison (docs/method.md §5)."""
 from __future__ import annotations
 
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -26,31 +26,21 @@ def test_t_quantile_rejects_bad_conf_and_has_no_value_below_one_df():
         S.t_quantile(3, conf=1.5)
 
 
-def test_estimate_t_interval_and_direction():
+def test_estimate_t_interval_and_text():
     e = S.estimate([1.0, 2.0, 3.0])
     assert e.mean == 2.0 and e.n == 3
     assert e.hi - e.mean == pytest.approx(4.3026527 / math.sqrt(3))
-    assert e.direction == "unresolved"                   # 2 ± 2.48 includes 0
-    assert S.estimate([1.0, 1.1, 1.2]).direction == "above"
-    assert S.estimate([-1.0, -1.1, -1.2]).direction == "below"
+    assert e.text() == "2 [-0.484, 4.48] (n = 3 seeds)"
     one = S.estimate([5.0, math.nan])
-    assert one.n == 1 and one.direction == "unresolved" and math.isnan(one.lo)
+    assert one.n == 1 and math.isnan(one.lo)
     assert "no interval" in one.text() and S.estimate([]).text() == "n/a (no data)"
 
 
 def test_estimate_on_the_log_scale_is_a_geometric_mean():
     r = S.estimate([0.25, 1.0, 4.0], log=True)
-    assert r.mean == pytest.approx(1.0) and r.null == 1.0
+    assert r.mean == pytest.approx(1.0)
     half = 4.3026527 * math.log(4) / math.sqrt(3)
     assert (r.lo, r.hi) == pytest.approx((math.exp(-half), math.exp(half)))
-    assert S.estimate([0.5, 0.5, 0.5], log=True).direction == "below"
-
-
-def test_paired_difference_by_replicate():
-    wide = pd.DataFrame({"a": [1.0, 2.0, 3.0], "b": [0.5, 1.4, 2.6]})
-    d = S.paired(wide, "a", "b")
-    assert d.mean == pytest.approx(0.5) and d.n == 3 and d.direction == "above"
-    assert S.paired(wide, "a", "missing").n == 0
 
 
 @given(st.lists(st.floats(-1e3, 1e3), min_size=2, max_size=30))
@@ -92,15 +82,6 @@ def test_holm_step_down():
         S.holm([0.1, 1.5])
 
 
-def test_tost_equivalence_within_margin():
-    tight = [0.001, -0.002, 0.0005, 0.0015, -0.001]
-    assert S.tost(tight, margin=0.01) < 0.05           # clearly inside ±0.01
-    assert S.tost([0.05, 0.06, 0.055, 0.052], margin=0.01) > 0.5
-    assert math.isnan(S.tost([0.0], margin=0.01))
-    with pytest.raises(ValueError, match="margin"):
-        S.tost(tight, margin=0)
-
-
 def test_mde_shrinks_with_n_and_matches_the_formula():
     from scipy import stats
     assert S.mde(1.0, 10) == pytest.approx((stats.t.ppf(0.975, 9) + stats.t.ppf(0.8, 9)) / math.sqrt(10))
@@ -108,7 +89,7 @@ def test_mde_shrinks_with_n_and_matches_the_formula():
     assert math.isnan(S.mde(1.0, 1))
 
 
-# ----------------------------------------------------------------------------- SPEC §5 verdict rule
+# ----------------------------------------------------------------------------- the verdict rule (docs/method.md §5)
 VERDICT_RULE = [
     # ci_low, ci_high, margin, claimed side -> verdict
     (0.02, 0.05, 0.01, "greater", "holds"),            # entirely on the claimed side
@@ -172,19 +153,51 @@ def test_holm_levels_and_combine():
     # step-down stops at 0.03 (> 0.05/2): the larger 0.04 keeps that step's level, not 0.95
     assert S.holm_levels([0.01, 0.04, 0.03]) == pytest.approx([1 - 0.05 / 3, 1 - 0.05 / 2, 1 - 0.05 / 2])
     assert S.holm_levels([math.nan, 0.01]) == pytest.approx([0.95, 0.975])
+    assert S.combine(["holds", "holds"]) == "holds"
+    assert S.combine(["holds", "inconclusive", "refuted"]) == "refuted"
+    assert S.combine(["holds", "inconclusive"]) == "inconclusive" and S.combine([]) == "inconclusive"
+
+
+def test_family_decides_by_the_declared_combination():
     good = S.Comparison.from_differences("a", [0.10, 0.11, 0.12], 0.01)
     none = S.Comparison.from_differences("b", [0.001, -0.001, 0.0], 0.01)
     open_ = S.Comparison.from_differences("c", [0.1, -0.1, 0.05], 0.01)
     assert (good.verdict, none.verdict, open_.verdict) == ("holds", "refuted", "inconclusive")
-    assert S.combine([good, good])[0] == "holds"
-    assert S.combine([good, open_, none])[0] == "refuted" and "b" in S.combine([good, none])[1]
-    assert S.combine([good, open_])[0] == "inconclusive" and S.combine([])[0] == "inconclusive"
+    plain = lambda *cs: S.Family.of(cs, holm=False)           # noqa: E731
+    assert plain(good, good).decide() == ("holds", "all 2 comparisons hold")
+    verdict, reason = plain(good, open_, none).decide()
+    assert verdict == "refuted" and reason.startswith("refuted by b ")
+    verdict, reason = plain(good, open_).decide()
+    assert verdict == "inconclusive" and reason.startswith("1 of 2 comparisons undecided") and reason.endswith(": c")
+    assert S.Family.of([]).decide() == ("inconclusive", "no comparisons") and S.Family.of([]).adjusted_p == []
 
 
-def test_holm_family_widens_the_intervals():
+def test_family_of_differences_computes_each_comparison_at_its_holm_level():
     d = [0.1, 0.12, 0.08, 0.11]
-    fam = S.holm_family([("x", d, 0.01, "greater"), ("y", [0.2, 0.21, 0.19, 0.2], 0.01, "greater")])
+    fam = S.Family.of_differences([("x", d, 0.01, "greater"), ("y", [0.2, 0.21, 0.19, 0.2], 0.01, "greater")])
     plain = S.Comparison.from_differences("x", d, 0.01)
-    assert fam[0].ci_high - fam[0].ci_low >= plain.ci_high - plain.ci_low
-    assert fam[0].effect == pytest.approx(plain.effect) and {c.conf for c in fam} == {0.95, 0.975}
+    x, y = fam.comparisons
+    assert x.ci_high - x.ci_low >= plain.ci_high - plain.ci_low
+    assert x.effect == pytest.approx(plain.effect) and {x.conf, y.conf} == {0.95, 0.975}
     assert "(97.5 %)" in " ".join(" ".join(c.row()) for c in fam)
+    at = next(c for c in fam if c.conf == 0.975)
+    assert at.mde == pytest.approx(S.mde(float(np.std(d if at.name == "x" else [0.2, 0.21, 0.19, 0.2], ddof=1)), 4,
+                                         conf=0.975))
+    assert S.Family.of_differences([("x", d, 0.01, "greater")], holm=False).comparisons[0] == plain
+
+
+def test_family_of_relevels_comparisons_and_keeps_their_mde():
+    """``Family.of`` re-levels intervals already computed at 95 % (the MDE stays at 95 %); the adjusted p-values
+    are Holm's of the comparisons' own p-values, which match scipy's paired t-test."""
+    from scipy import stats as sps
+    a = S.Comparison.from_differences("a", [0.10, 0.12, 0.08, 0.11], 0.01)
+    b = S.Comparison.from_differences("b", [0.02, -0.01, 0.03, 0.01], 0.01)
+    assert a.p_value == pytest.approx(sps.ttest_1samp([0.10, 0.12, 0.08, 0.11], 0.0).pvalue)
+    fam = S.Family.of([a, b])
+    first = fam.comparisons[0]
+    assert first.conf == pytest.approx(0.975) and first.mde == a.mde and first.effect == a.effect
+    half = (a.ci_high - a.ci_low) / 2 * S.t_quantile(3, 0.975) / S.t_quantile(3)
+    assert (first.ci_low, first.ci_high) == pytest.approx((a.effect - half, a.effect + half))
+    assert fam.adjusted_p == pytest.approx(S.holm([a.p_value, b.p_value]).tolist())
+    assert fam.verdicts == [c.verdict for c in fam.comparisons] and len(fam) == 2
+    assert S.Family.of([a, b], holm=False).comparisons == (a, b)

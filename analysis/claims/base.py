@@ -1,35 +1,35 @@
-"""Declarations shared by the evidence topics (:mod:`analysis.topics`).
+"""What every claim module declares, and the one place a claim is judged.
 
 * :class:`ClaimSpec` — a claim declared once: id, the paper's wording, our statement, the verdict
-  rule in words, the figures that show it, the backing property tests (regexes on pytest node
-  ids), the experiments it reads and the ``evaluate`` function that applies the rule in code;
+  rule in words, the figures that show it, the backing property tests (regexes on pytest node ids),
+  the experiments it reads and the ``evaluate`` function that applies the rule in code;
 * :class:`Outcome` — what ``evaluate`` returns (verdict, reason, key number, evidence lines, and
-  optionally :class:`analysis.stats.Comparison` rows for paired comparisons);
-* :func:`judge` — the one place that turns a spec, the data and the backing-test outcomes into a
-  reported :class:`Claim`; it applies the backing-test gate: **a failed backing test makes the
-  verdict inconclusive** (the measuring code is then suspect); tests that were not run leave the
-  numeric rule in charge and the evidence says "not run";
+  the :class:`~analysis.stats.Comparison` rows of its paired comparisons, if any);
+* :func:`margin` — a margin declared in the profile (``[margins]``): the only way a claim reads one;
+* :func:`judge` — turns a spec, the data and the backing-test outcomes into a reported
+  :class:`Claim`; it applies the backing-test gate: **a failed backing test makes the verdict
+  inconclusive** (the measuring code is then suspect); tests that were not run leave the numeric
+  rule in charge and the evidence says "not run";
 * :class:`FigureSpec` — a figure: ``prepare(rows…) -> DataFrame`` (the data drawn and saved) and
-  ``draw(data) -> Figure``; its caption takes its claim ids from the claim declarations;
-* :class:`Topic` — one evidence topic: its claims, its figures and its notebook.
+  ``draw(data) -> Figure``, its caption and the notebook that redraws it.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 import pandas as pd
 
-from .experiments import EXPERIMENTS, MissingResultsError
-from .stats import Comparison
+from ..experiments import EXPERIMENTS, MissingResultsError
+from ..stats import Comparison
 
 VERDICTS = ("holds", "holds under stated conditions", "refuted", "inconclusive")
 
 
-# ----------------------------------------------------------------------------- claims
-def declared_margin(config: dict, name: str) -> float:
-    """``config["margins"][name]``: a margin declared in the profile before anything runs (SPEC §5)."""
+def margin(config: dict, name: str) -> float:
+    """``config["margins"][name]``: a margin declared in the profile before anything runs
+    (docs/method.md §5).  A missing or non-positive margin is an error, never a default."""
     margins = (config or {}).get("margins") or {}
     if name not in margins:
         raise KeyError(f"margin {name!r} is not declared: config['margins'] must hold it (profile section "
@@ -40,6 +40,7 @@ def declared_margin(config: dict, name: str) -> float:
     return value
 
 
+# ----------------------------------------------------------------------------- declarations
 @dataclass
 class Outcome:
     """The numeric rule's result for one claim (before the backing-test gate)."""
@@ -57,10 +58,11 @@ class Outcome:
 
 @dataclass(frozen=True)
 class ClaimSpec:
-    """One claim, declared once (SPEC §5).  ``evaluate(data, config, verdicts) -> Outcome`` where
-    ``data`` maps experiment names to their rows, ``config`` is the experiment config as a dict and
-    ``verdicts`` holds the verdicts of the claims named in ``uses_verdicts``.  ``gate``: the claims
-    whose backing tests gate this one (default: its own)."""
+    """One claim, declared once (docs/method.md §5).  ``evaluate(data, config, verdicts) -> Outcome``
+    where ``data`` maps experiment names to their rows, ``config`` is the experiment config as a dict
+    and ``verdicts`` holds the verdicts of the claims named in ``uses_verdicts``.  ``also_gated_by``:
+    backing-test patterns of other claims whose failure also makes this one inconclusive (C2 rests
+    on C1's identity map)."""
     id: str
     paper: str
     statement: str
@@ -71,7 +73,7 @@ class ClaimSpec:
     evaluate: Callable[..., Outcome]
     optional: tuple[str, ...] = ()
     uses_verdicts: tuple[str, ...] = ()
-    gate: tuple[str, ...] = ()
+    also_gated_by: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not re.fullmatch(r"C\d+", self.id):
@@ -79,8 +81,8 @@ class ClaimSpec:
         unknown = [e for e in (*self.experiments, *self.optional) if e not in EXPERIMENTS]
         if unknown:
             raise ValueError(f"{self.id}: experiments must be among {sorted(EXPERIMENTS)}, got {unknown}")
-        if not self.gate:
-            object.__setattr__(self, "gate", (self.id,))
+        if not self.figures or not all(re.fullmatch(r"F\d+", f) for f in self.figures):
+            raise ValueError(f"{self.id}: figures must be ids like 'F<n>' (at least one), got {self.figures!r}")
 
 
 @dataclass
@@ -106,24 +108,73 @@ class Claim:
                           *self.evidence])
 
 
+@dataclass(frozen=True)
+class FigureSpec:
+    """A figure ``F<n>_<slug>``: ``prepare(*rows of experiments) -> DataFrame`` and ``draw(data)``.
+    ``caption_text`` says what is drawn and may contain ``{claims}``, filled from the claims that
+    cite the figure (the registry sets ``claims``).  ``notebook``: the notebook that redraws it.  With
+    ``needs_config`` the prepare step also gets ``config=`` (the experiment config as a dict, e.g.
+    for the profile's declared margins)."""
+    id: str
+    slug: str
+    experiments: tuple[str, ...]
+    prepare: Callable[..., pd.DataFrame]
+    draw: Callable
+    caption_text: str
+    notebook: str
+    claims: tuple[str, ...] = ()
+    needs_config: bool = False
+
+    def __post_init__(self):
+        if not re.fullmatch(r"F\d+", self.id):
+            raise ValueError(f"figure id must look like 'F<n>', got {self.id!r}")
+        unknown = [e for e in self.experiments if e not in EXPERIMENTS]
+        if unknown:
+            raise ValueError(f"{self.id}: experiments must be among {sorted(EXPERIMENTS)}, got {unknown}")
+        if not re.fullmatch(r"\d\d_\w+\.py", self.notebook):
+            raise ValueError(f"{self.id}: notebook must name a file in notebooks/ like '01_balance.py', "
+                             f"got {self.notebook!r}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.id}_{self.slug}"
+
+    @property
+    def caption(self) -> str:
+        return self.caption_text.format(claims=claim_ref(self.claims))
+
+    def make(self, *rows: pd.DataFrame, config: dict | None = None):
+        """``(figure, data)`` from the experiments' rows (and ``config`` where ``needs_config``)."""
+        data = self.prepare(*rows, config=config) if self.needs_config else self.prepare(*rows)
+        return self.draw(data), data
+
+
+def experiments_of(claims) -> tuple[str, ...]:
+    """The experiments (required and optional) ``claims`` read, in the registry's order."""
+    used = {e for c in claims for e in (*c.experiments, *c.optional)}
+    return tuple(e for e in EXPERIMENTS if e in used)
+
+
+def claim_ref(ids) -> str:
+    """``claim C6`` / ``claims C1–C3`` / ``claims C4, C6``: consecutive runs of ≥ 3 ids as a range."""
+    nums = sorted(int(i[1:]) for i in ids)
+    if not nums:
+        return "no claim"
+    parts, start = [], 0
+    for k in range(1, len(nums) + 1):
+        if k == len(nums) or nums[k] != nums[k - 1] + 1:
+            run = nums[start:k]
+            parts += [f"C{run[0]}–C{run[-1]}"] if len(run) >= 3 else [f"C{n}" for n in run]
+            start = k
+    return ("claim " if len(nums) == 1 else "claims ") + ", ".join(parts)
+
+
 # ----------------------------------------------------------------------------- backing tests
-@dataclass
-class TestRun:
-    """Outcomes of the backing property tests (node id -> passed/failed/error/skipped)."""
-    __test__ = False             # not a pytest test class
-    outcomes: dict
-    command: str = "(injected)"
-    returncode: int | None = None
-    wall_s: float | None = None
-
-
-def tests_for(patterns, tests: TestRun | dict | None) -> dict:
-    """Backing-test summary for node-id regexes ``patterns`` (or a claim id): ``status`` (passed /
-    failed / not run), per-function pass/run counts, failed node ids."""
-    if isinstance(patterns, str):
-        from .topics import claim_spec
-        patterns = claim_spec(patterns).tests
-    outcomes = (tests.outcomes if isinstance(tests, TestRun) else tests) or {}
+def tests_for(patterns, tests) -> dict:
+    """Backing-test summary for the node-id regexes ``patterns``: ``status`` (passed / failed / not
+    run), per-function pass/run counts, failed node ids.  ``tests``: a mapping node id -> outcome
+    (passed / failed / error / skipped), an object with such an ``outcomes`` mapping, or ``None``."""
+    outcomes = getattr(tests, "outcomes", tests) or {}
     compiled = [re.compile(p) for p in patterns]
     picked = {nid: o for nid, o in outcomes.items() if any(p.search(nid) for p in compiled)}
     per_fn: dict[str, list[int]] = {}
@@ -156,32 +207,23 @@ def test_lines(summary: dict, tests) -> list[str]:
     return lines
 
 
-test_lines.__test__ = False       # a helper, not a pytest test
-
-
-def md_table(header: list[str], rows: list[list]) -> str:
-    """A markdown table (the report puts blank lines around it)."""
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
+test_lines.__test__ = False       # helpers, not pytest tests
+tests_for.__test__ = False
 
 
 # ----------------------------------------------------------------------------- judging
-def judge(spec: ClaimSpec, data: dict, tests: TestRun | dict | None = None, config: dict | None = None,
+def judge(spec: ClaimSpec, data: dict, tests=None, config: dict | None = None,
           verdicts: dict | None = None, *, results_dir="results") -> Claim:
     """Evaluate ``spec`` on ``data`` and apply the backing-test gate (the only place it is applied)."""
-    from .topics import claim_spec
-
     for name in spec.experiments:
         if data.get(name) is None:
             raise MissingResultsError(name, results_dir)
     outcome = spec.evaluate(data, config or {}, verdicts or {})
     verdict, reason, key = outcome.verdict, outcome.reason, outcome.key_number
-    gates = [tests_for(claim_spec(c).tests if c != spec.id else spec.tests, tests) for c in spec.gate]
-    failed = [nid for g in gates for nid in g["failed"]]
+    own = tests_for(spec.tests, tests)
+    failed = own["failed"] + (tests_for(spec.also_gated_by, tests)["failed"] if spec.also_gated_by else [])
     if failed:
         verdict, reason = "inconclusive", f"backing tests failed: {failed}"
-    own = tests_for(spec.tests, tests)
     if own["applicable"]:
         key += f"; tests {own['n_pass']}/{own['n_run']} passed" if own["status"] != "not run" else "; tests not run"
     return Claim(spec.id, outcome.statement or spec.statement, verdict, key,
@@ -202,66 +244,3 @@ def judge_all(specs, data: dict, tests=None, config: dict | None = None, *, resu
                                results_dir=results_dir)
             pending.remove(s)
     return [done[s.id] for s in specs]
-
-
-# ----------------------------------------------------------------------------- figures and topics
-@dataclass(frozen=True)
-class FigureSpec:
-    """A figure ``F<n>_<slug>``: ``prepare(*rows of experiments) -> DataFrame`` and ``draw(data)``.
-    ``caption`` may contain ``{claims}``, filled from the claims that cite the figure.  With
-    ``needs_config`` the prepare step also gets ``config=`` (the experiment config as a dict, e.g.
-    for the profile's declared margins)."""
-    id: str
-    slug: str
-    experiments: tuple[str, ...]
-    prepare: Callable[..., pd.DataFrame]
-    draw: Callable
-    caption_text: str
-    claims: tuple[str, ...] = ()
-    notebook: str = ""
-    needs_config: bool = False
-
-    @property
-    def name(self) -> str:
-        return f"{self.id}_{self.slug}"
-
-    @property
-    def caption(self) -> str:
-        return self.caption_text.format(claims=claim_ref(self.claims))
-
-    def make(self, *rows: pd.DataFrame, config: dict | None = None):
-        """``(figure, data)`` from the experiments' rows (and ``config`` where ``needs_config``)."""
-        data = self.prepare(*rows, config=config) if self.needs_config else self.prepare(*rows)
-        return self.draw(data), data
-
-
-def claim_ref(ids) -> str:
-    """``claim C6`` / ``claims C1–C3`` / ``claims C4, C6``: consecutive runs of ≥ 3 ids as a range."""
-    nums = sorted(int(i[1:]) for i in ids)
-    if not nums:
-        return "no claim"
-    parts, start = [], 0
-    for k in range(1, len(nums) + 1):
-        if k == len(nums) or nums[k] != nums[k - 1] + 1:
-            run = nums[start:k]
-            parts += [f"C{run[0]}–C{run[-1]}"] if len(run) >= 3 else [f"C{n}" for n in run]
-            start = k
-    return ("claim " if len(nums) == 1 else "claims ") + ", ".join(parts)
-
-
-@dataclass(frozen=True)
-class Topic:
-    """One evidence topic: claims, the figures they cite, one notebook."""
-    name: str
-    notebook: str
-    claims: tuple[ClaimSpec, ...]
-    figures: tuple[FigureSpec, ...]
-
-    def __post_init__(self):
-        ids = {f.id for f in self.figures}
-        cited = {fid for c in self.claims for fid in c.figures}
-        if cited != ids:
-            raise ValueError(f"topic {self.name!r}: its claims cite {sorted(cited)} but it draws {sorted(ids)}")
-        figs = tuple(replace(f, notebook=self.notebook, claims=tuple(c.id for c in self.claims if f.id in c.figures))
-                     for f in self.figures)
-        object.__setattr__(self, "figures", figs)

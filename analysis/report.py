@@ -1,22 +1,22 @@
-"""Claims report: judge every claim of the evidence topics (SPEC §5) from saved results and write
-``CLAIMS.md`` and ``claims.csv``.
+"""The claims report: ``CLAIMS.md`` and ``claims.csv`` from judged claims, and the run of the
+property tests that back them.
 
-``python -m analysis claims [--profile quick|paper] [--results-dir DIR]`` calls :func:`run`, which
+:func:`analysis.claims.run` (``python -m analysis claims [--profile quick|paper] [--results-dir DIR]``)
 
 1. makes sure every experiment exists (:func:`analysis.experiments.ensure_results`; finished cells
    are skipped),
-2. optionally runs the property tests that back the claims in a ``pytest`` subprocess and reads
-   their JUnit XML (one outcome per test node id),
-3. judges every claim declared in :mod:`analysis.topics` (:func:`analysis.evidence.judge`: the
-   topic's ``evaluate`` applies the rule in code, then the backing-test gate) and writes the report
-   atomically.
+2. optionally runs the property tests that back the claims in a ``pytest`` subprocess
+   (:func:`run_property_tests`, one outcome per test node id from its JUnit XML),
+3. judges every claim declared in :mod:`analysis.claims` (the claim's rule in code, then the
+   backing-test gate) and hands the result to :func:`publish`, which writes the report atomically.
 
-Verdicts are exactly one of :data:`VERDICTS`.  Intervals are two-sided Student-t intervals of the
-mean over seeds (:mod:`analysis.stats`; seeds are the replicates), 95 % unless a claim's family uses
-Holm-ordered levels (the level is reported).  ``claims.csv`` has one row per claim (``comparison``
-empty) and one row per paired comparison of that claim (:class:`analysis.stats.Comparison`: ``n,
-effect, ci_low, ci_high, margin, mde, claimed_side, conf`` and the comparison's own SPEC §5 verdict).  A missing experiment raises
-:class:`analysis.experiments.MissingResultsError` naming the command that produces it.
+Verdicts are exactly one of ``analysis.claims.base.VERDICTS``.  Intervals are two-sided Student-t
+intervals of the mean over seeds (:mod:`analysis.stats`; seeds are the replicates), 95 % unless a
+claim's family uses Holm-ordered levels (the level is reported).  ``claims.csv`` has one row per claim
+(``comparison`` empty) and one row per paired comparison of that claim
+(:class:`analysis.stats.Comparison`: ``n, effect, ci_low, ci_high, margin, mde, claimed_side, conf``
+and the comparison's own verdict, docs/method.md §5).  This module knows nothing about the individual
+claims (it imports no claim module): it formats what it is given.
 """
 from __future__ import annotations
 
@@ -27,16 +27,13 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 
-from .evidence import VERDICTS, Claim, TestRun, judge_all, md_table, tests_for  # noqa: F401  (public names)
-from .experiments import EXPERIMENTS, MissingResultsError, ensure_results, load_all  # noqa: F401
-from .results import atomic_write_csv, atomic_write_text, git_commit, git_dirty, update_marked_section
 from .stats import fmt
-from .topics import CLAIM_IDS, CLAIMS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CSV_COLUMNS = ("id", "comparison", "paper_wording", "statement", "verdict", "evidence", "figure",
@@ -46,21 +43,24 @@ TEST_FILES = ("tests/test_properties.py", "tests/test_probes_lipschitz.py",
               "tests/test_probes_amplification.py", "tests/test_inject.py")
 
 
-def load_results(results_dir) -> tuple[dict, dict]:
-    """Rows and meta of every experiment the claims read; raises :class:`MissingResultsError`."""
-    needed = [e for e in EXPERIMENTS if any(e in (*c.experiments, *c.optional) for c in CLAIMS)]
-    return load_all(needed, results_dir, needed_by="claims")
-
-
-def evaluate(data: dict, tests: TestRun | dict | None = None, config: dict | None = None, *,
-             results_dir="results") -> list[Claim]:
-    """Every claim (in id order) from the experiment frames ``data``; ``config``: the experiment config
-    as a dict (sections ``train`` and ``twins`` are used).  A missing experiment raises
-    :class:`MissingResultsError` naming ``results_dir``."""
-    return judge_all(CLAIMS, data, tests, config, results_dir=results_dir)
+def md_table(header: list[str], rows: list[list]) -> str:
+    """A markdown table (the report puts blank lines around it)."""
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
 
 
 # ----------------------------------------------------------------------------- property tests
+@dataclass
+class TestRun:
+    """Outcomes of the backing property tests (node id -> passed/failed/error/skipped)."""
+    __test__ = False             # not a pytest test class
+    outcomes: dict
+    command: str = "(injected)"
+    returncode: int | None = None
+    wall_s: float | None = None
+
+
 def parse_junit(text: str, root: Path = REPO_ROOT) -> dict[str, str]:
     """Node id -> outcome (passed / failed / error / skipped) from a pytest JUnit XML report."""
     outcomes = {}
@@ -113,13 +113,13 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def render_markdown(claims: list[Claim], *, command: str, results_dir, commit: str, dirty,
+def render_markdown(claims: list, *, command: str, results_dir, commit: str, dirty,
                     meta: dict | None = None, tests: TestRun | None = None, generated_at: str | None = None) -> str:
     generated_at = generated_at or datetime.now(timezone.utc).isoformat(timespec="seconds")
     meta = meta or {}
     out = ["# TalkLoRA claims report", "",
            "> **Generated file — do not edit by hand.** Every verdict below is computed by an explicit rule "
-           "in the evidence topics (`analysis/topics/`) from the saved results; re-run the command to update it.", "",
+           "in the claim modules (`analysis/claims/`) from the saved results; re-run the command to update it.", "",
            f"- Command: `{command}`",
            f"- Results: `{results_dir}`",
            f"- Code: git commit `{commit}`" + (" (uncommitted changes present)" if dirty else ""),
@@ -149,7 +149,7 @@ def render_markdown(claims: list[Claim], *, command: str, results_dir, commit: s
                       for c in claims])]
     for c in claims:
         out += ["", f"## {c.id} — {c.paper_wording}", "",
-                f"**Paper's wording** (as summarised in SPEC §5): {c.paper_wording}", "",
+                f"**Paper's wording** (as summarised in docs/method.md §5): {c.paper_wording}", "",
                 f"**Our statement.** {c.statement}", "",
                 f"**Verdict: {c.verdict}.** {c.reason}.", "",
                 f"**Rule.** {c.rule}", "",
@@ -158,12 +158,12 @@ def render_markdown(claims: list[Claim], *, command: str, results_dir, commit: s
     return "\n".join(out) + "\n"
 
 
-def _comparison_lines(claim: Claim) -> list[str]:
-    """The claim's paired comparisons (SPEC §5: n, effect, 95 % interval, margin, MDE), if it has any."""
+def _comparison_lines(claim) -> list[str]:
+    """The claim's paired comparisons (docs/method.md §5: n, effect, 95 % interval, margin, MDE), if any."""
     if not claim.comparisons:
         return []
     return ["- Paired comparisons (t-interval over seeds at the stated level, 95 % unless shown; MDE at 80 % "
-            "power; each comparison's verdict by SPEC §5):",
+            "power; each comparison's verdict by docs/method.md §5):",
             md_table(["comparison", "n", "effect", "interval", "margin", "MDE", "verdict"],
                      [cmp.row() for cmp in claim.comparisons])]
 
@@ -179,9 +179,9 @@ def _spaced(lines: list[str]) -> list[str]:
     return out
 
 
-def claims_frame(claims: list[Claim]) -> pd.DataFrame:
+def claims_frame(claims: list) -> pd.DataFrame:
     """One row per claim (``comparison`` empty) followed by one row per paired comparison of that claim
-    (SPEC §5: ``n, effect, ci_low, ci_high, margin, mde`` and the comparison's own ``verdict``)."""
+    (``n, effect, ci_low, ci_high, margin, mde`` and the comparison's own ``verdict``)."""
     rows = []
     for c in claims:
         rows.append({"id": c.id, "comparison": "", "paper_wording": c.paper_wording, "statement": c.statement,
@@ -191,32 +191,26 @@ def claims_frame(claims: list[Claim]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(CSV_COLUMNS))
 
 
-def write_report(claims: list[Claim], out_md, out_csv, **render_kw) -> tuple[Path, Path]:
-    ids = [c.id for c in claims]
-    if ids != list(CLAIM_IDS):
-        raise ValueError(f"the report needs exactly the claims {CLAIM_IDS} in order, got {ids}")
+def write_report(claims: list, out_md, out_csv, *, ids, **render_kw) -> tuple[Path, Path]:
+    """Write ``out_md`` and ``out_csv`` atomically (each replaced only when complete); ``ids``: the
+    claim ids the report must hold, in order."""
+    from .results import atomic_write_csv, atomic_write_text
+
+    got = [c.id for c in claims]
+    if got != list(ids):
+        raise ValueError(f"the report needs exactly the claims {tuple(ids)} in order, got {got}")
     text = render_markdown(claims, **render_kw)
     frame = claims_frame(claims)
     return atomic_write_text(out_md, text), atomic_write_csv(frame, out_csv)
 
 
-def run(config, *, results_dir="results", workers: int = 1, executor=None, force: bool = False,
-        out_md="CLAIMS.md", out_csv="claims.csv", run_tests: bool = True):
-    """Run any missing experiments, the backing property tests (``run_tests``), judge every claim and
-    write ``out_md`` / ``out_csv`` atomically.  Returns the list of :class:`Claim`."""
-    ensure_results(config, results_dir=results_dir, workers=workers, executor=executor, force=force)
-    tests = run_property_tests() if run_tests else None
-    data, meta = load_results(results_dir)
-    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
-    claims = evaluate(data, tests, cfg, results_dir=results_dir)
-    profile = cfg.get("profile", "?")
-    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("")
-    if argv0.name == "__main__.py" and argv0.parent.name == "analysis":
-        command = "python -m analysis " + " ".join(sys.argv[1:])
-    else:
-        command = (f"analysis.claims.run(<config profile {profile!r}>, results_dir={str(results_dir)!r}, "
-                   f"out_md={str(out_md)!r}, out_csv={str(out_csv)!r}, run_tests={run_tests})")
-    md, csv = write_report(claims, out_md, out_csv, command=command, results_dir=results_dir,
+def publish(claims: list, out_md, out_csv, *, ids, command: str, results_dir, meta: dict | None = None,
+            tests: TestRun | None = None) -> tuple[Path, Path]:
+    """:func:`write_report` stamped with the git commit; the README's verdict table too when the report
+    goes to the repository root; one line per claim on stdout."""
+    from .results import git_commit, git_dirty, update_marked_section
+
+    md, csv = write_report(claims, out_md, out_csv, ids=ids, command=command, results_dir=results_dir,
                            commit=git_commit(), dirty=git_dirty(), meta=meta, tests=tests)
     if Path(out_md).resolve() == REPO_ROOT / "CLAIMS.md":
         summary = md_table(["id", "claim", "verdict", "key number"],
@@ -228,4 +222,4 @@ def run(config, *, results_dir="results", workers: int = 1, executor=None, force
     for c in claims:
         print(f"{c.id:<{width}}  {c.verdict:<30}  {c.key_number}")
     print(f"wrote {md} and {csv}")
-    return claims
+    return md, csv

@@ -1,25 +1,26 @@
-"""Evidence topic **smoothness**, part 2: the official initialisation of the Talking Module — claim
-C8 (how often ‖T‖₂ > 1 lets communication raise the certified router bound) and figure F7.
+"""Claim C8 (how often the official initialisation lets communication raise the certified router
+bound) and figure F7.
 
-Part of the smoothness topic (:mod:`analysis.topics.smoothness` collects it; notebook
-``notebooks/02_smoothness.py``).  Rows: ``talk_norms`` (Monte Carlo over independent official-init
-draws per E).
+Rows: ``talk_norms`` (Monte Carlo over independent official-init draws per E: ‖T‖₂, the certified
+ratio ½‖W_r(T⊗I)‖₂ / ½‖W_r‖₂ and the per-E shares).  **select** the per-E shares → **compare**
+each share where the bound rises with the declared share (Wilson interval, shifted) → **verdict**
+(holds at some E, refuted at every E) → **render**.
 """
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
-import pandas as pd
-
 import math
 
+import matplotlib.pyplot as plt
+import pandas as pd
 from scipy import stats
 
-from ..evidence import ClaimSpec, FigureSpec, Outcome, declared_margin, md_table
 from ..plotting import WIDTH
-from ..stats import Comparison, fmt, pct, wilson
+from ..stats import Comparison, Family, fmt, pct, wilson
+from .base import ClaimSpec, FigureSpec, Outcome, margin
+from .helpers import md_table
 
 
-# C8 -------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- select
 def c8_shares(tn: pd.DataFrame) -> pd.DataFrame:
     """Per E: ``k`` of ``n`` independent official-init draws with ‖T‖₂ > 1 (``norm``) and with a raised
     certified bound (``rises``: ½‖W_r(T⊗I)‖₂ > ½‖W_r‖₂), from the ``share_*`` rows when present,
@@ -47,27 +48,41 @@ def c8_shares(tn: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+# ----------------------------------------------------------------------------- compare
+def compare_c8(shares: pd.DataFrame, share: float) -> Family:
+    """Per E: share of draws where the bound rises − the declared share, with the Wilson interval
+    shifted by it; margin 0 (the declared share is the threshold), claimed > 0, no multiplicity
+    correction (the rule asks whether it happens at some E)."""
+    return Family.of([Comparison(f"E = {r.E}: share of draws where the bound rises − declared share {pct(share)}",
+                                 r.rises_n, r.rises - share, r.rises_lo - share, r.rises_hi - share, 0.0,
+                                 _binomial_mde(r.rises, r.rises_n), "greater") for r in shares.itertuples()],
+                     holm=False)
+
+
+# ----------------------------------------------------------------------------- verdict
+def verdict_c8(family: Family, share: float, upper: dict) -> tuple[str, str]:
+    """Holds if the interval lies above the declared share at some E, refuted if it lies below it at
+    every E (``upper``: E -> Wilson upper bound, for the reason), else inconclusive."""
+    holds = [c for c in family if c.verdict == "holds"]
+    if not len(family):
+        return "inconclusive", "no talk_norms rows"
+    if holds:
+        return "holds", ("the Wilson lower bound of the share of draws where the bound rises exceeds the declared "
+                         f"share {pct(share)} at " + ", ".join(c.name.split(":")[0] for c in holds))
+    if all(c.verdict == "refuted" for c in family):
+        return "refuted", (f"at every E the Wilson upper bound of the share is below the declared share {pct(share)} ("
+                           + ", ".join(f"E = {E} {pct(hi)}" for E, hi in upper.items()) + ")")
+    return "inconclusive", f"no E has its interval above {pct(share)}, and at some E it includes {pct(share)}"
+
+
+# ----------------------------------------------------------------------------- evaluate (+ render)
 def evaluate_c8(data: dict, config: dict, verdicts: dict) -> Outcome:
     """Apply the rule declared in ``C8.rule`` (below) to the saved rows."""
-    share = declared_margin(config, "c8_share")
+    share = margin(config, "c8_share")
     sh = c8_shares(data["talk_norms"])
-    comps = [Comparison(f"E = {r.E}: share of draws where the bound rises − declared share {pct(share)}",
-                        r.rises_n, r.rises - share, r.rises_lo - share, r.rises_hi - share, 0.0,
-                        _binomial_mde(r.rises, r.rises_n), "greater") for r in sh.itertuples()]
-    holds = [c for c in comps if c.verdict == "holds"]
-    if not comps:
-        verdict, reason = "inconclusive", "no talk_norms rows"
-    elif holds:
-        verdict = "holds"
-        reason = ("the Wilson lower bound of the share of draws where the bound rises exceeds the declared "
-                  f"share {pct(share)} at " + ", ".join(c.name.split(":")[0] for c in holds))
-    elif all(c.verdict == "refuted" for c in comps):
-        verdict = "refuted"
-        reason = (f"at every E the Wilson upper bound of the share is below the declared share {pct(share)} ("
-                  + ", ".join(f"E = {r.E} {pct(r.rises_hi)}" for r in sh.itertuples()) + ")")
-    else:
-        verdict = "inconclusive"
-        reason = f"no E has its interval above {pct(share)}, and at some E it includes {pct(share)}"
+    family = compare_c8(sh, share)
+    verdict, reason = verdict_c8(family, share, {r.E: r.rises_hi for r in sh.itertuples()})
+    comps = list(family)
     rows = [[r.E, r.norm_n, f"{pct(r.norm)} [{pct(r.norm_lo)}, {pct(r.norm_hi)}]", fmt(r.median_norm),
              f"{pct(r.rises)} [{pct(r.rises_lo)}, {pct(r.rises_hi)}]", fmt(r.median_ratio), fmt(r.max_ratio)]
             for r in sh.itertuples()]
@@ -169,8 +184,13 @@ C8 = ClaimSpec(
           "refuted if at every E it lies below it; otherwise inconclusive. ‖T‖₂ > 1 is reported, not judged."),
     figures=("F7",), tests=(), experiments=("talk_norms",), evaluate=evaluate_c8)
 F7 = FigureSpec(
-    "F7", "talk_norm_official_init", ("talk_norms",), prepare_f7, draw_f7,
-    "Distribution of ‖T‖₂ under the official init U(±1/√E) (left) and of the ratio of certified router "
-    "bounds with that T vs T = I for the same W_r (right), per number of experts E ({claims}). "
-    "Red numbers: share of draws above 1, i.e. where communication raises the bound; right: those shares "
-    "with Wilson 95 % intervals over the independent draws.")
+    "F7", "talk_norm_official_init", ("talk_norms",), prepare_f7, draw_f7, notebook="02_smoothness.py", caption_text=
+    "The official init U(±1/√E) over independent draws per number of experts E ({claims}). Left: distribution "
+    "of ‖T‖₂; middle: distribution of the certified-bound ratio ‖W_r(T⊗I)‖₂ / ‖W_r‖₂ (the same W_r with that T "
+    "vs T = I); boxes 25–75 %, whiskers 2.5–97.5 %, ◇ mean; red numbers: share of draws above 1. Right: both "
+    "shares with Wilson 95 % intervals. The verdict reads only the share where the bound rises (ratio > 1) "
+    "against the declared share margins.c8_share: it holds if that share's interval lies above it at some "
+    "E; ‖T‖₂ > 1 is reported, not judged.")
+
+CLAIMS = (C8,)
+FIGURES = (F7,)

@@ -1,10 +1,10 @@
-"""Evidence topic **smoothness**, part 3: dense softmax vs hard–soft top-k routing (LoRA-Mixer) —
-claim C10 and figure F9.
+"""Claim C10 (dense softmax vs hard–soft top-k routing, LoRA-Mixer: stability under perturbation)
+and figure F9.
 
-Part of the smoothness topic (:mod:`analysis.topics.smoothness` collects it; notebook
-``notebooks/02_smoothness.py``).  Rows: ``perturb_routers`` (dense and top-k routers on the same
-MoELoRA-code weights and tokens; one row per router, kind, ε, metric, statistic; top-k routers have
-``certified_exists = 0`` and no certified row).
+Rows: ``perturb_routers`` (dense and top-k routers on the same MoELoRA-code weights and tokens; one
+row per router, kind, ε, metric, statistic; top-k routers have ``certified_exists = 0`` and no
+certified row).  **select** per seed the relative difference of the routing quotient top-k vs dense
+→ **compare** one Holm family per statistic (median token, worst token) → **verdict** → **render**.
 """
 from __future__ import annotations
 
@@ -12,15 +12,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ..evidence import ClaimSpec, FigureSpec, Outcome, declared_margin, md_table
 from ..plotting import (KIND_LABELS, ROUTER_COLORS, ROUTER_MARKERS, STAT_COLORS, STAT_LABELS, WIDTH, dedupe,
                         legend_below, line_ci, order, sel, summarise)
-from ..stats import combine, fmt, holm_family
+from ..stats import Family, combine, fmt
+from .base import ClaimSpec, FigureSpec, Outcome, margin
+from .helpers import md_table
 
 C10_STATS = {"max": "worst case (max over tokens)", "median": "typical token (median)"}
 
 
-# C10 ------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- select
 def c10_relative_differences(routers: pd.DataFrame) -> pd.DataFrame:
     """Per (router, kind, ε, statistic, seed): ``(q_topk − q_dense) / q_dense`` of the routing quotient
     ‖Δg‖/‖δ‖ on the same weights and tokens (mean over layers within a seed); > 0 = top-k less stable."""
@@ -40,25 +41,39 @@ def c10_relative_differences(routers: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
 
 
+# ----------------------------------------------------------------------------- compare
+def compare_c10(rel: pd.DataFrame, margin_: float) -> dict[str, Family]:
+    """Per statistic, one Holm family: a comparison per (top-k router, kind, ε), claimed > 0 (top-k
+    less stable), no averaging over ε or kinds."""
+    out = {}
+    for stat, label in C10_STATS.items():
+        out[stat] = Family.of_differences(
+            [(f"{label}: ({r} − dense)/dense, {kind}, ε = {fmt(eps)}", g.sort_values("seed")["value"].to_numpy(),
+              margin_, "greater")
+             for (r, kind, eps), g in rel[rel.statistic == stat].groupby(["router", "kind", "eps"])])
+    return out
+
+
+# ----------------------------------------------------------------------------- verdict
+def verdict_c10(families: dict[str, Family]) -> tuple[str, str]:
+    """Per statistic and over both: holds if every comparison holds, refuted if any is refuted."""
+    verdicts = [v for fam in families.values() for v in fam.verdicts]
+    if not verdicts:
+        return "inconclusive", "no top-k routers with routing quotients"
+    verdict = combine(verdicts)
+    return verdict, "; ".join(f"{C10_STATS[s]}: **{v}** ({why})" for s, (v, why) in
+                              ((s, fam.decide()) for s, fam in families.items())) + f" — overall {verdict}"
+
+
+# ----------------------------------------------------------------------------- evaluate (+ render)
 def evaluate_c10(data: dict, config: dict, verdicts: dict) -> Outcome:
     """Apply the rule declared in ``C10.rule`` (below) to the saved rows."""
-    margin = declared_margin(config, "c10_relative")
     ro = data["perturb_routers"]
     rel = c10_relative_differences(ro)
-    comps, per_stat = [], {}
-    for stat, label in C10_STATS.items():
-        fam = [(f"{label}: ({r} − dense)/dense, {kind}, ε = {fmt(eps)}", g.sort_values("seed")["value"].to_numpy(),
-                margin, "greater")
-               for (r, kind, eps), g in rel[rel.statistic == stat].groupby(["router", "kind", "eps"])]
-        fam_comps = holm_family(fam)
-        per_stat[stat] = (combine(fam_comps), fam_comps)
-        comps += fam_comps
-    verdict, reason = combine(comps)
-    if not comps:
-        verdict, reason = "inconclusive", "no top-k routers with routing quotients"
-    else:
-        reason = "; ".join(f"{C10_STATS[s]}: **{v}** ({why})" for s, ((v, why), _) in per_stat.items()) + \
-                 f" — overall {verdict}"
+    families = compare_c10(rel, margin(config, "c10_relative"))
+    verdict, reason = verdict_c10(families)
+    comps = [c for fam in families.values() for c in fam]
+    per_stat = {s: (fam.decide(), list(fam)) for s, fam in families.items()}
     counts = {s: {v: sum(c.verdict == v for c in fc) for v in ("holds", "refuted", "inconclusive")}
               for s, (_, fc) in per_stat.items()}
     key = "; ".join(f"{C10_STATS[s].split(' (')[0]}: {v} ({counts[s]['holds']} of {len(fc)} cells top-k less stable, "
@@ -165,7 +180,7 @@ C10 = ClaimSpec(
           "(top-k router, kind, ε, statistic ∈ {max, median}): per seed (q_topk − q_dense)/q_dense of the "
           "routing quotient on the same weights and tokens, claimed side > 0, margin ±margins.c10_relative, "
           "intervals at Holm-ordered levels within each statistic's family; no averaging over ε or kinds. "
-          "Each comparison's verdict is SPEC §5's. Per statistic: holds if every cell holds, refuted if any "
+          "Each comparison's verdict is docs/method.md §5's. Per statistic: holds if every cell holds, refuted if any "
           "cell is refuted, else inconclusive; C10 (both statistics together): holds if every comparison "
           "holds, refuted if any is refuted, else inconclusive. (Top-1 flip rates are not compared: dense and "
           "top-k routers share the argmax.)"),
@@ -175,9 +190,14 @@ C10 = ClaimSpec(
            r"tests/test_properties\.py::test_top_k_"),
     experiments=("perturb_routers",), evaluate=evaluate_c10)
 F9 = FigureSpec(
-    "F9", "router_flip_rates", ("perturb_routers",), prepare_f9, draw_f9,
-    "Dense softmax vs hard–soft top-k routing ({claims}) on identical weights, per ε and statistic: relative "
+    "F9", "router_flip_rates", ("perturb_routers",), prepare_f9, draw_f9, notebook="02_smoothness.py", caption_text=
+    "Dense softmax vs hard–soft top-k routing ({claims}) on identical weights and tokens, per ε: relative "
     "difference of the routing quotient (top-k − dense)/dense at the median token (top left) and the worst "
-    "token (top right), per perturbation kind (line style), > 0 means top-k is less stable; bottom left: top-k "
-    "set flip rate under Gaussian δ (dense: the set is all experts, never flips); bottom right: local "
-    "Lipschitz constants away from ties and the certified bound, which does not exist for top-k.")
+    "token (top right), per perturbation kind (line style), > 0 means top-k is less stable; these are the "
+    "quantities the verdict compares (one comparison per router, kind, ε and statistic, Holm within each "
+    "statistic; here mean ± 95% CI over seeds). Bottom left: top-k set flip rate under Gaussian δ (dense: "
+    "the set is all experts, never flips); bottom right: local Lipschitz constants away from ties and the "
+    "certified bound, which does not exist for top-k (reported, not judged).")
+
+CLAIMS = (C10,)
+FIGURES = (F9,)

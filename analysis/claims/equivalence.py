@@ -1,8 +1,10 @@
-"""Evidence topic **equivalence**: claims C1–C3 (the reparameterisation maps, SPEC §3) and figure F6.
+"""Claims C1–C3 (the reparameterisation maps, docs/method.md §3) and figure F6.
 
-Notebook: ``notebooks/03_equivalence.py``.  Rows: the ``equivalence`` experiment (max relative
-output residual of each exact map over random configurations, per dtype, and the C3
-counterexamples' row-space residuals).
+Rows: the ``equivalence`` experiment — the max relative output residual of each exact map over
+random configurations, per dtype, and C3's centred row-space residuals and counterexamples.
+These claims are analytic: **select** the residuals, sum them up per dtype (the **compare** step:
+maxima and minima, no paired statistics), a pure **verdict** from those numbers and the declared
+tolerances, then **render** the evidence.
 """
 from __future__ import annotations
 
@@ -12,35 +14,103 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ..evidence import ClaimSpec, FigureSpec, Outcome, Topic
 from ..plotting import WIDTH, empty, legend_below, sel
 from ..stats import fmt
+from .base import ClaimSpec, FigureSpec, Outcome
 
 TOL = {"float64": 1e-12, "float32": 1e-5}   # max relative residual of an exact map, per dtype
 COUNTEREXAMPLE_MIN = 1e-3                   # rowspace residual that makes W_g non-representable
+CENTRED_ZERO = 1e-9      # float64 round-off of a centred residual / gate gap that is 0 in exact arithmetic
+C3_CENTRED = ("C3_centred_residual_random_input_router", "C3_best_code_output_residual")
+C3_ZERO = ("C3_inclusion_centred_residual", "C3_shift_only_centred_residual", "C3_shift_only_gate_residual",
+           "C3_best_code_output_residual_B0")
 
 
-# C1 -------------------------------------------------------------------------
-def _residuals(equivalence: pd.DataFrame, metric: str) -> dict[str, float]:
-    sub = equivalence[equivalence.metric == metric]
+def tol(dtype: str) -> float:
+    return TOL.get(dtype, TOL["float32"])
+
+
+# ----------------------------------------------------------------------------- select
+def max_residuals(eq: pd.DataFrame, metric: str) -> dict[str, float]:
+    """Max of ``metric`` per dtype."""
+    sub = eq[eq.metric == metric]
     return {str(d): float(g.value.max()) for d, g in sub.groupby("dtype")}
 
 
+def configurations(eq: pd.DataFrame, metric: str) -> dict[str, int]:
+    """Number of random configurations per dtype that measured ``metric``."""
+    return eq[eq.metric == metric].groupby("dtype").size().to_dict()
+
+
+def centred_values(eq: pd.DataFrame) -> dict[str, pd.Series]:
+    """C3's centred rows (``centred = 1``) per metric."""
+    cen = eq[eq["centred"] == 1] if "centred" in eq else eq.iloc[:0]
+    return {m: cen[cen.metric == m].value for m in (*C3_CENTRED, *C3_ZERO, "C3_centred_residual_reference")}
+
+
+# ----------------------------------------------------------------------------- verdicts
+def verdict_c1(identity: dict[str, float]) -> tuple[str, str]:
+    """Holds if every dtype's max residual is within its tolerance, refuted if one is not."""
+    bad = {d: r for d, r in identity.items() if not r <= tol(d)}
+    if not identity:
+        return "inconclusive", "no C1_identity_talk rows in the equivalence results"
+    if bad:
+        return "refuted", "residual above tolerance: " + ", ".join(f"{d} {fmt(r)} > {tol(d):g}" for d, r in bad.items())
+    return "holds", "every residual ≤ its tolerance: " + ", ".join(
+        f"{d} max {fmt(r)} ≤ {tol(d):g}" for d, r in sorted(identity.items()))
+
+
+def verdict_c2(absorb: dict[str, float], identity: dict[str, float]) -> tuple[str, str]:
+    """Both maps exact: the function classes are equal, so "strictly generalises" is refuted."""
+    over = {f"{m} {d}": r for m, rs in (("absorption", absorb), ("identity", identity))
+            for d, r in rs.items() if not r <= tol(d)}
+    if not absorb or not identity:
+        return "inconclusive", "missing C1/C2 residual rows"
+    if over:
+        return "inconclusive", ("a reparameterisation map fails numerically ("
+                                + ", ".join(f"{k} {fmt(v)}" for k, v in over.items())
+                                + "), so neither equality nor strictness is shown")
+    return "refuted", ("TalkLoRA(A, C, B, T, W_r) = MoELoRA-code(A, C, B, W_r(T⊗I)) for every tested T "
+                       "(absorption max residual " + ", ".join(f"{d} {fmt(r)}" for d, r in sorted(absorb.items()))
+                       + ") and MoELoRA-code = TalkLoRA with T = I (C1), so the two function classes are "
+                       "equal: there is no function TalkLoRA computes that MoELoRA-code cannot")
+
+
+def verdict_c3(inclusion: dict[str, float], mins: dict[str, float], maxs: dict[str, float],
+               n_cfg: int) -> tuple[str, str]:
+    """``mins``: minima of :data:`C3_CENTRED` (must exceed :data:`COUNTEREXAMPLE_MIN`); ``maxs``:
+    maxima of :data:`C3_ZERO` (0 by construction, must stay below :data:`CENTRED_ZERO`)."""
+    bad = {d: r for d, r in inclusion.items() if not r <= tol(d)}
+    centred = maxs["C3_inclusion_centred_residual"]
+    if not math.isnan(centred) and not centred <= CENTRED_ZERO:
+        bad["float64 centred"] = centred
+    suspect = [m for m in C3_ZERO[1:] if not maxs[m] <= CENTRED_ZERO]
+    if not inclusion:
+        return "inconclusive", "no C3_inclusion rows"
+    if bad:
+        return "refuted", "inclusion residual above tolerance: " + ", ".join(f"{d} {fmt(r)}" for d, r in bad.items())
+    if n_cfg == 0:
+        return "inconclusive", "no centred C3 rows (centred = 1) in the equivalence results"
+    if suspect:
+        return "inconclusive", ("a centred residual that is 0 by construction is not (the centring "
+                                "is suspect): " + ", ".join(f"`{m}` max {fmt(maxs[m])}" for m in suspect))
+    if not all(mins[m] > COUNTEREXAMPLE_MIN for m in C3_CENTRED):
+        return "inconclusive", ("inclusion holds but some random input router is (nearly) representable "
+                                "by a code router: " + ", ".join(f"min `{m}` {fmt(v)}" for m, v in mins.items())
+                                + f" (needs > {COUNTEREXAMPLE_MIN:g})")
+    return "holds", ("inclusion residual ≤ tol (" + ", ".join(f"{d} {fmt(r)}" for d, r in sorted(inclusion.items()))
+                     + f"; centred {fmt(centred)}) and in all {n_cfg} random "
+                     f"configurations the centred row-space residual ≥ {fmt(mins[C3_CENTRED[0]])} and the best code "
+                     f"router's output gap with B ≠ 0 ≥ {fmt(mins[C3_CENTRED[1]])}, both > {COUNTEREXAMPLE_MIN:g}")
+
+
+# ----------------------------------------------------------------------------- evaluate (select → verdict → render)
 def evaluate_c1(data: dict, config: dict, verdicts: dict) -> Outcome:
     """Apply the rule declared in ``C1.rule`` (below) to the saved rows."""
     eq = data["equivalence"]
-    res = _residuals(eq, "C1_identity_talk")
-    n_cfg = eq[eq.metric == "C1_identity_talk"].groupby("dtype").size().to_dict()
-    bad = {d: r for d, r in res.items() if not r <= TOL.get(d, TOL["float32"])}
-    if not res:
-        verdict, reason = "inconclusive", "no C1_identity_talk rows in the equivalence results"
-    elif bad:
-        verdict, reason = "refuted", "residual above tolerance: " + ", ".join(
-            f"{d} {fmt(r)} > {TOL.get(d, TOL['float32']):g}" for d, r in bad.items())
-    else:
-        verdict = "holds"
-        reason = "every residual ≤ its tolerance: " + ", ".join(
-            f"{d} max {fmt(r)} ≤ {TOL.get(d, TOL['float32']):g}" for d, r in sorted(res.items()))
+    res = max_residuals(eq, "C1_identity_talk")
+    n_cfg = configurations(eq, "C1_identity_talk")
+    verdict, reason = verdict_c1(res)
     key = "max residual " + ", ".join(f"{d} {fmt(r)}" for d, r in sorted(res.items()))
     ranges = ", ".join(f"{c} ∈ {int(eq[c].min())}..{int(eq[c].max())}" for c in ("E", "m", "d_in", "d_out") if c in eq)
     ev = [f"- Max relative output residual (TalkLoRA with T = I vs MoELoRA-code with the same A, C, B, "
@@ -49,26 +119,11 @@ def evaluate_c1(data: dict, config: dict, verdicts: dict) -> Outcome:
     return Outcome(verdict, reason, key, ev)
 
 
-# C2 -------------------------------------------------------------------------
 def evaluate_c2(data: dict, config: dict, verdicts: dict) -> Outcome:
     """Apply the rule declared in ``C2.rule`` (below) to the saved rows."""
     eq = data["equivalence"]
-    absorb = _residuals(eq, "C2_absorption")
-    ident = _residuals(eq, "C1_identity_talk")
-    over = {f"{m} {d}": r for m, rs in (("absorption", absorb), ("identity", ident))
-            for d, r in rs.items() if not r <= TOL.get(d, TOL["float32"])}
-    if not absorb or not ident:
-        verdict, reason = "inconclusive", "missing C1/C2 residual rows"
-    elif over:
-        verdict, reason = "inconclusive", ("a reparameterisation map fails numerically ("
-                                          + ", ".join(f"{k} {fmt(v)}" for k, v in over.items())
-                                          + "), so neither equality nor strictness is shown")
-    else:
-        verdict = "refuted"
-        reason = ("TalkLoRA(A, C, B, T, W_r) = MoELoRA-code(A, C, B, W_r(T⊗I)) for every tested T "
-                  "(absorption max residual " + ", ".join(f"{d} {fmt(r)}" for d, r in sorted(absorb.items()))
-                  + ") and MoELoRA-code = TalkLoRA with T = I (C1), so the two function classes are "
-                  "equal: there is no function TalkLoRA computes that MoELoRA-code cannot")
+    absorb, ident = max_residuals(eq, "C2_absorption"), max_residuals(eq, "C1_identity_talk")
+    verdict, reason = verdict_c2(absorb, ident)
     c9_verdict = verdicts.get("C9")
     c9 = f" (C9 verdict on these data: **{c9_verdict}**)" if c9_verdict else ""
     statement = ("As function classes, TalkLoRA with a linear Talking Module equals MoELoRA-code "
@@ -77,57 +132,22 @@ def evaluate_c2(data: dict, config: dict, verdicts: dict) -> Outcome:
                  "(different gradients / optimisation trajectory from the same function), which is "
                  f"what C9 tests{c9}.")
     key = "absorption max residual " + ", ".join(f"{d} {fmt(r)}" for d, r in sorted(absorb.items()))
-    n = eq[eq.metric == "C2_absorption"].groupby("dtype").size().to_dict()
+    n = configurations(eq, "C2_absorption")
     ev = [f"- Absorption map W' = W_r(T⊗I_m), official-init T, W_r scaled ×4, B ~ N(0, 1): max relative "
           f"residual " + "; ".join(f"{d}: {fmt(r)} over {n.get(d, 0)} configurations" for d, r in sorted(absorb.items())),
           f"- Identity map (C1): max residual " + "; ".join(f"{d}: {fmt(r)}" for d, r in sorted(ident.items()))]
     return Outcome(verdict, reason, key, ev, statement=statement)
 
 
-# C3 -------------------------------------------------------------------------
-CENTRED_ZERO = 1e-9      # float64 round-off of a centred residual / gate gap that is 0 in exact arithmetic
-C3_CENTRED = ("C3_centred_residual_random_input_router", "C3_best_code_output_residual")
-C3_ZERO = ("C3_inclusion_centred_residual", "C3_shift_only_centred_residual", "C3_shift_only_gate_residual",
-           "C3_best_code_output_residual_B0")
-
-
-def _centred(eq: pd.DataFrame) -> pd.DataFrame:
-    return eq[eq["centred"] == 1] if "centred" in eq else eq.iloc[:0]
-
-
 def evaluate_c3(data: dict, config: dict, verdicts: dict) -> Outcome:
     """Apply the rule declared in ``C3.rule`` (below) to the saved rows."""
     eq = data["equivalence"]
-    incl = _residuals(eq, "C3_inclusion")
-    cen = _centred(eq)
-    vals = {m: cen[cen.metric == m].value for m in (*C3_CENTRED, *C3_ZERO, "C3_centred_residual_reference")}
+    incl = max_residuals(eq, "C3_inclusion")
+    vals = centred_values(eq)
     mins = {m: float(vals[m].min()) if len(vals[m]) else math.nan for m in C3_CENTRED}
     maxs = {m: float(vals[m].max()) if len(vals[m]) else math.nan for m in C3_ZERO}
-    bad = {d: r for d, r in incl.items() if not r <= TOL.get(d, TOL["float32"])}
-    if not math.isnan(maxs["C3_inclusion_centred_residual"]) and not maxs["C3_inclusion_centred_residual"] <= CENTRED_ZERO:
-        bad["float64 centred"] = maxs["C3_inclusion_centred_residual"]
-    suspect = [m for m in C3_ZERO[1:] if not maxs[m] <= CENTRED_ZERO]
     n_cfg = len(vals[C3_CENTRED[0]])
-    if not incl:
-        verdict, reason = "inconclusive", "no C3_inclusion rows"
-    elif bad:
-        verdict, reason = "refuted", "inclusion residual above tolerance: " + ", ".join(
-            f"{d} {fmt(r)}" for d, r in bad.items())
-    elif n_cfg == 0:
-        verdict, reason = "inconclusive", "no centred C3 rows (centred = 1) in the equivalence results"
-    elif suspect:
-        verdict, reason = "inconclusive", ("a centred residual that is 0 by construction is not (the centring "
-                                          "is suspect): " + ", ".join(f"`{m}` max {fmt(maxs[m])}" for m in suspect))
-    elif not all(mins[m] > COUNTEREXAMPLE_MIN for m in C3_CENTRED):
-        verdict, reason = "inconclusive", ("inclusion holds but some random input router is (nearly) representable "
-                                          "by a code router: " + ", ".join(f"min `{m}` {fmt(v)}" for m, v in mins.items())
-                                          + f" (needs > {COUNTEREXAMPLE_MIN:g})")
-    else:
-        verdict = "holds"
-        reason = ("inclusion residual ≤ tol (" + ", ".join(f"{d} {fmt(r)}" for d, r in sorted(incl.items()))
-                  + f"; centred {fmt(maxs['C3_inclusion_centred_residual'])}) and in all {n_cfg} random "
-                  f"configurations the centred row-space residual ≥ {fmt(mins[C3_CENTRED[0]])} and the best code "
-                  f"router's output gap with B ≠ 0 ≥ {fmt(mins[C3_CENTRED[1]])}, both > {COUNTEREXAMPLE_MIN:g}")
+    verdict, reason = verdict_c3(incl, mins, maxs, n_cfg)
     key = (f"inclusion max {', '.join(f'{d} {fmt(r)}' for d, r in sorted(incl.items()))}; "
            f"centred residual min {fmt(mins[C3_CENTRED[0]])}, output gap (B ≠ 0) min {fmt(mins[C3_CENTRED[1]])}")
     ref = vals["C3_centred_residual_reference"]
@@ -162,6 +182,7 @@ F6_CENTRED = {"C3_centred_residual_random_input_router": "centred\nrow-space\nre
 
 
 def prepare_f6(equivalence: pd.DataFrame) -> pd.DataFrame:
+    """Every residual row as measured (one point per configuration and dtype)."""
     cols = [c for c in ("seed", "config", "E", "m", "d_in", "d_out", "dtype", "centred", "metric", "value")
             if c in equivalence]
     return equivalence[cols].reset_index(drop=True)
@@ -235,7 +256,7 @@ C2 = ClaimSpec(
           "claim, read as a statement about function classes, is refuted; if a residual exceeds tol "
           "the maps fail numerically and the verdict is inconclusive."),
     figures=("F6",), tests=(r"tests/test_properties\.py::test_c2_",), experiments=("equivalence",),
-    evaluate=evaluate_c2, uses_verdicts=("C9",), gate=("C2", "C1"))
+    evaluate=evaluate_c2, uses_verdicts=("C9",), also_gated_by=C1.tests)
 C3 = ClaimSpec(
     "C3", paper="TalkLoRA ⊆ MoELoRA-input, not conversely",
     statement=("Every TalkLoRA (and MoELoRA-code) layer equals a MoELoRA-input layer with "
@@ -252,13 +273,16 @@ C3 = ClaimSpec(
     experiments=("equivalence",), evaluate=evaluate_c3)
 
 F6 = FigureSpec(
-    "F6", "equivalence_residuals", ("equivalence",), prepare_f6, draw_f6,
-    "Equivalence maps ({claims}) on random configurations: relative output residual of "
-    "identity-T TalkLoRA vs MoELoRA (C1), absorbing T into the router (C2), code router as input "
-    "router (C3) in float32/float64, with machine ε for reference (exact zeros drawn at 1e-18). "
-    "Right: C3 on centred router rows (I − J/E)W (softmax ignores a common logit shift) with B ≠ 0 "
-    "over random configurations: the centred row-space residual of a random input router (dashed: its "
-    "typical size √((d_in − r)/d_in)) and the output gap to the best code router with the same experts; "
-    "grey: a code router plus a common shift, non-zero uncentred but 0 once centred.")
+    "F6", "equivalence_residuals", ("equivalence",), prepare_f6, draw_f6, notebook="03_equivalence.py", caption_text=
+    "Equivalence maps ({claims}) on random configurations. Left: relative output residual of identity-T "
+    "TalkLoRA vs MoELoRA (C1), absorbing T into the router (C2) and the code router as an input router (C3), "
+    "one point per configuration in float32/float64, with machine ε for reference (exact zeros drawn at "
+    "1e-18); each verdict needs the largest residual within its dtype's tolerance (float64 1e-12, float32 "
+    "1e-5). Right: C3's 'not conversely' on centred router rows (I − J/E)W (softmax ignores a common logit "
+    "shift) with B ≠ 0, float64: the centred row-space residual of a random input router (dashed: its "
+    "typical size √((d_in − r)/d_in)) and the output gap to the best code router with the same experts, "
+    "both of which must exceed the verdict threshold 1e-3 (red dotted) in every configuration; grey: a "
+    "code router plus a common shift, non-zero uncentred but 0 once centred.")
 
-TOPIC = Topic("equivalence", "03_equivalence.py", claims=(C1, C2, C3), figures=(F6,))
+CLAIMS = (C1, C2, C3)
+FIGURES = (F6,)
