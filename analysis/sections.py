@@ -544,7 +544,7 @@ class PlantedConfig(_Section):
         self.separation = _float(f"{p}.separation", self.separation, lo=0.0)
         self.noise = _float(f"{p}.noise", self.noise, lo=0.0, lo_open=True)
         self.scale = _float(f"{p}.scale", self.scale, lo=0.0, lo_open=True)
-        _int(f"{p}.data_seed", self.data_seed, lo=0, hi=2**63 - 1)
+        _int(f"{p}.data_seed", self.data_seed, lo=0, hi=MAX_SEED)
         self.tie_threshold = _float(f"{p}.tie_threshold", self.tie_threshold, lo=0.0, hi=1.0)
         self.amplification_eps = _float_list(f"{p}.amplification_eps", self.amplification_eps, lo=0.0, lo_open=True)
         _int(f"{p}.adversarial_steps", self.adversarial_steps, lo=0, hi=1000)
