@@ -265,7 +265,8 @@ def main(argv=None) -> int:
         if getattr(args, "out_dir", None) is not None:
             check_writable_dir(args.out_dir, "--out-dir")
         executor = build_executor(args, device)
-        module = experiment_module(args.command)
+        # a user [setting] is trained by the same paired battery, in its own runner (analysis.custom)
+        module = experiment_module("custom" if args.command == "train" and config.setting is not None else args.command)
         if not callable(getattr(module, "run", None)):
             raise UsageError(f"{module.__name__} has no run(config, ...) function")
     except (UsageError, NotImplementedError, OSError) as err:

@@ -533,7 +533,7 @@ class PlantedConfig(_Section):
         self.weight_decay = _float(f"{p}.weight_decay", self.weight_decay, lo=0.0)
         for name in ("d_in", "d_out", "clusters", "teacher_rank", "n_probe", "amplification_tokens"):
             _int(f"{p}.{name}", getattr(self, name), lo=1, hi=100_000)
-        _expert_split(p, self.rank, self.num_experts)
+        _expert_split(p, self.rank, self.num_experts, max(self.d_in, self.d_out))
         if self.clusters < 2:
             _fail(f"{p}.clusters", "an int >= 2 (one cluster needs no routing)", self.clusters)
         for name in ("n_train", "n_val", "n_test"):

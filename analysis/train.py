@@ -633,14 +633,10 @@ def run(config, *, results_dir="results", workers: int = 1, executor=None, force
     """Run every (task, method, seed) cell of ``config.train`` not done yet (sweep ``train``; the
     ``extra_methods`` only on the first task), then
     the C7 budget cells (sweep ``train_budget``) when ``train.budget_ranks`` is set.  Returns the
-    ``train`` sweep result.  A config with a user ``[setting]`` runs the same battery on that setting
-    instead (:func:`analysis.custom.run`, experiment ``custom``)."""
+    ``train`` sweep result.  (A config with a user ``[setting]``: ``python -m analysis train`` runs
+    :func:`analysis.custom.run` instead.)"""
     from .results import Cell, run_sweep
 
-    if getattr(config, "setting", None) is not None:
-        from . import custom
-        return custom.run(config, results_dir=results_dir, workers=workers, executor=executor, force=force,
-                          device=device)
     cfg = config.train.to_dict()
     exp_dir = Path(results_dir) / "train"
     exp_dir.mkdir(parents=True, exist_ok=True)
