@@ -531,7 +531,7 @@ def run(config, *, results_dir="results", workers: int = 1, executor=None, force
                      by=("method",))
     base_cfg = {k: run_cfg[k] for k in ("adapt_top_layers", "max_length", "n_train", "n_val", "n_test", "split_seed")}
     cells = [Cell(lm_cell, dict(method="base", seed=-1), {**params, "cfg": base_cfg})]
-    cells += [Cell(lm_cell, dict(method=m, seed=s), dict(params, lr=lrs[(m,)])) for s in cfg["seeds"]
+    cells += [Cell(lm_cell, dict(method=m, seed=s, lr=lrs[(m,)]), params) for s in cfg["seeds"]
               for m in cfg["methods"]]
     return run_sweep("lm", cells, results_dir=results_dir, workers=workers, executor=executor,
                      force=force, config=config)

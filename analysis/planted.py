@@ -250,11 +250,11 @@ def run(config, *, results_dir="results", workers: int = 1, executor=None, force
     lrs = run_tuning("planted", planted_cell, [(dict(method=m), cfg["lr_grid"]) for m in trained],
                      cfg["tuning_seeds"], dict(cfg=settings), results_dir=results_dir, workers=workers,
                      executor=executor, force=force, config=config, by=("method",))
-    cells = [Cell(planted_cell, dict(method=m, seed=s), dict(cfg=settings, lr=lrs.get((m,))))
+    cells = [Cell(planted_cell, dict(method=m, seed=s, lr=lrs.get((m,), 0.0)), dict(cfg=settings))
              for m in cfg["methods"] for s in cfg["seeds"]]
     result = run_sweep("planted", cells, results_dir=results_dir, workers=workers, executor=executor,
                        force=force, config=config)
-    budget = [Cell(planted_cell, dict(method=m, seed=s, budget=r), dict(cfg=settings, lr=lrs[(m,)]))
+    budget = [Cell(planted_cell, dict(method=m, seed=s, budget=r, lr=lrs[(m,)]), dict(cfg=settings))
               for r in cfg["budget_ranks"] for m in cfg["budget_methods"] for s in cfg["seeds"] if (m,) in lrs]
     if budget:
         run_sweep("planted_budget", budget, results_dir=results_dir, workers=workers, executor=executor,

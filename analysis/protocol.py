@@ -18,13 +18,14 @@ from __future__ import annotations
 import math
 
 import pandas as pd
-import torch
 
 TUNING_SUFFIX = "_tuning"
 
 
-def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """``lr(t) = lr₀ · ½ (1 + cos(π t / steps))``, stepped once per optimiser step."""
+def cosine_schedule(optimizer, steps: int):
+    """``lr(t) = lr₀ · ½ (1 + cos(π t / steps))``, stepped once per optimiser step (a torch
+    ``LambdaLR``; torch is imported here only, so the claims layer can use this module)."""
+    import torch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
 
 

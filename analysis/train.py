@@ -646,11 +646,11 @@ def run(config, *, results_dir="results", workers: int = 1, executor=None, force
     runs = [(t, m) for i, t in enumerate(cfg["tasks"]) for m in cfg["methods"] + (cfg["extra_methods"] if i == 0 else [])]
     lrs = tuned_lrs(runs, cfg, params, results_dir=results_dir, workers=workers, executor=executor, force=force,
                     config=config)
-    cells = [Cell(train_cell, dict(task=t, method=m, seed=s), dict(params, lr=lrs[(t, m)]))
+    cells = [Cell(train_cell, dict(task=t, method=m, seed=s, lr=lrs[(t, m)]), params)
              for t, m in runs for s in cfg["seeds"]]
     result = run_sweep("train", cells, results_dir=results_dir, workers=workers, executor=executor,
                        force=force, config=config)
-    budget = [Cell(train_cell, dict(task=t, method=m, seed=s, budget=r), dict(params, lr=lrs[(t, m)]))
+    budget = [Cell(train_cell, dict(task=t, method=m, seed=s, budget=r, lr=lrs[(t, m)]), params)
               for t in cfg["budget_tasks"] for r in cfg["budget_ranks"] for m in cfg["budget_methods"]
               for s in cfg["seeds"] if (t, m) in lrs]
     if budget:
