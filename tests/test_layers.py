@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from talklora_min import LoRALinear, MoELoRALinear, TalkLoRALinear, balance_loss, talk_matrix
+from talklora_min import layers as layers_module
 
 
 
@@ -301,23 +302,29 @@ def test_identity_talk_and_talk_matrix_function():
 
 
 # ============================================================================ gate dropout
-def spy_mixed_gates(layer):
-    """Record the gates that reach the experts (after any gate dropout) — mix_experts' argument.
-    (A routing hook sees the gates *before* gate dropout, which always sum to 1.)"""
-    seen, original = [], layer.mix_experts
+def spy_mixed_gates(monkeypatch):
+    """Record the gates that reach the experts (after any gate dropout): the router's gates times the
+    gate-dropout multipliers handed to ``FusedAdapter``.  (A routing hook sees the gates *before*
+    gate dropout, which always sum to 1.)"""
+    seen, real = [], layers_module.FusedAdapter
 
-    def mix(h, gates):
-        seen.append(gates.detach().clone())
-        return original(h, gates)
+    class Spy:
+        @staticmethod
+        def apply(*args):
+            outputs = real.apply(*args)
+            keep = args[-1]
+            gates = outputs[2].detach()
+            seen.append(gates if keep is None else gates * keep)
+            return outputs
 
-    layer.mix_experts = mix
+    monkeypatch.setattr(layers_module, "FusedAdapter", Spy)
     return seen
 
 
-def test_gate_dropout_breaks_the_gate_sum_in_train_only():
+def test_gate_dropout_breaks_the_gate_sum_in_train_only(monkeypatch):
     layer = TalkLoRALinear(make_base(), RANK, E, dropout=0.5, gate_dropout=True)
     randomize(layer)
-    mixed = spy_mixed_gates(layer)
+    mixed = spy_mixed_gates(monkeypatch)
     hooked = []
     layer.add_routing_hook(lambda _, logits, gates, index: hooked.append(gates))
     x = torch.randn(64, D_IN, dtype=DT)
@@ -332,10 +339,10 @@ def test_gate_dropout_breaks_the_gate_sum_in_train_only():
     torch.testing.assert_close(mixed[-1], hooked[-1])
 
 
-def test_default_leaves_gates_undropped_in_train():
+def test_default_leaves_gates_undropped_in_train(monkeypatch):
     layer = TalkLoRALinear(make_base(), RANK, E, dropout=0.5)
     randomize(layer)
-    mixed = spy_mixed_gates(layer)
+    mixed = spy_mixed_gates(monkeypatch)
     layer.train()(torch.randn(32, D_IN, dtype=DT))
     torch.testing.assert_close(mixed[-1].sum(-1), torch.ones(32, dtype=DT))
 
