@@ -440,8 +440,8 @@ class TalkLoRALinear(MoELoRALinear):
     ``talk_bandwidth`` (banded) or ``talk_rank`` (low-rank).  ``"full"``: T is the parameter ``T``,
     initialised by ``talk_init`` — ``"official"`` (U(±1/√E)), ``"identity"`` or ``"uniform-mix:α"``
     / ``α``.  Other structures store their own parameters (``talk_*``) and start at their identity
-    point (``talk_init`` ``"official"`` or ``"identity"``); broadcast (α ∈ [0, 1]) and
-    doubly-stochastic (α < 1) can also start at ``"uniform-mix:α"``.
+    point (``talk_init`` ``"official"`` or ``"identity"``); broadcast and doubly-stochastic can also
+    start at ``"uniform-mix:α"``.
 
     The effective T is :meth:`talk_matrix` (also ``layer.T`` and ``T`` in :meth:`get_weights`).
     :meth:`set_weights` takes the stored parameters by name and ``T`` where the structure can
@@ -471,9 +471,11 @@ class TalkLoRALinear(MoELoRALinear):
             setattr(self, name, self._parameter(*shape))
         self._reset_talk()
 
-    @property
-    def talk_structure(self) -> str:
-        return self.structure.name
+    # the structure's settings under their constructor names (compared by save / load)
+    talk_structure = property(lambda self: self.structure.name)
+    talk_groups = property(lambda self: self.structure.groups)
+    talk_bandwidth = property(lambda self: self.structure.bandwidth)
+    talk_rank = property(lambda self: self.structure.rank)
 
     @property
     def weight_names(self) -> tuple[str, ...]:

@@ -13,7 +13,7 @@ structure              T                                              parameters
 =====================  =============================================  ==========================  ============================
 ``full``               free (the paper's T; ``talk_init``)            ``T (E, E)``                ``T = I`` (``talk_init="identity"``)
 ``broadcast``          ``α I + (1 − α) J / E``, ``α = fold(a)``       ``talk_alpha ()``            ``a = 1`` (exact)
-``doubly-stochastic``  ``Sinkhorn(exp Θ)``                            ``talk_logits (E, E)``       ``Θ = c I`` (approximate)
+``doubly-stochastic``  ``α I + (1 − α) Sinkhorn(exp Θ)``              ``talk_alpha, talk_logits``  ``a = 1``, ``Θ = 0`` (exact)
 ``block``              block-diagonal, ``talk_groups`` free blocks    ``talk_blocks (G, k, k)``    identity blocks (exact)
 ``banded``             ``T[i, j] = 0`` beyond circular distance b     ``talk_band (E, 2b + 1)``    diagonal 1, band 0 (exact)
 ``low-rank``           ``I + U Vᵀ``                                   ``talk_U, talk_V (E, k)``    ``U = 0`` (exact)
@@ -24,15 +24,18 @@ structure              T                                              parameters
   lies in ``[0, 1]`` (where it is stored), slope ±1 everywhere, so at the identity ``a = 1`` the
   gradient reaches ``a``, and a step beyond 1 folds back instead of leaving the range.  ``α = 0``
   (``T = J / E``) is only reached on the boundary.
-* **doubly-stochastic**: ``T = Sinkhorn(exp Θ)``: alternate row and column normalisation (in the log
-  domain) until rows and columns sum to 1 within :data:`SINKHORN_TOL` (checked every
-  :data:`SINKHORN_CHECK_EVERY` iterations, at most :data:`SINKHORN_MAX_ITER`).  ``T`` is then
-  non-negative and doubly stochastic, so ``‖T‖₂ ≤ 1`` (§4).  ``exp Θ > 0`` never reaches the
-  identity exactly: ``Θ = c I`` gives ``T = (e^c I + J − I) / (e^c + E − 1)``, i.e.
-  ``max |T − I| = (E − 1) / (e^c + E − 1) < (E − 1) e^{−c}``; the layer starts at
-  ``max |T − I| =`` :data:`DS_START_OFF_DIAGONAL` (small enough to be MoELoRA up to that, large
-  enough that the gradient w.r.t. Θ, proportional to the off-diagonal entries, is not lost to
-  Adam's ε).
+* **doubly-stochastic**: ``T = α I + (1 − α) S``, ``S = Sinkhorn(exp Θ)`` (row and column
+  normalisation in the log domain until the row sums are within :data:`SINKHORN_TOL` of 1, at most
+  :data:`SINKHORN_MAX_ITER` iterations), ``α = fold(a)`` as for broadcast (``talk_alpha``, ``Θ`` is
+  ``talk_logits``).  A convex combination of doubly-stochastic matrices: T is non-negative, its
+  rows and columns sum to 1 (within ``1e-5``), so ``‖T‖₂ ≤ 1`` (§4).  ``α = 0`` is the plain
+  ``Sinkhorn(exp Θ)``; the identity weight α makes the identity point exact (``a = 1``: ``T = I``
+  for any Θ) and trainable: at ``a = 1``, ``∂T/∂a = I − S ≠ 0``; the start is ``a = 1``, ``Θ = 0``
+  (``S = J / E``, so it first moves like broadcast).  Why not ``Sinkhorn(exp Θ)`` alone: it reaches
+  I only as Θ's diagonal grows without bound, ``Θ = c I`` giving ``max |T − I| = (E − 1) / (e^c +
+  E − 1)``; near there Sinkhorn contracts by ``λ₂² ≈ 1 − 2 max |T − I|`` per iteration (thousands of
+  iterations at ``max |T − I| = 10⁻³``) and the gradient w.r.t. Θ is proportional to the
+  off-diagonal entries, so such a start hardly trains.
 * **block** (hierarchical): experts in ``talk_groups`` equal consecutive groups of ``k = E / G``;
   ``talk_blocks[g]`` is the block of group g, everything outside the blocks is exactly 0.
 * **banded** (selective, local): ``T[i, (i + o) mod E] = talk_band[i, o + b]`` for offsets
@@ -57,13 +60,12 @@ from .checks import _is_number, check_positive_int
 
 TALK_INITS = ("official", "identity", "uniform-mix:<alpha>")
 TALK_STRUCTURES = ("full", "broadcast", "doubly-stochastic", "block", "banded", "low-rank")
+TALK_SETTINGS = ("talk_structure", "talk_groups", "talk_bandwidth", "talk_rank")   # constructor names
 # the structure argument each structure requires (and no other structure accepts)
 STRUCTURE_ARGUMENT = {"block": "talk_groups", "banded": "talk_bandwidth", "low-rank": "talk_rank"}
 
-SINKHORN_TOL = 1e-6             # rows and columns of the doubly-stochastic T sum to 1 within this
-SINKHORN_CHECK_EVERY = 5        # iterations between convergence checks (each check syncs the device)
-SINKHORN_MAX_ITER = 2000
-DS_START_OFF_DIAGONAL = 1e-3    # max |T − I| of the doubly-stochastic start Θ = c I
+SINKHORN_TOL = 1e-6             # |log row sum| of Sinkhorn(exp Θ) before its last row normalisation
+SINKHORN_MAX_ITER = 1000
 
 
 # ----------------------------------------------------------------------------- talk_init, absorption
@@ -170,16 +172,16 @@ def fold_unit(a: Tensor) -> Tensor:
 
 
 def sinkhorn(theta: Tensor, tol: float = SINKHORN_TOL, max_iter: int = SINKHORN_MAX_ITER) -> Tensor:
-    """Doubly-stochastic ``Sinkhorn(exp Θ)``: log-domain row/column normalisation until the column sums
-    (the rows are exact after the last step) are within ``tol`` of 1; differentiable (unrolled)."""
-    log_t = theta - theta.logsumexp(1, keepdim=True)
-    for step in range(1, max_iter + 1):
+    """Doubly-stochastic ``Sinkhorn(exp Θ)``: column then row normalisation in the log domain until the
+    log row sums before the row step are within ``tol`` of 0 (then rows are exact and columns within
+    ``≈ tol``); differentiable (unrolled).  One device sync per iteration, for the check."""
+    log_t = theta
+    for _ in range(max_iter):
         log_t = log_t - log_t.logsumexp(0, keepdim=True)
-        log_t = log_t - log_t.logsumexp(1, keepdim=True)
-        if step % SINKHORN_CHECK_EVERY == 0 or step == max_iter:
-            with torch.no_grad():
-                if float((log_t.exp().sum(0) - 1).abs().max()) <= tol:
-                    break
+        log_rows = log_t.logsumexp(1, keepdim=True)
+        log_t = log_t - log_rows
+        if float(log_rows.detach().abs().max()) <= tol:
+            break
     else:
         warnings.warn(f"Sinkhorn normalisation did not reach tolerance {tol:g} in {max_iter} iterations "
                       "(talk_logits too extreme): T is only approximately doubly stochastic",
@@ -221,7 +223,7 @@ class TalkStructure:
         if self.name == "broadcast":
             return {"talk_alpha": ()}
         if self.name == "doubly-stochastic":
-            return {"talk_logits": (E, E)}
+            return {"talk_alpha": (), "talk_logits": (E, E)}
         if self.name == "block":
             k = E // self.groups
             return {"talk_blocks": (self.groups, k, k)}
@@ -263,12 +265,11 @@ class TalkStructure:
         E = self.num_experts
         if self.name == "full":
             return params["T"]
-        if self.name == "broadcast":
+        if self.name in ("broadcast", "doubly-stochastic"):
             alpha = fold_unit(params["talk_alpha"])
             eye = torch.eye(E, dtype=alpha.dtype, device=alpha.device)
-            return alpha * eye + (1 - alpha) / E * torch.ones_like(eye)
-        if self.name == "doubly-stochastic":
-            return sinkhorn(params["talk_logits"])
+            mix = torch.ones_like(eye) / E if self.name == "broadcast" else sinkhorn(params["talk_logits"])
+            return alpha * eye + (1 - alpha) * mix
         if self.name == "low-rank":
             U = params["talk_U"]
             return torch.eye(E, dtype=U.dtype, device=U.device) + U @ params["talk_V"].t()
@@ -277,10 +278,9 @@ class TalkStructure:
         return flat.view(E, E)
 
     # ------------------------------------------------------------------ initialisation
-    def start_parameters(self, dtype=None, device=None, ds_off_diagonal: float = DS_START_OFF_DIAGONAL
-                         ) -> dict[str, Tensor]:
+    def start_parameters(self, dtype=None, device=None) -> dict[str, Tensor]:
         """The structure's start, its identity point (``talk_V`` of low-rank drawn ``U(±1/√E)`` from the
-        global RNG; doubly-stochastic: ``Θ = c I`` with ``max |T − I| = ds_off_diagonal``)."""
+        global RNG; doubly-stochastic: ``a = 1``, ``Θ = 0``)."""
         E, kw = self.num_experts, dict(dtype=dtype, device=device)
         eye = torch.eye(E, **kw)
         if self.name == "full":
@@ -288,8 +288,7 @@ class TalkStructure:
         if self.name == "broadcast":
             return {"talk_alpha": torch.ones((), **kw)}
         if self.name == "doubly-stochastic":
-            c = 0.0 if E == 1 else math.log((E - 1) * (1 - ds_off_diagonal) / ds_off_diagonal)
-            return {"talk_logits": c * eye}
+            return {"talk_alpha": torch.ones((), **kw), "talk_logits": torch.zeros(E, E, **kw)}
         if self.name == "low-rank":
             bound = 1 / math.sqrt(E)
             return {"talk_U": torch.zeros(E, self.rank, **kw),
@@ -297,19 +296,18 @@ class TalkStructure:
         return self.parameters_for(eye)
 
     def uniform_mix_parameters(self, alpha: float, dtype=None, device=None) -> dict[str, Tensor]:
-        """``T = α I + (1 − α) J / E`` where the structure represents it (broadcast; doubly-stochastic
-        for α < 1; full)."""
-        E = self.num_experts
-        T = alpha * torch.eye(E, dtype=dtype, device=device) + (1 - alpha) / E * torch.ones(E, E, dtype=dtype, device=device)
-        if self.name == "broadcast":
-            return {"talk_alpha": torch.tensor(float(alpha), dtype=dtype, device=device)}
-        return self.parameters_for(T)
+        """``T = α I + (1 − α) J / E`` (broadcast, doubly-stochastic: ``a = α``, ``Θ = 0``)."""
+        params = {"talk_alpha": torch.tensor(float(alpha), dtype=dtype, device=device)}
+        if self.name == "doubly-stochastic":
+            params["talk_logits"] = torch.zeros(self.num_experts, self.num_experts, dtype=dtype, device=device)
+        return params
 
     # ------------------------------------------------------------------ T -> parameters
     def parameters_for(self, T: Tensor, keep: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Structure parameters whose effective matrix is ``T``; ``ValueError`` if the structure cannot
         represent ``T`` (within ``√eps`` of its dtype; the zeros of block / banded exactly).
-        ``keep``: current parameters, used where T leaves a choice (low-rank at ``T = I`` keeps V)."""
+        ``keep``: current parameters, used where T leaves a choice (at ``T = I``, low-rank keeps V and
+        doubly-stochastic Θ; a doubly-stochastic ``T ≠ I`` is taken as ``α = 0``, ``Θ = log T``)."""
         E, tol = self.num_experts, _tolerance(T.dtype)
 
         def refuse(why: str):
@@ -333,13 +331,16 @@ class TalkStructure:
             alpha = alpha.clamp(0, 1)
             params = {"talk_alpha": alpha.clone()}
         elif self.name == "doubly-stochastic":
+            eye = torch.eye(E, dtype=T.dtype, device=T.device)
+            if float((T - eye).abs().max()) <= tol:
+                logits = keep["talk_logits"].clone() if keep is not None else torch.zeros_like(T)
+                return {"talk_alpha": torch.ones((), dtype=T.dtype, device=T.device), "talk_logits": logits}
             if not (T > 0).all():
-                refuse("entries must be > 0 (T = Sinkhorn(exp Θ)); the identity is reached only "
-                       "approximately, by Θ = c I with c large")
+                refuse("entries must be > 0 (T = α I + (1 − α) Sinkhorn(exp Θ)), or T = I")
             dev = max(float((T.sum(0) - 1).abs().max()), float((T.sum(1) - 1).abs().max()))
             if dev > max(tol, 10 * SINKHORN_TOL):
                 refuse(f"rows and columns must sum to 1, they are off by up to {dev:.3g}")
-            params = {"talk_logits": T.log()}
+            params = {"talk_alpha": torch.zeros((), dtype=T.dtype, device=T.device), "talk_logits": T.log()}
         else:                                                   # low-rank: T − I of rank ≤ k
             D = (T - torch.eye(E, dtype=T.dtype, device=T.device)).double()
             if not D.any() and keep is not None:

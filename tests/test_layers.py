@@ -49,12 +49,21 @@ _BASE_CONFIGS = {
     "talklora-official": Config("talklora", dict(talk_init="official")),
     "talklora-identity": Config("talklora", dict(talk_init="identity")),
     "talklora-mix0.5": Config("talklora", dict(talk_init="uniform-mix:0.5")),
+    "talklora-broadcast": Config("talklora", dict(talk_structure="broadcast")),
+    "talklora-ds": Config("talklora", dict(talk_structure="doubly-stochastic")),
+    "talklora-block": Config("talklora", dict(talk_structure="block", talk_groups=2)),
+    "talklora-banded": Config("talklora", dict(talk_structure="banded", talk_bandwidth=1)),
+    "talklora-lowrank": Config("talklora", dict(talk_structure="low-rank", talk_rank=2)),
 }
 TABLE = {f"{name}-alpha{alpha}": (cfg, alpha) for name, cfg in _BASE_CONFIGS.items() for alpha in (None, 16)}
 TABLE.update({
     "lora-dropout": (Config("lora", dict(dropout=0.3)), None),
     "moelora-input-dropout": (Config("moelora", dict(router_input="input", dropout=0.3)), 16),
     "talklora-dropout-gatedrop": (Config("talklora", dict(dropout=0.3, gate_dropout=True)), None),
+    "talklora-ds-dropout-gatedrop-top2": (Config("talklora", dict(dropout=0.3, gate_dropout=True, top_k=2,
+                                                                  talk_structure="doubly-stochastic")), 16),
+    "moelora-input-top2-gatedrop": (Config("moelora", dict(router_input="input", dropout=0.2, top_k=2,
+                                                           gate_dropout=True)), 16),
 })
 DROPOUT_CONFIGS = [k for k, (c, _) in TABLE.items() if c.dropout > 0]
 
@@ -67,8 +76,8 @@ def make_base(seed=0, bias=True) -> nn.Linear:
 def randomize(layer, seed=1, scale=1.0) -> None:
     """Random values for every adapter tensor (B non-zero)."""
     gen = torch.Generator().manual_seed(seed)
-    layer.set_weights(**{n: scale * torch.randn(t.shape, generator=gen, dtype=t.dtype)
-                         for n, t in layer.get_weights().items()})
+    layer.set_weights(**{n: scale * torch.randn(getattr(layer, n).shape, generator=gen, dtype=getattr(layer, n).dtype)
+                         for n in layer.weight_names})
 
 
 def build(name, seed=0, random_weights=True):
@@ -108,7 +117,8 @@ def reference_forward(layer, x):
 
 
 def adapter_names(layer):
-    return set(layer.get_weights())
+    """The stored (trainable) adapter tensors."""
+    return set(layer.weight_names)
 
 
 # ============================================================================ generic table checks
@@ -184,6 +194,8 @@ def test_get_set_weights_round_trip_and_errors(name):
     expected_shapes = {"A": (RANK, D_IN), "B": (D_OUT, RANK)} if isinstance(layer, LoRALinear) else {
         "A": (RANK, D_IN), "C": (E, RANK // E, RANK // E), "B": (E, D_OUT, RANK // E), "T": (E, E),
         "W_r": (E, RANK), "W_g": (E, D_IN)}
+    if isinstance(layer, TalkLoRALinear):
+        expected_shapes.update(layer.structure.parameter_shapes())
     for n, t in weights.items():
         assert tuple(t.shape) == expected_shapes[n]
     layer.set_weights(**weights)
