@@ -17,6 +17,7 @@ from torch import nn
 from .layers import (AdapterLayer, LoRALinear, MoELoRALinear, TalkLoRALinear, _is_number,
                      check_alpha_dropout, check_moe_args, check_positive_int, is_conv1d,
                      parse_talk_init)
+from .structures import TALK_SETTINGS, check_talk_structure
 
 KINDS = ("lora", "moelora", "talklora")
 TARGET_MATCHES = ("exact", "suffix", "regex")
@@ -44,7 +45,9 @@ class AdapterConfig:
     projections (:data:`DEFAULT_TARGETS`).  ``aux_loss_weight > 0`` adds ``aux_loss_weight ×`` the
     mean balance loss of the adapted layers to ``model(...).loss`` and sets ``output.aux_loss``
     (needs ``balance_loss``).  ``modules_to_save`` names modules (same matching as the targets, e.g.
-    a classifier head) that are trained in full and saved with the adapter.
+    a classifier head) that are trained in full and saved with the adapter.  ``talk_structure``
+    (with ``talk_groups`` / ``talk_bandwidth`` / ``talk_rank``) parametrises TalkLoRA's T
+    (:mod:`talklora_min.structures`; kind ``"talklora"`` only).
     """
 
     kind: str = "talklora"
@@ -57,6 +60,10 @@ class AdapterConfig:
     router_input: str = "code"
     top_k: int | None = None
     talk_init: str | float = "official"
+    talk_structure: str = "full"
+    talk_groups: int | None = None
+    talk_bandwidth: int | None = None
+    talk_rank: int | None = None
     gate_dropout: bool = False
     balance_loss: str | None = None
     share_B_across_layers: bool = False
@@ -92,6 +99,7 @@ class AdapterConfig:
                 if self.router_input != "code":
                     raise ValueError("AdapterConfig.router_input must be 'code' for kind='talklora'")
                 parse_talk_init(self.talk_init)
+        self._check_talk_structure()
         check_alpha_dropout(self.alpha, self.dropout)
         self.alpha = None if self.alpha is None else float(self.alpha)
         self.dropout = float(self.dropout)
@@ -106,6 +114,21 @@ class AdapterConfig:
         if self.aux_loss_weight > 0 and (self.kind == "lora" or self.balance_loss is None):
             raise ValueError("AdapterConfig.aux_loss_weight > 0 needs a balance loss: set balance_loss "
                              f"to one of {('switch', 'cv', 'entropy')} (kind 'moelora' or 'talklora')")
+
+    def _check_talk_structure(self) -> None:
+        settings = {k: getattr(self, k) for k in TALK_SETTINGS}
+        if self.kind != "talklora":
+            if settings != {"talk_structure": "full", "talk_groups": None, "talk_bandwidth": None, "talk_rank": None}:
+                raise ValueError(f"AdapterConfig.talk_structure / talk_groups / talk_bandwidth / talk_rank are "
+                                 f"only meaningful for kind='talklora' (got kind={self.kind!r}, {settings})")
+            return
+        try:
+            checked = check_talk_structure(self.talk_structure, self.num_experts, self.talk_groups,
+                                           self.talk_bandwidth, self.talk_rank)
+        except ValueError as err:
+            raise ValueError(f"AdapterConfig.{err}") from None
+        for name, value in zip(TALK_SETTINGS, checked):
+            setattr(self, name, value)
 
     @classmethod
     def official(cls, **overrides) -> "AdapterConfig":
@@ -146,7 +169,7 @@ class AdapterConfig:
             return MoELoRALinear(base, self.rank, self.num_experts, self.router_input, self.alpha,
                                  self.dropout, **moe)
         return TalkLoRALinear(base, self.rank, self.num_experts, self.alpha, self.dropout,
-                              self.talk_init, **moe)
+                              self.talk_init, **moe, **{k: getattr(self, k) for k in TALK_SETTINGS})
 
 
 def _names(field_name: str, value) -> tuple[str, ...]:

@@ -58,6 +58,7 @@ from . import _atomic
 from .inject import (AdapterConfig, InjectionReport, adapter_layers, inject, projection_type, saved_modules,
                      target_matches)
 from .layers import LoRALinear, MoELoRALinear, TalkLoRALinear
+from .structures import TALK_SETTINGS
 
 FORMAT = "talklora-min-adapter"
 FORMAT_VERSION = 1
@@ -279,6 +280,9 @@ def _check_config_describes(model: nn.Module, config: AdapterConfig) -> None:
         if config.kind != "lora" and have["kind"] != "lora":
             have.update(num_experts=layer.num_experts, router_input=layer.router_input, top_k=layer.top_k)
             want.update(num_experts=config.num_experts, router_input=config.router_input, top_k=config.top_k)
+        if config.kind == have["kind"] == "talklora":
+            have.update({k: getattr(layer, k) for k in TALK_SETTINGS})
+            want.update({k: getattr(config, k) for k in TALK_SETTINGS})
         diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
         if config.target_modules is not None and not any(
                 target_matches(path, p, config.target_match) for p in config.target_modules):
@@ -397,6 +401,10 @@ def _official_layers(model: nn.Module) -> dict[str, TalkLoRALinear]:
         if layer.scaling != 1.0 or layer.top_k is not None:
             raise ValueError(f"model layer {path!r} has scaling {layer.scaling:g}, top_k {layer.top_k}; the "
                              f"official forward needs alpha=None (s = 1) and dense routing (top_k=None)")
+        if layer.talk_structure != "full":
+            raise ValueError(f"model layer {path!r} has talk_structure={layer.talk_structure!r}; the official "
+                             f"layout holds a free T (talk_structure='full') only, so a {layer.talk_structure!r} "
+                             f"T cannot be imported or exported (save_adapter keeps its parameters)")
     return layers
 
 

@@ -1,5 +1,5 @@
 """Adapter layers around a frozen ``nn.Linear`` (or transformers ``Conv1D``): LoRA, MoELoRA and
-TalkLoRA (SPEC §1).
+TalkLoRA (docs/method.md §1).
 
 Notation: ``x`` a token (last axis ``d_in``), ``r`` total rank, ``E`` experts, ``m = r / E``.
 
@@ -7,22 +7,29 @@ Notation: ``x`` a token (last axis ``d_in``), ``r`` total rank, ``E`` experts, `
 * MoELoRA   ``h = A x = [h_1; …; h_E]``, ``y = W0 x + b + s · Σ_e g_e B_e C_e h_e`` with
   ``g = softmax(W_r h)`` (``router_input="code"``) or ``g = softmax(W_g x)`` (``"input"``).
 * TalkLoRA  MoELoRA-code whose router reads ``h~ = (T ⊗ I_m) h`` (paper Eq. for the Talking
-  Module): ``g = softmax(W_r h~)``; the experts still read the un-mixed blocks ``h_e``.
+  Module): ``g = softmax(W_r h~)``; the experts still read the un-mixed blocks ``h_e``.  ``T`` is
+  free (``talk_structure="full"``) or one of the structured parametrisations of
+  :mod:`talklora_min.structures`.
 
 Scaling: ``alpha=None`` gives ``s = 1`` (the official TalkLoRA code), a number gives
-``s = alpha / r`` (PEFT convention).  Dropout ``p`` acts on ``x`` before ``A`` and on the summed
-adapter output; ``gate_dropout=True`` also drops gates after the softmax, as the official code
-does (then gates no longer sum to 1 in training).  The default leaves gates undropped.
+``s = alpha / r`` (PEFT convention).  Dropout ``p`` acts on ``x`` before ``A`` (all layers) and, for
+the mixtures, on the summed adapter output; ``gate_dropout=True`` also drops gates after the
+softmax, as the official code does (then gates no longer sum to 1 in training).  The default
+leaves gates undropped.
 
-Experts are batched: ``C (E, m, m)`` and ``B (E, d_out, m)`` are stacked, and the gated sum
-``Σ_e g_e B_e z_e`` is one matmul with ``B`` laid out as ``(d_out, r)``.  NaN/Inf inputs are
-not checked in ``forward`` (that would cost a device sync per call): they propagate to the
+How the forward is computed (same maths, fewer and cheaper operations).  Per forward, the
+parameter-sized products are formed once: T is folded into the router, ``W_eff = W_r (T ⊗ I_m)``
+``(E, r)`` (§3, talk absorption), so no token's code is mixed; each ``C_e`` is folded into its
+``B_e``, ``W_BC = [s B_1 C_1, …, s B_E C_E]`` ``(d_out, r)`` (one batched matmul), so the experts
+are one GEMM on the gated code ``u = [g_1 h_1; …; g_E h_E]``.  The adapter is
+``s Σ_e g_e B_e C_e h_e = W_BC u``; when no output dropout is active it is added to the base output
+inside that GEMM (``addmm``), as LoRA's ``s B h`` is.  No Python loop over experts.  NaN/Inf inputs
+are not checked in ``forward`` (that would cost a device sync per call): they propagate to the
 output exactly as through ``nn.Linear``.  The probes reject non-finite inputs.
 """
 from __future__ import annotations
 
 import math
-import numbers
 from collections import OrderedDict
 from typing import Callable
 
@@ -31,134 +38,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-ROUTER_INPUTS = ("code", "input")
-BALANCE_LOSSES = ("switch", "cv", "entropy")
-TALK_INITS = ("official", "identity", "uniform-mix:<alpha>")
-
-
-# ----------------------------------------------------------------------------- validation
-def _is_number(value, integer: bool = False) -> bool:
-    """Python or numpy (``np.int64``, ``np.float32`` …) real scalar; bools are not numbers here."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
-        return False
-    if integer:
-        return isinstance(value, numbers.Integral)
-    return isinstance(value, numbers.Real)
-
-
-def check_positive_int(name: str, value) -> int:
-    """``value`` as a Python int ≥ 1 (numpy integers accepted); otherwise ``ValueError`` naming ``name``."""
-    if not _is_number(value, integer=True) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def check_alpha_dropout(alpha, dropout) -> None:
-    if alpha is not None and (not _is_number(alpha) or not math.isfinite(alpha) or alpha <= 0):
-        raise ValueError(f"alpha must be None (scaling s = 1) or a positive number, got {alpha!r}")
-    if not _is_number(dropout) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
-
-
-def cast_finite(value: Tensor, dtype: torch.dtype, what: str, hint: str = "") -> Tensor:
-    """``value`` (detached) cast to ``dtype``; ``ValueError`` naming ``what`` if the result has NaN/Inf
-    (saying so when only the cast overflowed)."""
-    out = value.detach().to(dtype)
-    if not torch.isfinite(out).all():
-        overflow = f" after the cast to {dtype} (its values overflow it)" if torch.isfinite(value).all() else ""
-        raise ValueError(f"{what} contains NaN or Inf{overflow}{hint}")
-    return out
-
-
-def is_conv1d(module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2 family): ``y = x W + b`` with ``weight (d_in, d_out)``.
-    Recognised by name and shape so the core does not import transformers."""
-    w = getattr(module, "weight", None)
-    return (type(module).__name__ == "Conv1D" and isinstance(w, Tensor) and w.ndim == 2
-            and hasattr(module, "nf") and tuple(w.shape) == (module.nx, module.nf))
-
-
-def check_base(base) -> None:
-    if not (isinstance(base, nn.Linear) or is_conv1d(base)):
-        raise TypeError(f"base must be an nn.Linear or a transformers Conv1D, got {type(base).__name__}")
-    if 0 in base.weight.shape:
-        raise ValueError(f"base has a zero-width weight {tuple(base.weight.shape)}: nothing to adapt")
-
-
-def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
-    """Adapter parameters are kept in float32 over float16 / bfloat16 bases (as PEFT does), in the
-    base's dtype otherwise."""
-    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
-
-
-def check_moe_args(rank, num_experts, router_input="code", top_k=None, balance_loss=None) -> None:
-    """Validate the MoE hyper-parameters shared by the layers and ``AdapterConfig``."""
-    check_positive_int("rank", rank)
-    check_positive_int("num_experts", num_experts)
-    if rank % num_experts:
-        raise ValueError(
-            f"rank ({rank}) must be divisible by num_experts ({num_experts}): each expert "
-            f"owns rank/num_experts dimensions of the shared code h = A x")
-    if router_input not in ROUTER_INPUTS:
-        raise ValueError(f"router_input must be one of {ROUTER_INPUTS}, got {router_input!r}")
-    if top_k is not None:
-        top_k = check_positive_int("top_k", top_k)
-        if top_k > num_experts:
-            raise ValueError(f"top_k ({top_k}) must be at most num_experts ({num_experts}) or None")
-    if balance_loss is not None and balance_loss not in BALANCE_LOSSES:
-        raise ValueError(f"balance_loss must be None or one of {BALANCE_LOSSES}, got {balance_loss!r}")
-
-
-def parse_talk_init(talk_init) -> str | float:
-    """Return "official", "identity" or the uniform-mix strength α in [0, 1].
-
-    Accepted: ``"official"``, ``"identity"``, ``"uniform-mix:0.5"`` (or ``"uniform-mix 0.5"``), or
-    a bare number α.
-    """
-    if isinstance(talk_init, str) and talk_init in ("official", "identity"):
-        return talk_init
-    alpha = talk_init
-    if isinstance(talk_init, str) and talk_init.startswith("uniform-mix"):
-        try:
-            alpha = float(talk_init[len("uniform-mix"):].strip(" :="))
-        except ValueError:
-            alpha = None
-    if not _is_number(alpha) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"talk_init must be one of {TALK_INITS} (alpha in [0, 1]) or a number "
-                         f"alpha in [0, 1], got {talk_init!r}")
-    return float(alpha)
-
-
-def talk_matrix(num_experts: int, talk_init="official", *, dtype=None, device=None,
-                generator: torch.Generator | None = None) -> Tensor:
-    """The Talking Module's initial ``T (E, E)`` (row index = output expert).
-
-    official: ``U(±1/√E)`` (``kaiming_uniform_(a=√5)``); identity: ``I``;
-    uniform-mix α: ``T = α I + (1 − α) J / E`` (doubly stochastic).
-    """
-    init = parse_talk_init(talk_init)
-    E = check_positive_int("num_experts", num_experts)
-    if init == "official":
-        bound = 1.0 / math.sqrt(E)
-        return torch.empty(E, E, dtype=dtype, device=device).uniform_(-bound, bound, generator=generator)
-    eye = torch.eye(E, dtype=dtype, device=device)
-    if init == "identity":
-        return eye
-    return init * eye + (1.0 - init) * torch.full((E, E), 1.0 / E, dtype=dtype, device=device)
-
-
-def absorbed_router(W_r: Tensor, T: Tensor, m: int) -> Tensor:
-    """Absorb the Talking Module into the router: ``W' = W_r (T ⊗ I_m)``, shape ``(E, r)``.
-
-    Blockwise (column block e of width m): ``W'^{(e)} = Σ_e' T[e', e] W_r^{(e')}``.
-    Because ``h~ = (T ⊗ I_m) h``, ``W_r h~ = W' h`` for every code h (SPEC §3, talk absorption).
-    """
-    E = T.shape[0]
-    if T.shape != (E, E) or W_r.shape != (E, E * m):
-        raise ValueError(f"absorbed_router: need T (E, E) and W_r (E, E·m); got T {tuple(T.shape)}, "
-                         f"W_r {tuple(W_r.shape)}, m={m}")
-    eye = torch.eye(m, dtype=T.dtype, device=T.device)
-    return W_r @ torch.kron(T, eye)
+# argument checks and the Talking Module's maps live in their own modules; importable from here too
+from .checks import (BALANCE_LOSSES, ROUTER_INPUTS, _checked_weight, _is_number,  # noqa: F401
+                     adapter_dtype, cast_finite, check_alpha_dropout, check_base, check_moe_args,
+                     check_positive_int, is_conv1d)
+from .fused import FusedAdapter, route
+from .structures import (TALK_INITS, TALK_STRUCTURES, TalkStructure, absorbed_router,  # noqa: F401
+                         parse_talk_init, talk_matrix)
 
 
 # ----------------------------------------------------------------------------- balance losses
@@ -197,6 +83,9 @@ class AdapterLayer(nn.Module):
     bases (:func:`adapter_dtype`); ``dtype=`` overrides.  The adapter branch runs in the adapter's
     dtype and is added to the base output in the base output's dtype (autocast-friendly).
     ``adapter_enabled = False`` (see ``inject.disable_adapters``) gives the base output only.
+
+    A subclass computes its branch in :meth:`_adapter` (added to the base output inside the last
+    GEMM) and says in :meth:`_output_dropout` whether a dropout acts on the branch's output.
     """
 
     weight_names: tuple[str, ...] = ()
@@ -262,7 +151,7 @@ class AdapterLayer(nn.Module):
         return "_B_owner" in self.__dict__
 
     def _parameter(self, *shape: int) -> nn.Parameter:
-        return nn.Parameter(torch.empty(*shape, dtype=self.param_dtype, device=self.base.weight.device))
+        return nn.Parameter(torch.empty(shape, dtype=self.param_dtype, device=self.base.weight.device))
 
     def _drop(self, t: Tensor) -> Tensor:
         return F.dropout(t, self.dropout, self.training) if self.dropout else t
@@ -277,32 +166,42 @@ class AdapterLayer(nn.Module):
         """Copies of the adapter tensors under their SPEC names."""
         return {name: getattr(self, name).detach().clone() for name in self.weight_names}
 
+    def _checked_weights(self, tensors: dict, accepted: tuple[str, ...]) -> dict[str, Tensor]:
+        """Names, types, shapes and finiteness of every tensor (cast to the layer's dtype)."""
+        unknown = sorted(set(tensors) - set(accepted))
+        if unknown:
+            raise ValueError(f"unknown weight name(s) {unknown} for {type(self).__name__}; "
+                             f"accepted: {list(accepted)}")
+        out = {}
+        for name, value in tensors.items():
+            target = getattr(self, name)
+            out[name] = _checked_weight(name, value, tuple(target.shape), target.dtype)
+        return out
+
     @torch.no_grad()
     def set_weights(self, **tensors: Tensor) -> None:
         """Copy tensors into the adapter by SPEC name; checks names, types, shapes and finiteness
         first (nothing is copied on error).  Values are cast to the layer's dtype and device (as
         ``Tensor.copy_`` does); a value that is NaN/Inf, or overflows that dtype, is refused."""
-        unknown = sorted(set(tensors) - set(self.weight_names))
-        if unknown:
-            raise ValueError(f"unknown weight name(s) {unknown} for {type(self).__name__}; "
-                             f"accepted: {list(self.weight_names)}")
-        for name, value in tensors.items():
-            expected = tuple(getattr(self, name).shape)
-            if not isinstance(value, Tensor):
-                raise ValueError(f"weight {name} must have shape {expected} (a torch.Tensor), "
-                                 f"got {type(value).__name__}")
-            if tuple(value.shape) != expected:
-                raise ValueError(f"weight {name} must have shape {expected}, got {tuple(value.shape)}")
-            if value.is_complex():
-                raise ValueError(f"weight {name} must be a real tensor, got dtype {value.dtype}")
-            cast_finite(value, getattr(self, name).dtype, f"weight {name}", "; set_weights needs finite values")
+        self._checked_weights(tensors, self.weight_names)
         if getattr(self, "merged", False):
             raise RuntimeError("unmerge() before set_weights(): the base weight holds the old adapter")
         for name, value in tensors.items():
             getattr(self, name).copy_(value)
 
-    def adapter_output(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+    def _adapter(self, x: Tensor, out: Tensor | None) -> Tensor:  # pragma: no cover - abstract
+        """``out + adapter(x)`` (``adapter(x)`` alone for ``out=None``) before any output dropout, over
+        the N tokens of ``x (..., d_in)``: ``(N, d_out)``, ``out (N, d_out)``."""
         raise NotImplementedError
+
+    def _output_dropout(self) -> bool:
+        """Whether a dropout acts on the adapter output in this mode (then it is not fused)."""
+        return False
+
+    def adapter_output(self, x: Tensor) -> Tensor:
+        """The adapter branch alone, ``forward(x) − base(x)``."""
+        y = self._adapter(x, None).view(*x.shape[:-1], self.out_features)
+        return self._drop(y) if self._output_dropout() else y
 
     def forward(self, x: Tensor, base_output: Tensor | None = None) -> Tensor:
         """``base(x) + adapter(x)``.  ``base_output``: ``base(x)`` computed beforehand (a frozen base
@@ -320,14 +219,18 @@ class AdapterLayer(nn.Module):
             out = base_output
         if getattr(self, "merged", False) or not self.adapter_enabled:
             return out
-        return out + self.adapter_output(x.to(self.A.dtype)).to(out.dtype)
+        if self._output_dropout() or out.dtype != self.A.dtype:
+            return out + self.adapter_output(x.to(self.A.dtype)).to(out.dtype)
+        # added inside the adapter's last GEMM, out of place (a caller's base_output is never modified)
+        return self._adapter(x, out.reshape(-1, self.out_features)).view(out.shape)
 
     def extra_repr(self) -> str:
         return f"d_in={self.in_features}, d_out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}"
 
 
 class LoRALinear(AdapterLayer):
-    """``y = W0 x + b + s · B A x`` with ``A (r, d_in)``, ``B (d_out, r)``; ``B = 0`` at init."""
+    """``y = W0 x + b + s · B A x`` with ``A (r, d_in)``, ``B (d_out, r)``; ``B = 0`` at init.
+    Computed as ``addmm(W0 x + b, A x, (s B)ᵀ)``: the scaling is applied to ``B``, not per token."""
 
     weight_names = ("A", "B")
 
@@ -349,8 +252,10 @@ class LoRALinear(AdapterLayer):
         """``ΔW = s · B A``, shape ``(d_out, d_in)``."""
         return self.scaling * (self.B @ self.A)
 
-    def adapter_output(self, x: Tensor) -> Tensor:
-        return self.scaling * F.linear(F.linear(self._drop(x), self.A), self.B)
+    def _adapter(self, x: Tensor, out: Tensor | None) -> Tensor:
+        """:class:`~talklora_min.fused.FusedAdapter` (one autograd node, hand-written backward)."""
+        x = self._drop(x).reshape(-1, self.in_features)
+        return FusedAdapter.apply(x, self.A, self.B, None, None, None, out, self.scaling, "code", None, None)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -378,7 +283,7 @@ RoutingHook = Callable[["MoELoRALinear", Tensor, Tensor, "Tensor | None"], None]
 
 
 class MoELoRALinear(AdapterLayer):
-    """Dense soft mixture of E LoRA experts sharing ``A`` (SPEC §1).
+    """Dense soft mixture of E LoRA experts sharing ``A`` (docs/method.md §1).
 
     ``h = A x``, blocks ``h_e = h[e·m:(e+1)·m]``; expert ``y_e = B_e C_e h_e``;
     ``y = W0 x + b + s · Σ_e g_e y_e``; ``g = softmax(W_r h)`` or ``softmax(W_g x)``.
@@ -430,33 +335,35 @@ class MoELoRALinear(AdapterLayer):
             uniform(self.W_g, self.in_features)
 
     # -- the pieces of the forward, public so probes can differentiate through them
+    # These compute exactly what the forward computes, in its layout ((A xᵀ)ᵀ …), so that routing
+    # records of a forward and these methods agree bit for bit.
     def code(self, x: Tensor) -> Tensor:
         """Shared low-rank code ``h = A x``, shape ``(..., r)``."""
-        return F.linear(x, self.A)
+        return (self.A @ x.reshape(-1, x.shape[-1]).t()).t().reshape(*x.shape[:-1], self.rank)
 
     def router_code(self, h: Tensor) -> Tensor:
         """What a code router reads: ``h`` itself for MoELoRA (TalkLoRA mixes it)."""
         return h
 
     def router_logits(self, x: Tensor, h: Tensor | None = None) -> Tensor:
-        """Router logits ``W_r h`` (code) / ``W_g x`` (input), shape ``(..., E)``."""
-        if self.router_input == "input":
-            return F.linear(x, self.W_g)
-        return F.linear(self.router_code(self.code(x) if h is None else h), self.W_r)
+        """Router logits ``W_eff h`` (code; ``W_eff`` = :meth:`effective_router`) / ``W_g x`` (input),
+        shape ``(..., E)``."""
+        z = x if self.router_input == "input" else self.code(x) if h is None else h
+        logits_t = self.effective_router() @ z.reshape(-1, z.shape[-1]).t()
+        return logits_t.t().reshape(*z.shape[:-1], self.num_experts)
 
     def effective_router(self) -> Tensor:
         """The linear map from the router's input to its logits: ``W_r`` (code, w.r.t. h) or
         ``W_g`` (input, w.r.t. x).  TalkLoRA returns ``W_r (T ⊗ I_m)``."""
         return self.W_r if self.router_input == "code" else self.W_g
 
+
     def gates_from_logits(self, logits: Tensor) -> tuple[Tensor, Tensor | None]:
         """Dense ``softmax`` or, with ``top_k``, the softmax renormalised over the k largest logits.
         Returns ``(gates, topk_indices or None)``."""
-        if self.top_k is None:
-            return torch.softmax(logits, -1), None
-        values, index = logits.topk(self.top_k, dim=-1)
-        masked = torch.full_like(logits, float("-inf")).scatter(-1, index, values)
-        return torch.softmax(masked, -1), index
+        gates_t, index_t = route(logits.reshape(-1, self.num_experts).t(), self.top_k)
+        gates = gates_t.t().reshape(logits.shape)
+        return gates, None if index_t is None else index_t.t().reshape(*logits.shape[:-1], self.top_k)
 
     def gates(self, x: Tensor) -> Tensor:
         """Routing weights ``g(x)`` in eval semantics (no dropout), shape ``(..., E)``."""
@@ -464,9 +371,9 @@ class MoELoRALinear(AdapterLayer):
 
     def mix_experts(self, h: Tensor, gates: Tensor) -> Tensor:
         """``Σ_e g_e B_e C_e h_e`` for code ``h (..., r)`` and gates ``(..., E)`` — batched, no loop."""
-        z = torch.einsum("...ej,eij->...ei", h.unflatten(-1, (self.num_experts, self.expert_rank)), self.C)
-        u = (gates.unsqueeze(-1) * z).flatten(-2)
-        return F.linear(u, self.B.transpose(0, 1).reshape(self.out_features, self.rank))
+        u = (h.unflatten(-1, (self.num_experts, self.expert_rank)) * gates.unsqueeze(-1)).flatten(-2)
+        W = torch.bmm(self.B, self.C).transpose(0, 1).reshape(self.out_features, self.rank)   # [B_e C_e]_e
+        return F.linear(u, W)
 
     def add_routing_hook(self, hook: RoutingHook) -> RemovableHandle:
         """Call ``hook(layer, logits, gates, topk_index)`` on every forward; ``.remove()`` the handle.
@@ -476,19 +383,31 @@ class MoELoRALinear(AdapterLayer):
         self._routing_hooks[handle.id] = hook
         return handle
 
-    def adapter_output(self, x: Tensor) -> Tensor:
-        x = self._drop(x)
-        h = self.code(x)
-        logits = self.router_logits(x, h)
-        gates, index = self.gates_from_logits(logits)
+    def _output_dropout(self) -> bool:
+        return self.training and self.dropout > 0
+
+    def _talk(self) -> Tensor | None:
+        """The Talking Module the router applies (None: MoELoRA, no mixing)."""
+        return None
+
+    def _adapter(self, x: Tensor, out: Tensor | None) -> Tensor:
+        """:class:`~talklora_min.fused.FusedAdapter` (one autograd node, hand-written backward)."""
+        lead, E = x.shape[:-1], self.num_experts
+        x = self._drop(x).reshape(-1, self.in_features)
+        keep = None
+        if self.gate_dropout and self.training and self.dropout:
+            keep = F.dropout(x.new_ones(x.shape[0], E), self.dropout)      # mask / (1 − p)
+        router = self.W_r if self.router_input == "code" else self.W_g
+        y, logits, gates, *index = FusedAdapter.apply(
+            x, self.A, self.B, self.C, router, self._talk(), out, self.scaling, self.router_input,
+            self.top_k, keep)
         if self._routing_hooks:
+            index = index[0].reshape(*lead, -1) if index else None
             for hook in tuple(self._routing_hooks.values()):
-                hook(self, logits, gates, index)
+                hook(self, logits.reshape(*lead, E), gates.reshape(*lead, E), index)
         if self.balance_loss is not None:
             self.aux_loss = balance_loss(self.balance_loss, logits, gates)
-        if self.gate_dropout:
-            gates = self._drop(gates)
-        return self.scaling * self._drop(self.mix_experts(h, gates))
+        return y
 
     def merge(self) -> None:
         raise RuntimeError(
@@ -513,35 +432,124 @@ class MoELoRALinear(AdapterLayer):
 class TalkLoRALinear(MoELoRALinear):
     """MoELoRA-code whose router reads ``h~ = (T ⊗ I_m) h`` (the Talking Module, ``T (E, E)``).
 
-    ``h~_e = Σ_e' T[e, e'] h_e'``; ``g = softmax(W_r h~)``; experts read the un-mixed ``h_e``.
-    ``talk_init``: ``"official"`` (U(±1/√E)), ``"identity"`` or ``"uniform-mix:α"`` / ``α``.
+    ``h~_e = Σ_e' T[e, e'] h_e'``; ``g = softmax(W_r h~) = softmax(W_eff h)`` with
+    ``W_eff = W_r (T ⊗ I_m)`` (:meth:`effective_router`); experts read the un-mixed ``h_e``.
+
+    ``talk_structure`` (:data:`~talklora_min.structures.TALK_STRUCTURES`) chooses how T is
+    parametrised (formulas in :mod:`talklora_min.structures`), with ``talk_groups`` (block),
+    ``talk_bandwidth`` (banded) or ``talk_rank`` (low-rank).  ``"full"``: T is the parameter ``T``,
+    initialised by ``talk_init`` — ``"official"`` (U(±1/√E)), ``"identity"`` or ``"uniform-mix:α"``
+    / ``α``.  Other structures store their own parameters (``talk_*``) and start at their identity
+    point (``talk_init`` ``"official"`` or ``"identity"``); broadcast and doubly-stochastic can also
+    start at ``"uniform-mix:α"``.
+
+    The effective T is :meth:`talk_matrix` (also ``layer.T`` and ``T`` in :meth:`get_weights`).
+    :meth:`set_weights` takes the stored parameters by name and ``T`` where the structure can
+    represent it (refused otherwise); ``T`` given together with structure parameters must equal
+    the matrix they produce, so ``set_weights(**get_weights())`` round-trips every structure.
     """
 
     def __init__(self, base: nn.Module, rank: int, num_experts: int, alpha=None, dropout: float = 0.0,
-                 talk_init="official", *, top_k: int | None = None, gate_dropout: bool = False,
+                 talk_init="official", *, talk_structure: str = "full", talk_groups: int | None = None,
+                 talk_bandwidth: int | None = None, talk_rank: int | None = None,
+                 top_k: int | None = None, gate_dropout: bool = False,
                  balance_loss: str | None = None, dtype: torch.dtype | None = None):
-        parse_talk_init(talk_init)
+        init = parse_talk_init(talk_init)
+        check_positive_int("num_experts", num_experts)
+        structure = TalkStructure(talk_structure, int(num_experts), talk_groups, talk_bandwidth, talk_rank)
+        if structure.name != "full":
+            if isinstance(init, float) and init < 1 and structure.name not in ("broadcast", "doubly-stochastic"):
+                raise ValueError(f"talk_init={talk_init!r} (uniform mix) is not representable by "
+                                 f"{structure.describe()}; accepted talk_init for it: 'official' or "
+                                 f"'identity' (both start at its identity point)")
+            if init == "official" or init == 1.0:
+                talk_init = "identity"                  # the structures start at their identity point
         super().__init__(base, rank, num_experts, "code", alpha, dropout, top_k,
                          gate_dropout=gate_dropout, balance_loss=balance_loss, dtype=dtype)
-        self.talk_init = talk_init
-        self.T = self._parameter(num_experts, num_experts)
+        self.talk_init, self.structure = talk_init, structure
+        for name, shape in structure.parameter_shapes().items():
+            setattr(self, name, self._parameter(*shape))
         self._reset_talk()
 
-    weight_names = ("A", "C", "B", "T", "W_r")
+    # the structure's settings under their constructor names (compared by save / load)
+    talk_structure = property(lambda self: self.structure.name)
+    talk_groups = property(lambda self: self.structure.groups)
+    talk_bandwidth = property(lambda self: self.structure.bandwidth)
+    talk_rank = property(lambda self: self.structure.rank)
+
+    @property
+    def weight_names(self) -> tuple[str, ...]:
+        return ("A", "C", "B", *self.structure.parameter_shapes(), "W_r")
 
     @torch.no_grad()
     def _reset_talk(self) -> None:
-        self.T.copy_(talk_matrix(self.num_experts, self.talk_init, dtype=self.T.dtype, device=self.T.device))
+        init, kw = parse_talk_init(self.talk_init), dict(dtype=self.param_dtype, device=self.A.device)
+        if self.structure.name == "full":
+            start = {"T": talk_matrix(self.num_experts, self.talk_init, **kw)}
+        elif init == "identity":
+            start = self.structure.start_parameters(**kw)
+        else:
+            start = self.structure.uniform_mix_parameters(init, **kw)
+        for name, value in start.items():
+            getattr(self, name).copy_(value)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
         self._reset_talk()
 
+    @property
+    def T(self) -> Tensor:
+        """The effective Talking Module (the parameter itself for ``"full"``)."""
+        if self.structure.name != "full":
+            return self.talk_matrix()
+        if "T" not in self._parameters:         # while registering it (``hasattr`` must see no T)
+            raise AttributeError("T")
+        return self._parameters["T"]
+
+    def talk_matrix(self) -> Tensor:
+        """The effective ``T (E, E)`` from the structure parameters (differentiable)."""
+        if self.structure.name == "full":
+            return self._parameters["T"]
+        return self.structure.matrix({n: getattr(self, n) for n in self.structure.parameter_shapes()})
+
     def router_code(self, h: Tensor) -> Tensor:
         """``h~ = (T ⊗ I_m) h``: block e of the output is ``Σ_e' T[e, e'] h_e'``."""
         blocks = h.unflatten(-1, (self.num_experts, self.expert_rank))
-        return torch.einsum("ef,...fm->...em", self.T, blocks).flatten(-2)
+        return torch.einsum("ef,...fm->...em", self.talk_matrix(), blocks).flatten(-2)
 
     def effective_router(self) -> Tensor:
-        """``W_eff = W_r (T ⊗ I_m)``, shape ``(E, r)`` (SPEC §3, talk absorption)."""
-        return absorbed_router(self.W_r, self.T, self.expert_rank)
+        """``W_eff = W_r (T ⊗ I_m)``, shape ``(E, r)`` (docs/method.md §3, talk absorption)."""
+        return absorbed_router(self.W_r, self.talk_matrix(), self.expert_rank)
+
+    def _talk(self) -> Tensor:
+        return self.talk_matrix()
+
+    def get_weights(self) -> dict[str, Tensor]:
+        """The stored tensors by name, and the effective ``T``."""
+        weights = super().get_weights()
+        weights["T"] = self.talk_matrix().detach().clone()
+        return weights
+
+    @torch.no_grad()
+    def set_weights(self, **tensors: Tensor) -> None:
+        if self.structure.name == "full" or "T" not in tensors:
+            return super().set_weights(**tensors)
+        E, dtype = self.num_experts, self.param_dtype
+        T = _checked_weight("T", tensors.pop("T"), (E, E), dtype).to(self.A.device)
+        checked = self._checked_weights(tensors, self.weight_names)
+        current = {n: getattr(self, n).detach() for n in self.structure.parameter_shapes()}
+        given = {n: checked[n].to(self.A.device) for n in current if n in checked}
+        if not given:                       # T alone: the structure's parameters for it (or refusal)
+            tensors.update(self.structure.parameters_for(T, keep=current))
+        else:
+            produced = self.structure.matrix({**current, **given})
+            err = float((produced - T).abs().max())
+            if err > math.sqrt(torch.finfo(dtype).eps) * max(1.0, float(T.abs().max())):
+                raise ValueError(f"weight T does not match the {self.structure.describe()} parameters "
+                                 f"given with it ({sorted(given)}): they produce a T that differs by up to "
+                                 f"{err:.3g}; give T alone or the structure parameters alone")
+        super().set_weights(**tensors)
+
+    def extra_repr(self) -> str:
+        arg = self.structure.describe().removeprefix("talk_structure=")
+        return super().extra_repr() + f", experts={self.num_experts}, talk_structure={arg}"

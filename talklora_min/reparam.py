@@ -29,6 +29,8 @@ Conventions shared by all maps
 * Hyper-parameters carry over: ``alpha`` (so the scaling ``s`` is equal), ``dropout``,
   ``top_k``, ``gate_dropout``, ``balance_loss`` and the train/eval mode.  Routing hooks are not
   carried over.  Building the new layer does not consume the caller's global RNG.
+* TalkLoRA layers of every communication structure (``talk_structure``) go through the maps by
+  their effective T (``layer.T``, ``get_weights()["T"]``).
 * Tensor versions of the router maps (:func:`absorbed_router`, :func:`input_router_weight`,
   :func:`code_router_weight`) work on plain tensors.
 """
@@ -158,15 +160,20 @@ def moelora_from_identity_talk(layer: TalkLoRALinear, *, atol: float = 0.0) -> M
     return _moelora(layer, "code", **_expert_weights(layer), W_r=w["W_r"])
 
 
-def talklora_from_moelora(layer: MoELoRALinear) -> TalkLoRALinear:
-    """C1 (converse): MoELoRA-code ``(A, C, B, W_r)`` is TalkLoRA with ``T = I`` and the same tensors."""
+def talklora_from_moelora(layer: MoELoRALinear, talk_structure: str = "full", **structure_args) -> TalkLoRALinear:
+    """C1 (converse): MoELoRA-code ``(A, C, B, W_r)`` is TalkLoRA with ``T = I`` and the same tensors.
+
+    ``talk_structure`` (and its ``talk_groups`` / ``talk_bandwidth`` / ``talk_rank``) picks the
+    communication structure of the result, at its (exact) identity point.
+    """
     _require(layer, MoELoRALinear, "code", "talklora_from_moelora")
     if isinstance(layer, TalkLoRALinear):
         raise TypeError("talklora_from_moelora expects a MoELoRALinear, got a TalkLoRALinear")
     w = layer.get_weights()
     kw = _moe_kwargs(layer)
     new = _build(TalkLoRALinear, layer.base, layer.rank, layer.num_experts, kw.pop("alpha"),
-                 kw.pop("dropout"), "identity", training=layer.training, **kw)
+                 kw.pop("dropout"), "identity", training=layer.training, talk_structure=talk_structure,
+                 **structure_args, **kw)
     new.set_weights(**w, T=torch.eye(layer.num_experts, dtype=w["A"].dtype, device=w["A"].device))
     return new
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from talklora_min import LoRALinear, MoELoRALinear, TalkLoRALinear, balance_loss, talk_matrix
+from talklora_min import layers as layers_module
 
 
 
@@ -48,12 +49,21 @@ _BASE_CONFIGS = {
     "talklora-official": Config("talklora", dict(talk_init="official")),
     "talklora-identity": Config("talklora", dict(talk_init="identity")),
     "talklora-mix0.5": Config("talklora", dict(talk_init="uniform-mix:0.5")),
+    "talklora-broadcast": Config("talklora", dict(talk_structure="broadcast")),
+    "talklora-ds": Config("talklora", dict(talk_structure="doubly-stochastic")),
+    "talklora-block": Config("talklora", dict(talk_structure="block", talk_groups=2)),
+    "talklora-banded": Config("talklora", dict(talk_structure="banded", talk_bandwidth=1)),
+    "talklora-lowrank": Config("talklora", dict(talk_structure="low-rank", talk_rank=2)),
 }
 TABLE = {f"{name}-alpha{alpha}": (cfg, alpha) for name, cfg in _BASE_CONFIGS.items() for alpha in (None, 16)}
 TABLE.update({
     "lora-dropout": (Config("lora", dict(dropout=0.3)), None),
     "moelora-input-dropout": (Config("moelora", dict(router_input="input", dropout=0.3)), 16),
     "talklora-dropout-gatedrop": (Config("talklora", dict(dropout=0.3, gate_dropout=True)), None),
+    "talklora-ds-dropout-gatedrop-top2": (Config("talklora", dict(dropout=0.3, gate_dropout=True, top_k=2,
+                                                                  talk_structure="doubly-stochastic")), 16),
+    "moelora-input-top2-gatedrop": (Config("moelora", dict(router_input="input", dropout=0.2, top_k=2,
+                                                           gate_dropout=True)), 16),
 })
 DROPOUT_CONFIGS = [k for k, (c, _) in TABLE.items() if c.dropout > 0]
 
@@ -66,8 +76,8 @@ def make_base(seed=0, bias=True) -> nn.Linear:
 def randomize(layer, seed=1, scale=1.0) -> None:
     """Random values for every adapter tensor (B non-zero)."""
     gen = torch.Generator().manual_seed(seed)
-    layer.set_weights(**{n: scale * torch.randn(t.shape, generator=gen, dtype=t.dtype)
-                         for n, t in layer.get_weights().items()})
+    layer.set_weights(**{n: scale * torch.randn(getattr(layer, n).shape, generator=gen, dtype=getattr(layer, n).dtype)
+                         for n in layer.weight_names})
 
 
 def build(name, seed=0, random_weights=True):
@@ -107,7 +117,8 @@ def reference_forward(layer, x):
 
 
 def adapter_names(layer):
-    return set(layer.get_weights())
+    """The stored (trainable) adapter tensors."""
+    return set(layer.weight_names)
 
 
 # ============================================================================ generic table checks
@@ -183,6 +194,8 @@ def test_get_set_weights_round_trip_and_errors(name):
     expected_shapes = {"A": (RANK, D_IN), "B": (D_OUT, RANK)} if isinstance(layer, LoRALinear) else {
         "A": (RANK, D_IN), "C": (E, RANK // E, RANK // E), "B": (E, D_OUT, RANK // E), "T": (E, E),
         "W_r": (E, RANK), "W_g": (E, D_IN)}
+    if isinstance(layer, TalkLoRALinear):
+        expected_shapes.update(layer.structure.parameter_shapes())
     for n, t in weights.items():
         assert tuple(t.shape) == expected_shapes[n]
     layer.set_weights(**weights)
@@ -301,23 +314,29 @@ def test_identity_talk_and_talk_matrix_function():
 
 
 # ============================================================================ gate dropout
-def spy_mixed_gates(layer):
-    """Record the gates that reach the experts (after any gate dropout) — mix_experts' argument.
-    (A routing hook sees the gates *before* gate dropout, which always sum to 1.)"""
-    seen, original = [], layer.mix_experts
+def spy_mixed_gates(monkeypatch):
+    """Record the gates that reach the experts (after any gate dropout): the router's gates times the
+    gate-dropout multipliers handed to ``FusedAdapter``.  (A routing hook sees the gates *before*
+    gate dropout, which always sum to 1.)"""
+    seen, real = [], layers_module.FusedAdapter
 
-    def mix(h, gates):
-        seen.append(gates.detach().clone())
-        return original(h, gates)
+    class Spy:
+        @staticmethod
+        def apply(*args):
+            outputs = real.apply(*args)
+            keep = args[-1]
+            gates = outputs[2].detach()
+            seen.append(gates if keep is None else gates * keep)
+            return outputs
 
-    layer.mix_experts = mix
+    monkeypatch.setattr(layers_module, "FusedAdapter", Spy)
     return seen
 
 
-def test_gate_dropout_breaks_the_gate_sum_in_train_only():
+def test_gate_dropout_breaks_the_gate_sum_in_train_only(monkeypatch):
     layer = TalkLoRALinear(make_base(), RANK, E, dropout=0.5, gate_dropout=True)
     randomize(layer)
-    mixed = spy_mixed_gates(layer)
+    mixed = spy_mixed_gates(monkeypatch)
     hooked = []
     layer.add_routing_hook(lambda _, logits, gates, index: hooked.append(gates))
     x = torch.randn(64, D_IN, dtype=DT)
@@ -332,10 +351,10 @@ def test_gate_dropout_breaks_the_gate_sum_in_train_only():
     torch.testing.assert_close(mixed[-1], hooked[-1])
 
 
-def test_default_leaves_gates_undropped_in_train():
+def test_default_leaves_gates_undropped_in_train(monkeypatch):
     layer = TalkLoRALinear(make_base(), RANK, E, dropout=0.5)
     randomize(layer)
-    mixed = spy_mixed_gates(layer)
+    mixed = spy_mixed_gates(monkeypatch)
     layer.train()(torch.randn(32, D_IN, dtype=DT))
     torch.testing.assert_close(mixed[-1].sum(-1), torch.ones(32, dtype=DT))
 
