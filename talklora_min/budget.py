@@ -21,11 +21,14 @@ KINDS = ("lora", "moelora", "talklora")
 def talk_parameters(num_experts: int, structure: str = "full", *, groups: int = 1, bandwidth: int = 1,
                     rank: int = 1) -> int:
     """Free parameters of the Talking Module ``T (E, E)`` under each communication structure:
-    full ``E²``; broadcast ``1`` (the scalar α); doubly-stochastic ``E²`` (the logits Θ);
+    full ``E²``; broadcast ``1`` (the scalar α); doubly-stochastic ``E² + 1`` (the logits Θ and the
+    mixing weight α of ``α I + (1 − α) Sinkhorn(exp Θ)``);
     block ``E²/groups``; banded ``E·min(2b + 1, E)``; low-rank ``2·E·k`` (U and V)."""
     E = int(num_experts)
-    if structure in ("full", "doubly-stochastic"):
+    if structure == "full":
         return E * E
+    if structure == "doubly-stochastic":
+        return E * E + 1
     if structure == "broadcast":
         return 1
     if structure == "block":

@@ -120,3 +120,12 @@ def test_budget_cells_match_the_reference_count_within_two_percent():
             gap = rows[rows.metric == "budget_gap"].value.item()
             assert gap == pytest.approx(measured / reference - 1) and abs(gap) <= 0.02, (method, budget)
             assert not (rows.split == "amplification").any()
+
+
+@pytest.mark.parametrize("method", ["talklora-official", "talklora-broadcast", "talklora-doubly-stochastic",
+                                    "talklora-block", "talklora-banded", "talklora-low-rank", "moelora-input", "lora"])
+def test_closed_form_count_equals_the_measured_count_for_every_structure(method):
+    cfg = tiny()
+    rows = pd.DataFrame(planted.planted_cell(method, 0, cfg, lr=1e-2, budget=None, tuning=False))
+    counts = rows[rows.metric.isin(["trainable_parameters", "closed_form_parameters"])].set_index("metric").value
+    assert counts["trainable_parameters"] == counts["closed_form_parameters"] > 0
