@@ -236,7 +236,8 @@ def _train(model, out, resume=None, steps=6, callbacks=()):
 def _routed_llama(kind="talklora"):
     model = fresh("llama")
     torch.manual_seed(1)
-    extra = {} if kind == "lora" else dict(num_experts=2, balance_loss="switch", aux_loss_weight=0.01)
+    extra = {} if kind == "lora" else dict(num_experts=2, balance_loss="switch", aux_loss_weight=0.01,
+                                           modules_to_save=("lm_head",))
     inject(model, AdapterConfig(kind=kind, rank=4, dropout=0.1, **extra))
     return model
 
@@ -245,6 +246,10 @@ def test_trainer_checkpoints_hold_the_adapter_and_resume_reproduces_losses_and_c
     whole = _train(_routed_llama(), tmp_path / "run", callbacks=[RoutingStatsCallback()])
     checkpoint = tmp_path / "run" / "checkpoint-2"
     assert (checkpoint / MANIFEST_NAME).is_file()
+    from safetensors.torch import load_file
+    assert set(load_file(checkpoint / "model.safetensors")) == {     # the adapter and lm_head, no base weight
+        n for n, p in _routed_llama().named_parameters() if p.requires_grad} and "lm_head.weight" in load_file(
+        checkpoint / "model.safetensors")
     resumed = _train(_routed_llama(), tmp_path / "run", resume=str(checkpoint), callbacks=[RoutingStatsCallback()])
     assert sorted(resumed) == sorted(whole) == [1, 2, 3, 4, 5, 6]
     for step in (3, 4, 5, 6):                      # after the resume: the same losses, churn and aux loss
