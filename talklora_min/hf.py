@@ -36,7 +36,6 @@ from transformers import TrainerCallback
 
 from . import io
 from .inject import CONFIG_ATTR, adapter_layers, auxiliary_loss, saved_modules
-from .lifecycle import adapter_config
 from .peft_convert import from_peft, to_peft  # noqa: F401  (re-exported)
 from .probes.load import dead_experts, gini, load_entropy
 from .probes.records import RoutingRecorder, install_hooks, record_routing, routed_layers

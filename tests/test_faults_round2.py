@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ import torch
 from safetensors.torch import save, save_file
 from torch import nn
 
-from talklora_min import (AdapterConfig, LoRALinear, TalkLoRALinear, adapter_layers, disable_adapters,
+from talklora_min import (AdapterConfig, TalkLoRALinear, adapter_layers, disable_adapters,
                           export_official_state_dict, inject, load_adapter, load_official_state_dict,
                           merge_and_unload, save_adapter)
 from talklora_min.io import MANIFEST_NAME, read_adapter

@@ -31,7 +31,7 @@ def test_topics_hold_the_claims_and_figures_of_the_layout():
 
 
 def test_one_notebook_per_topic_and_it_draws_every_figure_of_the_topic():
-    notebooks = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9]*.py"))
+    notebooks = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9]*.py") if p.name != "00_library_tour.py")
     assert sorted(t.notebook for t in T.TOPICS) == notebooks
     for t in T.TOPICS:
         text = (ROOT / "notebooks" / t.notebook).read_text()
