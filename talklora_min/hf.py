@@ -6,11 +6,14 @@ inside them).  The core package (``import talklora_min``) imports neither.
 
 * :func:`save_pretrained` — what ``model.save_pretrained(dir)`` of an injected transformers model
   writes (``inject`` installs it on the instance), so ``Trainer`` checkpoints hold the adapter and
-  ``modules_to_save``, not the frozen base: the adapter folder (``talklora_adapter.json`` +
-  weights, see :mod:`talklora_min.io`), ``model.safetensors`` with the same trainable entries under
-  their state-dict names (what ``Trainer(resume_from_checkpoint=...)`` loads) and a ``config.json``
-  whose ``model_type`` names :func:`from_pretrained`, so ``AutoModel*.from_pretrained(dir)`` refuses
-  the folder with that pointer instead of re-initialising the missing base weights.
+  ``modules_to_save``, not the frozen base: the adapter folder (``talklora_adapter.json`` + weights,
+  see :mod:`talklora_min.io`); ``model.safetensors.index.json``, which tells ``Trainer(resume_from_
+  checkpoint=...)`` where each trainable state-dict entry is: in the adapter's weights file (whose
+  keys are the state-dict names for every untied adapter tensor, so nothing is stored twice) or in
+  ``talklora_resume.safetensors`` (a tied B and ``modules_to_save``, under their state-dict names);
+  and a ``config.json`` whose ``model_type`` names :func:`from_pretrained`, so
+  ``AutoModel*.from_pretrained(dir)`` refuses the folder with that pointer instead of
+  re-initialising the base weights that are not in it.
 * :func:`from_pretrained` — base model (a module or a local folder) + adapter folder → adapted model.
 * :func:`load_pretrained` — reload such a folder (or a full ``save_pretrained`` folder of an older
   version) into a model already injected with the same config.
@@ -40,7 +43,8 @@ from .peft_convert import from_peft, to_peft  # noqa: F401  (re-exported)
 from .probes.load import dead_experts, gini, load_entropy
 from .probes.records import RoutingRecorder, install_hooks, record_routing, routed_layers
 
-RESUME_WEIGHTS = "model.safetensors"          # transformers' SAFE_WEIGHTS_NAME: what Trainer resumes from
+RESUME_INDEX = "model.safetensors.index.json"   # transformers' SAFE_WEIGHTS_INDEX_NAME: what Trainer resumes from
+RESUME_EXTRA = "talklora_resume.safetensors"     # the trainable entries whose adapter-file key is not their name
 ADAPTER_MODEL_TYPE = ("talklora-min-adapter: this folder holds an adapter, not a model; load it with "
                       "talklora_min.hf.from_pretrained(base_model, this_folder)")
 
@@ -69,9 +73,17 @@ def save_pretrained(model: nn.Module, save_directory, *args, state_dict=None, is
         return
     config = json.loads(model.config.to_json_string()) if hasattr(model, "config") else {}
     config.update(talklora_base_model_type=config.get("model_type"), model_type=ADAPTER_MODEL_TYPE)
-    resume = save(trainable_state(model), metadata={"format": "pt", "talklora_format": io.FORMAT})
-    io._save(model, save_directory, None, extra_files={
-        RESUME_WEIGHTS: resume, "config.json": (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()})
+    state = trainable_state(model)
+    in_adapter = set(io.adapter_tensors(model))                 # file keys equal to state-dict names
+    extra = {k: v for k, v in state.items() if k not in in_adapter}
+
+    def resume_files(weights: str) -> dict[str, bytes]:
+        index = {"metadata": {"talklora_format": io.FORMAT},
+                 "weight_map": {k: weights if k in in_adapter else RESUME_EXTRA for k in sorted(state)}}
+        return {RESUME_INDEX: (json.dumps(index, indent=2) + "\n").encode(),
+                RESUME_EXTRA: save(extra, metadata={"format": "pt", "talklora_format": io.FORMAT}),
+                "config.json": (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
+    io._save(model, save_directory, None, extra_files=resume_files)
 
 
 def _model_class(folder: Path):
@@ -156,8 +168,8 @@ def load_pretrained(model: nn.Module, directory) -> list[str]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         files = _read_index(index, directory)
-    elif (directory / RESUME_WEIGHTS).is_file():
-        files = [RESUME_WEIGHTS]
+    elif (directory / "model.safetensors").is_file():
+        files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"no adapter ({io.MANIFEST_NAME}), model.safetensors or index in {directory}")
     tensors: dict[str, tuple[Tensor, Path]] = {}

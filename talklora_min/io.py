@@ -375,9 +375,10 @@ def save_adapter(model: nn.Module, directory, config: AdapterConfig | None = Non
     _save(model, directory, config)
 
 
-def _save(model: nn.Module, directory, config: AdapterConfig | None, extra_files: dict[str, bytes] | None = None):
-    """:func:`save_adapter`, plus ``extra_files`` (name -> bytes) written atomically under the same
-    folder lock (``talklora_min.hf.save_pretrained``: the Trainer's resume file and config.json)."""
+def _save(model: nn.Module, directory, config: AdapterConfig | None, extra_files=None) -> None:
+    """:func:`save_adapter`, plus the files ``extra_files(weights file name) -> {name: bytes}`` returns,
+    written atomically under the same folder lock after the manifest and before the clean-up
+    (``talklora_min.hf.save_pretrained``: the Trainer's resume index and config.json)."""
     _check_model(model)
     if config is None:
         config = adapter_config(model)
@@ -394,12 +395,10 @@ def _save(model: nn.Module, directory, config: AdapterConfig | None, extra_files
                                  f"save the talklora-min adapter into another folder")
     directory.mkdir(parents=True, exist_ok=True)
     with _atomic.folder_lock(directory):
-        _write_adapter(model, directory, config)
-        for name, data in (extra_files or {}).items():
-            _atomic.write_bytes(directory / name, data)
+        _write_adapter(model, directory, config, extra_files)
 
 
-def _write_adapter(model: nn.Module, directory: Path, config: AdapterConfig) -> None:
+def _write_adapter(model: nn.Module, directory: Path, config: AdapterConfig, extra_files=None) -> None:
     """The writing part of :func:`save_adapter` (checks done, folder locked by the caller)."""
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_tensors(model).items()}
     data = save(tensors, metadata={"format": "pt", "talklora_format": FORMAT})
@@ -409,6 +408,8 @@ def _write_adapter(model: nn.Module, directory: Path, config: AdapterConfig) -> 
                 "weights": {"file": weights, "sha256": sha256}}
     _atomic.write_bytes(directory / weights, data)
     _atomic.write_text(directory / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    for name, content in (extra_files(weights) if extra_files else {}).items():
+        _atomic.write_bytes(directory / name, content)
     _clean_folder(directory, keep=weights)
 
 

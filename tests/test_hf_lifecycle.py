@@ -26,6 +26,15 @@ from talklora_min.io import MANIFEST_NAME  # noqa: E402
 MARKER = "talklora_min.hf.from_pretrained"
 
 
+def resume_state(folder) -> dict:
+    """What Trainer(resume_from_checkpoint=folder) loads: the entries of model.safetensors.index.json
+    from the shard files it names (load_sharded_checkpoint)."""
+    from safetensors.torch import load_file
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = {name: load_file(folder / name) for name in set(weight_map.values())}
+    return {k: shards[name][k] for k, name in weight_map.items()}
+
+
 def gpt2():
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0))
@@ -185,12 +194,13 @@ def test_save_pretrained_holds_the_adapter_and_loads_in_one_call(arch, tmp_path)
     ref = run(model, arch)
     model.save_pretrained(tmp_path / "adapter")
     files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
-    assert MANIFEST_NAME in files and "model.safetensors" in files and "config.json" in files
-    from safetensors.torch import load_file
-    resume = load_file(tmp_path / "adapter" / "model.safetensors")
+    assert MANIFEST_NAME in files and "model.safetensors.index.json" in files and "config.json" in files
+    assert "model.safetensors" not in files
+    resume = resume_state(tmp_path / "adapter")
     assert not any(".base." in k or "embed" in k for k in resume)            # no frozen base weight
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert set(resume) == trainable
+    trainable = dict(model.named_parameters())
+    assert set(resume) == {n for n, p in trainable.items() if p.requires_grad}
+    assert all(torch.equal(v, trainable[k]) for k, v in resume.items())
     # AutoModel on our folder refuses, naming the loader (never a silent re-initialisation)
     auto = getattr(transformers, ARCHS[arch][1])
     with pytest.raises(ValueError, match=re.escape(MARKER)):
@@ -246,10 +256,9 @@ def test_trainer_checkpoints_hold_the_adapter_and_resume_reproduces_losses_and_c
     whole = _train(_routed_llama(), tmp_path / "run", callbacks=[RoutingStatsCallback()])
     checkpoint = tmp_path / "run" / "checkpoint-2"
     assert (checkpoint / MANIFEST_NAME).is_file()
-    from safetensors.torch import load_file
-    assert set(load_file(checkpoint / "model.safetensors")) == {     # the adapter and lm_head, no base weight
-        n for n, p in _routed_llama().named_parameters() if p.requires_grad} and "lm_head.weight" in load_file(
-        checkpoint / "model.safetensors")
+    resume = resume_state(checkpoint)                  # the adapter and lm_head (modules_to_save), no base weight
+    assert set(resume) == {n for n, p in _routed_llama().named_parameters() if p.requires_grad}
+    assert "lm_head.weight" in resume
     resumed = _train(_routed_llama(), tmp_path / "run", resume=str(checkpoint), callbacks=[RoutingStatsCallback()])
     assert sorted(resumed) == sorted(whole) == [1, 2, 3, 4, 5, 6]
     for step in (3, 4, 5, 6):                      # after the resume: the same losses, churn and aux loss

@@ -84,6 +84,19 @@ def test_smollm_checkpoints_are_small_resume_reproduces_and_load_in_one_call(smo
         transformers.AutoModelForCausalLM.from_pretrained(final)
 
 
+def test_smollm_checkpoint_of_the_default_config_is_under_5_percent(smollm, rows, tmp_path, record_property):
+    """AdapterConfig() on all 30 layers (q/k/v/up/down, r = 8, E = 4): one step, one checkpoint."""
+    path, _ = smollm
+    model = base(path)
+    inject(model, AdapterConfig())
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=1, save_steps=1,
+                                          per_device_train_batch_size=1, report_to=[], use_cpu=True, disable_tqdm=True)
+    transformers.Trainer(model=model, args=args, train_dataset=rows[:1]).train()
+    ratio = folder_bytes(tmp_path / "checkpoint-1") / (path / "model.safetensors").stat().st_size
+    record_property("default_checkpoint_bytes_over_model_bytes", ratio)
+    assert ratio < 0.05
+
+
 def test_smollm_default_targets_and_peft_both_ways(smollm, rows, tmp_path):
     path, _ = smollm
     report = inject(base(path), AdapterConfig(kind="lora", rank=2))
