@@ -46,10 +46,14 @@ test-fast: setup
 # Pair every notebooks/NN_*.py (the tracked source) with an .ipynb (jupytext formats ipynb,py:percent):
 # created on first use, then synced with the newer of the two, keeping the .ipynb's outputs;
 # JupyterLab's jupytext extension writes both on every save.  MPLBACKEND is unset so figures draw
-# inline.  Extra options: make lab LAB_ARGS="--no-browser --port 8899"
+# inline.  JupyterLab refuses to start as root (common in containers) unless given --allow-root:
+# it is added only when make runs as root.  Extra options: make lab LAB_ARGS="--no-browser --port 8899";
+# another folder of notebooks: make lab NOTEBOOKS=path
+NOTEBOOKS ?= notebooks
+LAB_ROOT := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root,)
 lab: setup
-	$(BIN)/jupytext --set-formats ipynb,py:percent --sync notebooks/[0-9]*.py
-	env -u MPLBACKEND $(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
+	$(BIN)/jupytext --set-formats ipynb,py:percent --sync $(NOTEBOOKS)/[0-9]*.py
+	env -u MPLBACKEND $(BIN)/jupyter lab --notebook-dir=$(NOTEBOOKS) $(LAB_ROOT) $(LAB_ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/layer_speed.py

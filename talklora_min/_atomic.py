@@ -7,6 +7,8 @@
 * :func:`replace_dir` — build a folder's new content in a temporary sibling, then swap it in with one
   ``rename`` (Linux ``renameat2(RENAME_EXCHANGE)``; elsewhere two renames with a recovery step).
 * :func:`clean_leftovers` — remove the temporaries a killed writer left behind.
+* :func:`folder_lock` — an advisory lock on a folder itself (``flock`` on its descriptor, no lock
+  file): exclusive for a writer, shared for readers; the kernel releases it when the process dies.
 
 A process killed at any point leaves at most a ``*.tmp`` file (or a ``.<name>.*.tmpdir`` /
 ``.<name>.*.old`` folder); the next write to the same place removes it.
@@ -22,7 +24,14 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+try:
+    import fcntl
+except ImportError:       # pragma: no cover - Windows: no flock, folder_lock takes no lock
+    fcntl = None
+
 TMP_SUFFIX = ".tmp"
+# flock not supported by this file system (some network mounts): proceed without the lock
+_NO_FLOCK = {errno.ENOLCK, errno.EBADF, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
 def _tmp_name(path: Path, suffix: str) -> Path:
@@ -174,3 +183,31 @@ def replace_dir(path, fill: Callable[[Path], None]) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def folder_lock(directory, shared: bool = False):
+    """Hold ``flock(LOCK_EX)`` (``shared``: ``LOCK_SH``) on the folder ``directory`` for the block.
+
+    Writers of one folder run one after the other, and a reader holding the shared lock never sees
+    a writer between its steps.  The lock lives on the folder's own descriptor: no lock file, so it
+    works on read-only folders and leaves nothing behind; a killed holder's lock is released by the
+    kernel.  Without ``flock`` (Windows, a file system that refuses it) or a folder that cannot be
+    opened (missing: the caller's read reports it) the block runs without a lock."""
+    fd = None
+    if fcntl is not None:
+        try:
+            fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            fd = None
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            except OSError as err:
+                if err.errno not in _NO_FLOCK:
+                    raise
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)                  # releases the lock

@@ -1,36 +1,34 @@
-"""Put adapter layers into any ``nn.Module`` (PEFT-style target matching) — SPEC §1–§2 — and the
-model-level helpers: ``unload``, ``merge_and_unload``, ``disable_adapters``, ``trainable_summary``."""
+"""Put adapter layers into any ``nn.Module`` (PEFT-style target matching, :mod:`talklora_min.targets`)
+and take them out again (``unload``) — docs/method.md §1–§2, §8.  Model-level helpers (merging,
+disabling, summaries) are in :mod:`talklora_min.lifecycle`.
+
+``inject`` remembers its config on the model (:func:`adapter_config`), so ``save_adapter(model, dir)``
+needs no config; on a transformers model it also replaces the instance's ``save_pretrained`` by one
+that writes the adapter (``talklora_min.hf.save_pretrained``), so ``Trainer`` checkpoints hold the
+adapter, not the frozen base.  ``unload`` undoes both."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
 import math
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
-import torch
 from torch import nn
 
 from .layers import (AdapterLayer, LoRALinear, MoELoRALinear, TalkLoRALinear, _is_number,
                      check_alpha_dropout, check_moe_args, check_positive_int, is_conv1d,
                      parse_talk_init)
 from .structures import TALK_SETTINGS, check_talk_structure
+from .targets import (ALL_LINEAR, DEFAULT_TARGETS, OFFICIAL_TARGETS, TARGET_MATCHES, _aliases,  # noqa: F401
+                      adaptable_modules, projection_type, resolve_targets, target_matches)
 
 KINDS = ("lora", "moelora", "talklora")
-TARGET_MATCHES = ("exact", "suffix", "regex")
-OFFICIAL_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
-# target_modules=None: the first row with a match in the model, restricted to the names that match.
-DEFAULT_TARGETS = (
-    OFFICIAL_TARGETS,                                    # Llama, Mistral, Qwen2, Gemma, SmolLM2, Mixtral
-    ("c_attn", "c_proj", "c_fc"),                        # GPT-2 family (transformers Conv1D)
-    ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"),    # T5
-    ("query", "key", "value"),                           # BERT, RoBERTa, ViT
-    ("q_lin", "k_lin", "v_lin"),                         # DistilBERT
-)
 SAVED_MODULE_FLAG = "_talklora_modules_to_save"          # set by inject on modules_to_save
+CONFIG_ATTR = "_talklora_adapter_config"                 # the AdapterConfig inject used
+MAX_SIZE = 2**31 - 1                                     # bound on rank / num_experts (torch sizes)
 
 
 @dataclass
@@ -42,10 +40,14 @@ class AdapterConfig:
     ``share_B_across_layers`` ties the expert ``B`` of all adapted modules of one projection type
     (same path up to layer indices, see :func:`projection_type`) into one parameter, as the official
     TalkLoRA code does for q/k/v/up/down.  ``target_modules=None`` picks the architecture's usual
-    projections (:data:`DEFAULT_TARGETS`).  ``aux_loss_weight > 0`` adds ``aux_loss_weight ×`` the
-    mean balance loss of the adapted layers to ``model(...).loss`` and sets ``output.aux_loss``
-    (needs ``balance_loss``).  ``modules_to_save`` names modules (same matching as the targets, e.g.
-    a classifier head) that are trained in full and saved with the adapter.  ``talk_structure``
+    projections (:data:`DEFAULT_TARGETS`); ``"all-linear"`` every ``nn.Linear`` / ``Conv1D`` except
+    the output head (``model.get_output_embeddings()``), as PEFT.  Scaling ``s = alpha / r``
+    (``alpha / √r`` with ``use_rslora``; ``alpha=None``: ``s = 1``); ``rank_pattern`` /
+    ``alpha_pattern`` give some modules another rank / alpha, keys matched as in PEFT
+    (``re.match(rf"(.*\.)?({key})$", name)``, first key that matches).  ``aux_loss_weight > 0``
+    adds ``aux_loss_weight ×`` the mean balance loss of the adapted layers to ``model(...).loss`` and
+    sets ``output.aux_loss`` (needs ``balance_loss``).  ``modules_to_save`` names modules (same
+    matching as the targets, e.g. a classifier head) that are trained in full and saved with the adapter.  ``talk_structure``
     (with ``talk_groups`` / ``talk_bandwidth`` / ``talk_rank``) parametrises TalkLoRA's T
     (:mod:`talklora_min.structures`; kind ``"talklora"`` only).
     """
@@ -53,9 +55,12 @@ class AdapterConfig:
     kind: str = "talklora"
     rank: int = 8
     num_experts: int = 4
-    target_modules: tuple[str, ...] | None = OFFICIAL_TARGETS
+    target_modules: tuple[str, ...] | str | None = None
     target_match: str = "suffix"
     alpha: float | None = None
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
     dropout: float = 0.0
     router_input: str = "code"
     top_k: int | None = None
@@ -73,7 +78,9 @@ class AdapterConfig:
     def __post_init__(self):
         if not isinstance(self.kind, str) or self.kind not in KINDS:
             raise ValueError(f"AdapterConfig.kind must be one of {KINDS}, got {self.kind!r}")
-        if self.target_modules is not None:
+        if isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR:
+            self.target_modules = ALL_LINEAR
+        elif self.target_modules is not None:
             self.target_modules = _names("target_modules", self.target_modules)
             if not self.target_modules:
                 raise ValueError("AdapterConfig.target_modules must be None (architecture defaults) "
@@ -83,16 +90,16 @@ class AdapterConfig:
             raise ValueError(f"AdapterConfig.target_match must be one of {TARGET_MATCHES}, "
                              f"got {self.target_match!r}")
         if self.target_match == "regex":
-            for pattern in (self.target_modules or ()) + self.modules_to_save:
+            for pattern in _patterns(self.target_modules) + self.modules_to_save:
                 try:
                     re.compile(pattern)
                 except re.error as err:
                     raise ValueError(f"AdapterConfig.target_modules: invalid regex {pattern!r}: {err}") from None
-        self.rank = check_positive_int("AdapterConfig.rank", self.rank)
+        self.rank = _size("AdapterConfig.rank", self.rank)
         if self.kind == "lora":
             pass
         else:
-            self.num_experts = check_positive_int("AdapterConfig.num_experts", self.num_experts)
+            self.num_experts = _size("AdapterConfig.num_experts", self.num_experts)
             check_moe_args(self.rank, self.num_experts, self.router_input, self.top_k, self.balance_loss)
             self.top_k = None if self.top_k is None else int(self.top_k)
             if self.kind == "talklora":
@@ -102,6 +109,7 @@ class AdapterConfig:
         self._check_talk_structure()
         check_alpha_dropout(self.alpha, self.dropout)
         self.alpha = None if self.alpha is None else float(self.alpha)
+        self._check_scaling_fields()
         self.dropout = float(self.dropout)
         if _is_number(self.talk_init):
             self.talk_init = float(self.talk_init)
@@ -130,6 +138,44 @@ class AdapterConfig:
         for name, value in zip(TALK_SETTINGS, checked):
             setattr(self, name, value)
 
+    def _check_scaling_fields(self) -> None:
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"AdapterConfig.use_rslora must be a bool, got {self.use_rslora!r}")
+        if self.use_rslora and self.alpha is None:
+            raise ValueError("AdapterConfig.use_rslora=True needs a number alpha (s = alpha / sqrt(rank))")
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, name)
+            if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
+                raise ValueError(f"AdapterConfig.{name} must be a dict of module-name patterns (non-empty "
+                                 f"strings) to values, got {value!r}")
+            for key in value:
+                try:
+                    re.compile(key)
+                except re.error as err:
+                    raise ValueError(f"AdapterConfig.{name}: invalid pattern {key!r}: {err}") from None
+        self.rank_pattern = {k: _size(f"AdapterConfig.rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items()}
+        if self.kind != "lora":
+            for key, r in self.rank_pattern.items():
+                if r % self.num_experts:
+                    raise ValueError(f"AdapterConfig.rank_pattern[{key!r}] = {r} must be divisible by "
+                                     f"num_experts ({self.num_experts})")
+        for key, a in self.alpha_pattern.items():
+            if not _is_number(a) or not math.isfinite(a) or a <= 0:
+                raise ValueError(f"AdapterConfig.alpha_pattern[{key!r}] must be a positive number, got {a!r}")
+        self.alpha_pattern = {k: float(v) for k, v in self.alpha_pattern.items()}
+
+    def layer_rank(self, name: str) -> int:
+        """The rank of the adapter on module ``name`` (``rank_pattern``, else ``rank``)."""
+        return _pattern_value(self.rank_pattern, name, self.rank)
+
+    def layer_scaling(self, name: str) -> float:
+        """``s`` of the adapter on module ``name``: ``alpha / r`` (``alpha / √r`` with ``use_rslora``),
+        1 for ``alpha=None``; ``alpha_pattern`` / ``rank_pattern`` override per module."""
+        rank, alpha = self.layer_rank(name), _pattern_value(self.alpha_pattern, name, self.alpha)
+        if alpha is None:
+            return 1.0
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
     @classmethod
     def official(cls, **overrides) -> "AdapterConfig":
         """The official TalkLoRA setting: r = 32, E = 4, s = 1, dropout 0.05 in all three places,
@@ -140,7 +186,8 @@ class AdapterConfig:
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
-        out["target_modules"] = None if self.target_modules is None else list(self.target_modules)
+        targets = self.target_modules
+        out["target_modules"] = targets if targets is None or isinstance(targets, str) else list(targets)
         out["modules_to_save"] = list(self.modules_to_save)
         return out
 
@@ -161,15 +208,40 @@ class AdapterConfig:
     def from_json(cls, text: str) -> "AdapterConfig":
         return cls.from_dict(json.loads(text))
 
-    def make_layer(self, base: nn.Module) -> AdapterLayer:
+    def make_layer(self, base: nn.Module, name: str = "") -> AdapterLayer:
+        """The adapter layer for module ``name`` around ``base`` (rank / scaling from the patterns)."""
+        rank, alpha = self.layer_rank(name), _pattern_value(self.alpha_pattern, name, self.alpha)
         if self.kind == "lora":
-            return LoRALinear(base, self.rank, self.alpha, self.dropout)
-        moe = dict(top_k=self.top_k, gate_dropout=self.gate_dropout, balance_loss=self.balance_loss)
-        if self.kind == "moelora":
-            return MoELoRALinear(base, self.rank, self.num_experts, self.router_input, self.alpha,
-                                 self.dropout, **moe)
-        return TalkLoRALinear(base, self.rank, self.num_experts, self.alpha, self.dropout,
-                              self.talk_init, **moe, **{k: getattr(self, k) for k in TALK_SETTINGS})
+            layer = LoRALinear(base, rank, alpha, self.dropout)
+        else:
+            moe = dict(top_k=self.top_k, gate_dropout=self.gate_dropout, balance_loss=self.balance_loss)
+            if self.kind == "moelora":
+                layer = MoELoRALinear(base, rank, self.num_experts, self.router_input, alpha, self.dropout, **moe)
+            else:
+                layer = TalkLoRALinear(base, rank, self.num_experts, alpha, self.dropout, self.talk_init, **moe,
+                                       **{k: getattr(self, k) for k in TALK_SETTINGS})
+        layer.scaling = self.layer_scaling(name)          # alpha / √r with rsLoRA, exactly as PEFT
+        return layer
+
+
+def _size(name: str, value) -> int:
+    value = check_positive_int(name, value)
+    if value > MAX_SIZE:
+        raise ValueError(f"{name} must be at most {MAX_SIZE} (2**31 - 1), got {value}")
+    return value
+
+
+def _patterns(targets) -> tuple[str, ...]:
+    return targets if isinstance(targets, tuple) else ()
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key with
+    ``re.match(rf"(.*\.)?({key})$", name)``, else ``default``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
 
 
 def _names(field_name: str, value) -> tuple[str, ...]:
@@ -201,26 +273,6 @@ class InjectionReport:
         if self.modules_to_save:
             lines.append(f"  trained in full and saved (modules_to_save): {self.modules_to_save}")
         return "\n".join(lines)
-
-
-def target_matches(name: str, pattern: str, mode: str) -> bool:
-    if mode == "exact":
-        return name == pattern
-    if mode == "suffix":
-        return name == pattern or name.endswith("." + pattern)
-    if mode == "regex":
-        return re.fullmatch(pattern, name) is not None
-    raise ValueError(f"target_match must be one of {TARGET_MATCHES}, got {mode!r}")
-
-
-def projection_type(name: str) -> str:
-    """The module path with every layer index replaced by ``*``: ``model.layers.3.self_attn.q_proj``
-    -> ``model.layers.*.self_attn.q_proj``.  ``share_B_across_layers`` ties B within a type.
-
-    One layer stack = an index in the *middle* of the path (``layers.3.``).  A final index is kept:
-    the members of ``nn.Sequential(Linear, Linear)`` (``0``, ``1``) are unrelated projections and
-    are different types."""
-    return re.sub(r"(?<=\.)\d+(?=\.)|^\d+(?=\.)", "*", name)
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
@@ -268,35 +320,6 @@ def _add_aux_loss(weight: float, model: nn.Module, args, output):
     return output
 
 
-def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """``{name: module}`` of every ``nn.Linear`` / transformers ``Conv1D`` (first name of shared ones)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)}
-
-
-def _aliases(model: nn.Module) -> dict[int, list[str]]:
-    """All names of every module, by ``id`` (a module shared by two parents has two names)."""
-    out: dict[int, list[str]] = {}
-    for name, m in model.named_modules(remove_duplicate=False):
-        out.setdefault(id(m), []).append(name)
-    return out
-
-
-def resolve_targets(model: nn.Module, config: AdapterConfig) -> tuple[str, ...]:
-    """``config.target_modules``, or for ``None`` the first :data:`DEFAULT_TARGETS` row with a match
-    (only its matching names).  Raises ``ValueError`` listing the linear layers when none applies."""
-    if config.target_modules is not None:
-        return config.target_modules
-    names = list(adaptable_modules(model))
-    for row in DEFAULT_TARGETS:
-        hits = tuple(p for p in row if any(target_matches(n, p, "suffix") for n in names))
-        if hits:
-            return hits
-    listing = ", ".join(repr(n) for n in names[:12]) or "none"
-    raise ValueError(f"target_modules=None: no default target of {DEFAULT_TARGETS} is in "
-                     f"{type(model).__name__}; name the layers to adapt in AdapterConfig.target_modules. "
-                     f"Its linear layers: {listing}")
-
-
 def _check_injectable(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -313,29 +336,43 @@ def _check_injectable(model: nn.Module) -> None:
         raise ValueError("model already has adapter layers: inject into a fresh model")
 
 
+def _check_tieable(candidates: dict[str, nn.Module], matched: list[str]) -> dict[str, list[str]]:
+    """The tied-B groups (projection type -> names) of ``share_B_across_layers``; raises if a group's
+    layers differ in output size, dtype or device."""
+    groups: dict[str, list[str]] = {}
+    for name in matched:
+        groups.setdefault(projection_type(name), []).append(name)
+    groups = {g: names for g, names in groups.items() if len(names) > 1}
+    for group, names in groups.items():
+        layers = {n: candidates[n] for n in names}
+        sizes = {n: (m.weight.shape[1] if is_conv1d(m) else m.weight.shape[0]) for n, m in layers.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"share_B_across_layers: '{group}' layers have different output sizes "
+                             f"{sizes}, so their B cannot be one tensor")
+        dtypes = {n: str(m.weight.dtype) for n, m in layers.items()}
+        devices = {n: str(m.weight.device) for n, m in layers.items()}
+        if len(set(dtypes.values())) > 1 or len(set(devices.values())) > 1:
+            raise ValueError(f"share_B_across_layers: '{group}' layers have different dtypes/devices "
+                             f"{dtypes} {devices}, so their B cannot be one tensor")
+    return groups
+
+
 def inject(model: nn.Module, config: AdapterConfig) -> InjectionReport:
     """Replace every ``nn.Linear`` / ``Conv1D`` matching the targets by an adapter layer, in place.
 
     All non-adapter parameters are frozen, except those of ``config.modules_to_save``.  A module
-    reachable under several names (shared) is adapted once and stays shared.  Raises, before the
-    model is changed, when a target matches nothing, when a parent would bypass the adapter (it
-    calls a functional op with ``child.weight``: ``nn.MultiheadAttention.out_proj``), or when B
-    cannot be tied.  Returns an :class:`InjectionReport`.
+    reachable under several names (shared) is adapted once and stays shared.  The config is kept on
+    the model (:func:`adapter_config`).  Raises, before the model is changed, when a target matches
+    nothing, when a parent would bypass the adapter (it calls a functional op with ``child.weight``:
+    ``nn.MultiheadAttention.out_proj``), or when B cannot be tied; any later error puts the model
+    back as it was.  Returns an :class:`InjectionReport`.
     """
     _check_injectable(model)
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
-    targets = resolve_targets(model, config)
+    by_pattern = resolve_targets(model, config)
     candidates = adaptable_modules(model)
     aliases = _aliases(model)
-    by_pattern = {p: [n for n in candidates if any(target_matches(a, p, config.target_match)
-                                                   for a in aliases[id(candidates[n])])]
-                  for p in targets}
-    for pattern, hits in by_pattern.items():
-        if not hits:
-            examples = ", ".join(repr(n) for n in list(candidates)[:8]) or "none"
-            raise ValueError(f"target pattern {pattern!r} ({config.target_match} match) matched no "
-                             f"nn.Linear / Conv1D in {type(model).__name__}; its linear layers include: {examples}")
     matched = [n for n in candidates if any(n in hits for hits in by_pattern.values())]
     for name in matched:
         for alias in aliases[id(candidates[name])]:
@@ -345,43 +382,62 @@ def inject(model: nn.Module, config: AdapterConfig) -> InjectionReport:
                                  "directly (F.multi_head_attention_forward), so the adapter would be "
                                  "bypassed; adapt the surrounding Linear layers instead")
     saved = _match_modules_to_save(model, config, set(matched))
-    groups: dict[str, list[str]] = {}
-    if config.share_B_across_layers:  # check tie-ability before touching the model
-        for name in matched:
-            groups.setdefault(projection_type(name), []).append(name)
-        groups = {g: names for g, names in groups.items() if len(names) > 1}
-        for group, names in groups.items():
-            layers = {n: candidates[n] for n in names}
-            sizes = {n: (m.weight.shape[1] if is_conv1d(m) else m.weight.shape[0]) for n, m in layers.items()}
-            if len(set(sizes.values())) > 1:
-                raise ValueError(f"share_B_across_layers: '{group}' layers have different output sizes "
-                                 f"{sizes}, so their B cannot be one tensor")
-            dtypes = {n: str(m.weight.dtype) for n, m in layers.items()}
-            devices = {n: str(m.weight.device) for n, m in layers.items()}
-            if len(set(dtypes.values())) > 1 or len(set(devices.values())) > 1:
-                raise ValueError(f"share_B_across_layers: '{group}' layers have different dtypes/devices "
-                                 f"{dtypes} {devices}, so their B cannot be one tensor")
+    groups = _check_tieable(candidates, matched) if config.share_B_across_layers else {}
 
-    model.requires_grad_(False)
-    for name in matched:
-        layer = config.make_layer(candidates[name]).train(candidates[name].training)   # keep eval mode
-        for alias in aliases[id(candidates[name])]:
-            parent_name, _, child = alias.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, layer)
-    for names in groups.values():
-        first = model.get_submodule(names[0])
-        for other in names[1:]:
-            model.get_submodule(other).tie_B(first)
-    for path in saved:
-        module = model.get_submodule(path)
-        module.requires_grad_(True)
-        setattr(module, SAVED_MODULE_FLAG, True)
-    if config.aux_loss_weight > 0:
-        handles = [model.register_forward_pre_hook(_clear_aux_losses),
-                   model.register_forward_hook(functools.partial(_add_aux_loss, config.aux_loss_weight))]
-        model.__dict__["_talklora_hooks"] = handles
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        layers = {n: config.make_layer(candidates[n], n).train(candidates[n].training) for n in matched}
+        model.requires_grad_(False)
+        for name, layer in layers.items():
+            if isinstance(layer, LoRALinear):
+                _keep_state_dict_unmerged(layer)
+            for alias in aliases[id(candidates[name])]:
+                parent_name, _, child = alias.rpartition(".")
+                setattr(model.get_submodule(parent_name), child, layer)
+        for names in groups.values():
+            for other in names[1:]:
+                layers[other].tie_B(layers[names[0]])
+        for path in saved:
+            module = model.get_submodule(path)
+            module.requires_grad_(True)
+            setattr(module, SAVED_MODULE_FLAG, True)
+        if config.aux_loss_weight > 0:
+            handles = [model.register_forward_pre_hook(_clear_aux_losses),
+                       model.register_forward_hook(functools.partial(_add_aux_loss, config.aux_loss_weight))]
+            model.__dict__["_talklora_hooks"] = handles
+        remember_config(model, config)
+    except BaseException:
+        rollback(model, requires_grad)
+        raise
     return InjectionReport(matched, by_pattern, groups, count_parameters(model, True),
-                           count_parameters(model, False), tuple(targets), saved)
+                           count_parameters(model, False), tuple(by_pattern), saved)
+
+
+def rollback(model: nn.Module, requires_grad: dict[str, bool]) -> None:
+    """Undo an ``inject``: :func:`unload` (bases, hooks, flags, config) and the ``requires_grad``
+    flags recorded before it (``{parameter name: flag}``)."""
+    unload(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(requires_grad.get(name, p.requires_grad))
+
+
+def remember_config(model: nn.Module, config: AdapterConfig) -> None:
+    """Keep (a copy of) ``config`` on the adapted ``model``, and on a transformers model make
+    ``model.save_pretrained`` write the adapter (:func:`talklora_min.hf.save_pretrained`)."""
+    model.__dict__[CONFIG_ATTR] = copy.deepcopy(config)
+    if _is_transformers_model(model):
+        model.__dict__["save_pretrained"] = functools.partial(_save_pretrained, model)
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.")
+               for c in type(model).__mro__)
+
+
+def _save_pretrained(model: nn.Module, save_directory, *args, **kwargs):
+    """``model.save_pretrained`` of an injected transformers model: the adapter, not the base."""
+    from .hf import save_pretrained
+    return save_pretrained(model, save_directory, *args, **kwargs)
 
 
 def _match_modules_to_save(model: nn.Module, config: AdapterConfig, adapted: set[str]) -> list[str]:
@@ -407,11 +463,37 @@ def saved_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if getattr(m, SAVED_MODULE_FLAG, False)}
 
 
+# ----------------------------------------------------------------------------- merged LoRA layers
+def _keep_state_dict_unmerged(layer: LoRALinear) -> None:
+    """A merged layer's state dict holds ``W0`` (not ``W0 + s·BA``) as ``base.weight``, so loading it
+    into a fresh (unmerged) layer does not add the delta twice; loading into a merged layer unmerges
+    first and merges the loaded adapter after.  Plain functions of the module: copies keep working."""
+    layer.register_state_dict_post_hook(_unmerged_state)
+    layer.register_load_state_dict_pre_hook(_unmerge_before_load)
+    layer.register_load_state_dict_post_hook(_merge_after_load)
+
+
+def _unmerged_state(layer, state_dict, prefix, local_metadata) -> None:
+    if getattr(layer, "merged", False) and prefix + "base.weight" in state_dict:
+        state_dict[prefix + "base.weight"] = layer._unmerged_weight.detach()
+
+
+def _unmerge_before_load(layer, state_dict, prefix, *args) -> None:
+    if getattr(layer, "merged", False):
+        layer.unmerge()
+        layer.__dict__["_talklora_remerge"] = True
+
+
+def _merge_after_load(layer, incompatible_keys) -> None:
+    if layer.__dict__.pop("_talklora_remerge", False):
+        layer.merge()
+
+
 # ----------------------------------------------------------------------------- model-level helpers
 def unload(model: nn.Module) -> nn.Module:
     """Put every adapter layer's base module back (adapter discarded; merged LoRA weights stay
-    merged) and remove inject's hooks; ``modules_to_save`` keep their trained values.  Returns
-    ``model`` (changed in place)."""
+    merged), remove inject's hooks, its config and its ``save_pretrained``; ``modules_to_save`` keep
+    their trained values.  Returns ``model`` (changed in place)."""
     layers = adapter_layers(model)
     aliases = _aliases(model)
     for layer in layers.values():
@@ -422,56 +504,8 @@ def unload(model: nn.Module) -> nn.Module:
         handle.remove()
     for module in saved_modules(model).values():      # stay trained, but no longer adapter state
         delattr(module, SAVED_MODULE_FLAG)
+    model.__dict__.pop(CONFIG_ATTR, None)
+    patched = model.__dict__.get("save_pretrained")
+    if isinstance(patched, functools.partial) and patched.func is _save_pretrained:
+        del model.__dict__["save_pretrained"]
     return model
-
-
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold every LoRA adapter into its base weight (``W0 += s·BA``), then :func:`unload`.
-
-    MoE layers cannot be merged (their gates depend on the input): raises before changing anything."""
-    layers = adapter_layers(model)
-    moe = [n for n, m in layers.items() if not isinstance(m, LoRALinear)]
-    if moe:
-        raise ValueError(f"merge_and_unload needs LoRA layers; {moe[:4]} are mixtures whose gates g(x) "
-                         "depend on the input and have no single merged weight (use unload())")
-    for layer in layers.values():
-        if not layer.merged:
-            layer.merge()
-    return unload(model)
-
-
-@contextmanager
-def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block every adapter layer returns its base output only."""
-    layers = list(adapter_layers(model).values())
-    before = [layer.adapter_enabled for layer in layers]
-    try:
-        for layer in layers:
-            layer.adapter_enabled = False
-        yield model
-    finally:
-        for layer, flag in zip(layers, before):
-            layer.adapter_enabled = flag
-
-
-def trainable_summary(model: nn.Module) -> str:
-    """Trainable / total parameters (tied tensors counted once), by adapter type and modules_to_save."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    trainable, total = count_parameters(model, True), count_parameters(model, False)
-    lines = [f"trainable params: {trainable:,} || all params: {total:,} || "
-             f"trainable%: {100 * trainable / max(total, 1):.4f}"]
-    kinds: dict[str, list[AdapterLayer]] = {}
-    for layer in adapter_layers(model).values():
-        kinds.setdefault(type(layer).__name__, []).append(layer)
-    for kind, layers in kinds.items():
-        n = count_parameters(nn.ModuleList(layers), True)
-        lines.append(f"  {kind}: {len(layers)} layers, {n:,} trainable params")
-    for path, module in saved_modules(model).items():
-        lines.append(f"  modules_to_save {path}: {count_parameters(module, True):,} trainable params")
-    return "\n".join(lines)
-
-
-def print_trainable_parameters(model: nn.Module) -> None:
-    """Print :func:`trainable_summary` (PEFT's ``print_trainable_parameters``)."""
-    print(trainable_summary(model))

@@ -1,4 +1,5 @@
-"""Saving / loading adapters, and the official TalkLoRA checkpoint layout (SPEC §2).
+"""Saving / loading adapter folders (docs/method.md §8); the official TalkLoRA layout is in
+:mod:`talklora_min.official` (re-exported here).
 
 Adapter folder (``save_adapter`` / ``load_adapter``), format ``talklora-min-adapter`` version 1::
 
@@ -14,40 +15,37 @@ Adapter folder (``save_adapter`` / ``load_adapter``), format ``talklora-min-adap
 Atomicity: the weights go to a new, content-named file, then the manifest is replaced in one
 ``os.replace`` (``talklora_min._atomic``); only then are unreferenced weight files and temporaries
 of killed saves removed.  A save killed at any point leaves the complete old or the complete new
-adapter.  Integrity: a load recomputes the weights file's SHA-256 and refuses a mismatch; integer,
-bool or complex tensors, and values the model's dtype cannot hold (finite → Inf), are refused with
-a message naming the tensor, before anything is copied.  One writer per folder at a time.
+adapter.  Concurrency: a save holds an exclusive lock on the folder and a read a shared one
+(``_atomic.folder_lock``, released by the kernel if the process dies), so saves to one folder run
+one after the other and a reader sees the complete old or new adapter.  Clean-up only removes what
+this library provably wrote: weight files whose safetensors header carries its format marker and
+temporaries named as it names them; any other file (a foreign ``adapter_config.json`` included) is
+left alone.  Integrity: a load recomputes the weights file's SHA-256 and refuses a mismatch; integer,
+bool or complex tensors, NaN/Inf, and values the model's dtype cannot hold (finite → Inf) are refused
+with a message naming the tensor, and the config's sizes are checked against the stored tensors,
+before anything is allocated or copied; a failed ``load_adapter`` leaves the model as it was.
 
 The file names differ from PEFT's (``adapter_config.json`` / ``adapter_model.safetensors``), so
 neither library mistakes the other's folder: ``load_adapter`` given a PEFT folder raises
 :class:`AdapterFormatError` naming the converter ``talklora_min.hf.from_peft``; PEFT given ours says
 it can't find ``adapter_config.json``.  Folders written by talklora-min before the format marker
 (``adapter_config.json`` without ``peft_type`` + ``adapter_model.safetensors``) still load, read
-only, without the integrity check (a ``UserWarning`` says so); the next ``save_adapter`` into such a
-folder replaces them by the current format.
+only, without the integrity check (a ``UserWarning`` says so); a ``save_adapter`` into such a folder
+writes the current format next to them (the manifest is read first) and leaves the old pair in place,
+since nothing marks it as ours.
 
 Tensors are read with ``safetensors.torch.load`` only (never pickle).
 
-Official layout (``export_official_state_dict`` / ``load_official_state_dict``), per TalkLoRA layer
-``<path>`` (our base linear lives at ``<path>.base``)::
-
-    <path>.weight / <path>.bias                 <- <path>.base.weight / <path>.base.bias
-    <path>.lora_A.default.weight                <- A        (r, d_in)
-    <path>.lora_A_experts.default.{e}.weight    <- C[e]     (m, m)
-    <path>.lora_A_talk.default.weight           <- T        (E, E)
-    <path>.lora_A_route.default.weight          <- W_r      (E, r)
-    <path>.lora_B.default.{e}.weight            <- B[e]     (d_out, m), same in every tied layer
-
-All other entries of the model's ``state_dict`` keep their names.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import os
+import re
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,9 +53,11 @@ from safetensors.torch import load, save
 from torch import Tensor, nn
 
 from . import _atomic
-from .inject import (AdapterConfig, InjectionReport, adapter_layers, inject, projection_type, saved_modules,
-                     target_matches)
-from .layers import LoRALinear, MoELoRALinear, TalkLoRALinear
+from .inject import (AdapterConfig, InjectionReport, _add_aux_loss, _match_modules_to_save, adapter_layers,
+                     inject, projection_type, rollback, saved_modules)
+from .layers import LoRALinear, MoELoRALinear, TalkLoRALinear, is_conv1d
+from .lifecycle import adapter_config
+from .targets import adaptable_modules, resolve_targets
 from .structures import TALK_SETTINGS
 
 FORMAT = "talklora-min-adapter"
@@ -69,6 +69,9 @@ LEGACY_WEIGHTS_NAME = "adapter_model.safetensors"
 SHARED_B_PREFIX = "shared_B."
 MODULES_TO_SAVE_PREFIX = "modules_to_save."
 FROM_PEFT = "talklora_min.hf.from_peft"
+# the temporaries _atomic writes for a weights file or the manifest (".<name>.<12 hex>.tmp")
+OUR_TEMPORARY = re.compile(rf"\.({re.escape(WEIGHTS_PREFIX)}[0-9a-f]{{16}}{re.escape(WEIGHTS_SUFFIX)}"
+                           rf"|{re.escape(MANIFEST_NAME)})\.[0-9a-f]{{12}}{re.escape(_atomic.TMP_SUFFIX)}")
 
 
 class AdapterFormatError(ValueError):
@@ -93,9 +96,9 @@ def _check_path(value, name: str) -> Path:
 
 
 def _check_value(key: str, target: Tensor, value, source) -> None:
-    """One tensor ``value`` for the model entry ``target``: type, shape, dtype kind, and that the
-    target dtype can hold its values (finite stays finite).  Raises ``TypeError`` / ``ValueError``
-    naming ``key``; copies nothing."""
+    """One tensor ``value`` for the model entry ``target``: type, shape, dtype kind, finite values (as
+    ``set_weights`` demands), and that the target dtype can hold them (finite stays finite).  Raises
+    ``TypeError`` / ``ValueError`` naming ``key``; copies nothing."""
     if not isinstance(value, Tensor):
         raise TypeError(f"{source}: {key!r} is a {type(value).__name__}; every value must be a torch.Tensor")
     if tuple(value.shape) != tuple(target.shape):
@@ -105,12 +108,18 @@ def _check_value(key: str, target: Tensor, value, source) -> None:
         if not value.is_floating_point():
             raise ValueError(f"{source}: {key!r} has dtype {value.dtype}; it must be a floating-point "
                              f"tensor (the model holds {target.dtype})")
-        if value.dtype != target.dtype and value.numel():
-            finite = torch.isfinite(value)
-            if (finite & ~torch.isfinite(value.to(target.dtype))).any():
-                biggest = value[finite].abs().max().item()
-                raise ValueError(f"{source}: {key!r} holds values up to {biggest:.3g} that overflow the "
-                                 f"model's {target.dtype}; load into a model of dtype {value.dtype}")
+        if not value.numel():
+            return
+        # float8 has no isfinite: check it in float32, which holds every float8 value exactly
+        checked = value if value.dtype.itemsize >= 2 else value.float()
+        finite = torch.isfinite(checked)
+        if not finite.all():
+            raise ValueError(f"{source}: {key!r} contains {int((~finite).sum())} NaN/Inf value(s); "
+                             f"weights must be finite")
+        if value.dtype != target.dtype and not torch.isfinite(checked.to(target.dtype)).all():
+            biggest = checked.abs().max().item()
+            raise ValueError(f"{source}: {key!r} holds values up to {biggest:.3g} that overflow the "
+                             f"model's {target.dtype}; load into a model of dtype {value.dtype}")
     elif value.dtype != target.dtype:
         raise ValueError(f"{source}: {key!r} has dtype {value.dtype}, the model holds {target.dtype}")
 
@@ -150,8 +159,9 @@ def adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:     # JSONDecodeError is a ValueError
-        raise AdapterFormatError(f"invalid adapter config {path}: not valid JSON ({err})") from err
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:   # JSONDecodeError is a ValueError
+        raise AdapterFormatError(f"invalid adapter config {path}: not valid JSON ({type(err).__name__}: "
+                                 f"{str(err)[:200]})") from err
     if not isinstance(data, dict):
         raise AdapterFormatError(f"invalid adapter config {path}: expected a JSON object, "
                                  f"got {type(data).__name__}")
@@ -164,7 +174,7 @@ def _is_peft_folder(directory: Path) -> bool:
         return False
     try:
         return "peft_type" in json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError, TypeError):
+    except (ValueError, UnicodeDecodeError, TypeError, RecursionError):
         return False
 
 
@@ -234,6 +244,11 @@ def read_adapter(directory) -> tuple[AdapterConfig, dict[str, Tensor]]:
     directory = _check_path(directory, "directory")
     if not directory.is_dir():
         raise FileNotFoundError(f"adapter folder not found: {directory}")
+    with _atomic.folder_lock(directory, shared=True):
+        return _read_folder(directory)
+
+
+def _read_folder(directory: Path) -> tuple[AdapterConfig, dict[str, Tensor]]:
     if (directory / MANIFEST_NAME).is_file():
         config, weights, sha256 = _read_manifest(directory)
         return config, _verified_weights(weights, sha256)
@@ -246,47 +261,86 @@ def read_adapter(directory) -> tuple[AdapterConfig, dict[str, Tensor]]:
         tensors = _parse_weights(_read_bytes(weights), weights)
         warnings.warn(f"{directory} is a talklora-min adapter folder of the old format ({LEGACY_CONFIG_NAME} + "
                       f"{LEGACY_WEIGHTS_NAME}, no content hash): loaded without an integrity check; "
-                      f"save_adapter() again to convert it", UserWarning, stacklevel=3)
+                      f"save_adapter() again to convert it", UserWarning, stacklevel=4)
         return config, tensors
     raise FileNotFoundError(f"adapter config file not found: {directory / MANIFEST_NAME} "
                             f"(no talklora-min adapter in {directory})")
 
 
+def _written_by_us(path: Path) -> bool:
+    """Whether the safetensors header of ``path`` carries this library's format marker."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= 100_000_000:
+                return False
+            header = json.loads(f.read(size))
+        return header.get("__metadata__", {}).get("talklora_format") == FORMAT
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False
+
+
 def _clean_folder(directory: Path, keep: str) -> None:
-    """Remove weight files other than ``keep`` and the temporaries of killed saves."""
+    """Remove this library's weight files other than ``keep`` (marker in the header) and the
+    temporaries of killed saves (named as ``_atomic`` names them); nothing else."""
     for p in directory.glob(f"{WEIGHTS_PREFIX}*{WEIGHTS_SUFFIX}"):
-        if p.name != keep:
+        if p.name != keep and p.is_file() and not p.is_symlink() and _written_by_us(p):
             p.unlink(missing_ok=True)
-    for pattern in (f".{WEIGHTS_PREFIX}*{_atomic.TMP_SUFFIX}", f".{MANIFEST_NAME}.*{_atomic.TMP_SUFFIX}"):
-        for p in directory.glob(pattern):
+    for p in directory.glob(".*" + _atomic.TMP_SUFFIX):
+        if OUR_TEMPORARY.fullmatch(p.name) and not p.is_dir():
             p.unlink(missing_ok=True)
-    legacy = directory / LEGACY_CONFIG_NAME
-    if legacy.is_file() and not _is_peft_folder(directory):
-        legacy.unlink()
-        (directory / LEGACY_WEIGHTS_NAME).unlink(missing_ok=True)
 
 
 _KIND_OF = {LoRALinear: "lora", MoELoRALinear: "moelora", TalkLoRALinear: "talklora"}
+MOE_SETTINGS = ("num_experts", "router_input", "top_k", "gate_dropout", "balance_loss")
+
+
+def _layer_settings(layer) -> dict:
+    out = {"kind": _KIND_OF.get(type(layer), type(layer).__name__), "rank": layer.rank,
+           "scaling": layer.scaling, "dropout": layer.dropout}
+    if isinstance(layer, MoELoRALinear):
+        out.update({k: getattr(layer, k) for k in MOE_SETTINGS})
+    if isinstance(layer, TalkLoRALinear):
+        out.update({k: getattr(layer, k) for k in TALK_SETTINGS})
+    return out
+
+
+def _config_settings(config: AdapterConfig, path: str) -> dict:
+    out = {"kind": config.kind, "rank": config.layer_rank(path), "scaling": config.layer_scaling(path),
+           "dropout": config.dropout}
+    if config.kind != "lora":
+        out.update({k: getattr(config, k) for k in MOE_SETTINGS})
+    if config.kind == "talklora":
+        out.update({k: getattr(config, k) for k in TALK_SETTINGS})
+    return out
+
+
+def _same(key: str, have, want) -> bool:
+    if key == "scaling":                       # alpha / r computed from the same numbers: equal up to rounding
+        return math.isclose(have, want, rel_tol=1e-9, abs_tol=0.0)
+    return have == want
 
 
 def _check_config_describes(model: nn.Module, config: AdapterConfig) -> None:
-    """Refuse to save a ``config`` that would not rebuild ``model``'s adapters on load: every adapter
-    layer must be of ``config.kind`` with its rank / experts / router / top-k, its path must match a
-    target pattern, and B must be tied exactly when ``share_B_across_layers`` is set."""
+    """Refuse a ``config`` that would not rebuild ``model``'s adapters on load: the config must adapt
+    exactly the adapted modules, each with its kind, rank, scaling (alpha / r, rsLoRA, rank and alpha
+    patterns), dropout and routing settings; B tied exactly when ``share_B_across_layers``; the same
+    ``modules_to_save`` and ``aux_loss_weight``."""
+    layers = adapter_layers(model)
     problems = []
-    for path, layer in adapter_layers(model).items():
-        have = {"kind": _KIND_OF.get(type(layer), type(layer).__name__), "rank": layer.rank}
-        want = {"kind": config.kind, "rank": config.rank}
-        if config.kind != "lora" and have["kind"] != "lora":
-            have.update(num_experts=layer.num_experts, router_input=layer.router_input, top_k=layer.top_k)
-            want.update(num_experts=config.num_experts, router_input=config.router_input, top_k=config.top_k)
-        if config.kind == have["kind"] == "talklora":
-            have.update({k: getattr(layer, k) for k in TALK_SETTINGS})
-            want.update({k: getattr(config, k) for k in TALK_SETTINGS})
-        diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
-        if config.target_modules is not None and not any(
-                target_matches(path, p, config.target_match) for p in config.target_modules):
-            diff["target_modules"] = (path, list(config.target_modules))
+    try:
+        planned = {n for names in resolve_targets(model, config).values() for n in names}
+    except ValueError as err:
+        problems.append(f"target_modules: {err}")
+        planned = set(layers)
+    targets = f"target_modules {config.target_modules!r} ({config.target_match} match)"
+    if planned - set(layers):
+        problems.append(f"{targets} would also adapt {sorted(planned - set(layers))[:4]}, which the model leaves plain")
+    if set(layers) - planned:
+        problems.append(f"{targets} do not match the adapted layer(s) {sorted(set(layers) - planned)[:4]}")
+    for path, layer in layers.items():
+        have, want = _layer_settings(layer), _config_settings(config, path)
+        diff = {k: (have[k], want[k]) for k in want if k in have and not _same(k, have[k], want[k])}
         if getattr(layer, "B_is_tied", False) and not config.share_B_across_layers:
             diff["share_B_across_layers"] = (True, False)
         if diff:
@@ -294,25 +348,49 @@ def _check_config_describes(model: nn.Module, config: AdapterConfig) -> None:
                                                      for k, (h, w) in diff.items()))
     if config.share_B_across_layers:
         groups: dict[str, set[int]] = {}
-        for path, layer in adapter_layers(model).items():
+        for path, layer in layers.items():
             groups.setdefault(projection_type(path), set()).add(id(layer.B))
         untied = [g for g, ids in groups.items() if len(ids) > 1]
         if untied:
             problems.append(f"share_B_across_layers is set in the config but B is not tied within {untied}")
+    saved = sorted(saved_modules(model))
+    try:
+        wanted = sorted(_match_modules_to_save(model, config, set(layers)))
+    except ValueError as err:
+        wanted = [f"error: {err}"]
+    if saved != wanted:
+        problems.append(f"modules_to_save is {saved} in the model but {wanted} by the config")
+    hooked = [h.args[0] for h in model._forward_hooks.values()
+              if isinstance(h, functools.partial) and h.func is _add_aux_loss]
+    if (hooked[0] if hooked else 0.0) != config.aux_loss_weight:
+        problems.append(f"aux_loss_weight is {hooked[0] if hooked else 0.0} in the model but "
+                        f"{config.aux_loss_weight} in the config")
     if problems:
         raise ValueError("config does not describe the model's adapters, so the folder would not load "
                          "back into the same model: " + "; ".join(problems[:5])
                          + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
 
 
-def save_adapter(model: nn.Module, directory, config: AdapterConfig) -> None:
+def save_adapter(model: nn.Module, directory, config: AdapterConfig | None = None) -> None:
     """Write the adapter folder (see the module doc) atomically: a reader, or a process killed
-    mid-save, sees the complete old or the complete new adapter.  Files get the user's umask."""
-    if not isinstance(config, AdapterConfig):
-        raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
+    mid-save, sees the complete old or the complete new adapter.  Files get the user's umask.
+
+    ``config=None`` uses the config the model was injected with (:func:`~talklora_min.adapter_config`);
+    a config given or stored that does not describe the model's adapters is refused."""
+    _save(model, directory, config)
+
+
+def _save(model: nn.Module, directory, config: AdapterConfig | None, extra_files=None) -> None:
+    """:func:`save_adapter`, plus the files ``extra_files(weights file name) -> {name: bytes}`` returns,
+    written atomically under the same folder lock after the manifest and before the clean-up
+    (``talklora_min.hf.save_pretrained``: the Trainer's resume index and config.json)."""
+    _check_model(model)
+    if config is None:
+        config = adapter_config(model)
+    elif not isinstance(config, AdapterConfig):
+        raise TypeError(f"config must be an AdapterConfig or None (the model's own), got {type(config).__name__}")
     directory = _check_path(directory, "directory")
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_tensors(model).items()}
-    if not tensors:
+    if not adapter_layers(model):
         raise ValueError(f"model ({type(model).__name__}) has no adapter layers to save: inject() first")
     _check_config_describes(model, config)
     if directory.exists() and not directory.is_dir():
@@ -320,19 +398,29 @@ def save_adapter(model: nn.Module, directory, config: AdapterConfig) -> None:
     if _is_peft_folder(directory):
         raise AdapterFormatError(f"{directory} holds a PEFT adapter ({LEGACY_CONFIG_NAME} with 'peft_type'); "
                                  f"save the talklora-min adapter into another folder")
+    directory.mkdir(parents=True, exist_ok=True)
+    with _atomic.folder_lock(directory):
+        _write_adapter(model, directory, config, extra_files)
+
+
+def _write_adapter(model: nn.Module, directory: Path, config: AdapterConfig, extra_files=None) -> None:
+    """The writing part of :func:`save_adapter` (checks done, folder locked by the caller)."""
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_tensors(model).items()}
     data = save(tensors, metadata={"format": "pt", "talklora_format": FORMAT})
     sha256 = hashlib.sha256(data).hexdigest()
     weights = f"{WEIGHTS_PREFIX}{sha256[:16]}{WEIGHTS_SUFFIX}"
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config.to_dict(),
                 "weights": {"file": weights, "sha256": sha256}}
-    directory.mkdir(parents=True, exist_ok=True)
     _atomic.write_bytes(directory / weights, data)
     _atomic.write_text(directory / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    for name, content in (extra_files(weights) if extra_files else {}).items():
+        _atomic.write_bytes(directory / name, content)
     _clean_folder(directory, keep=weights)
 
 
-def _plan_adapter(model_tensors: dict[str, Tensor], tensors: dict[str, Tensor], source) -> list:
-    """Keys, shapes, dtypes and value ranges of everything, before any copy."""
+def _plan_adapter(model_tensors: dict, tensors: dict[str, Tensor], source) -> list:
+    """Keys and shapes (``model_tensors``: key -> tensor or shape), and for tensors also dtypes and
+    values, of everything, before any copy."""
     unknown = sorted(set(tensors) - set(model_tensors))
     missing = sorted(set(model_tensors) - set(tensors))
     if unknown:
@@ -341,8 +429,39 @@ def _plan_adapter(model_tensors: dict[str, Tensor], tensors: dict[str, Tensor], 
     if missing:
         raise ValueError(f"{source}: missing adapter key(s) {missing[:8]}")
     for key, value in tensors.items():
-        _check_value(key, model_tensors[key], value, source)
-    return [(model_tensors[key].detach(), value) for key, value in tensors.items()]
+        target = model_tensors[key]
+        if isinstance(target, Tensor):
+            _check_value(key, target, value, source)
+        elif tuple(value.shape) != target:
+            raise ValueError(f"{source}: shape mismatch for {key!r}: expected {target}, "
+                             f"got {tuple(value.shape)}")
+    return [(model_tensors[key].detach(), value) for key, value in tensors.items()
+            if isinstance(model_tensors[key], Tensor)]
+
+
+def planned_shapes(model: nn.Module, config: AdapterConfig) -> dict[str, tuple[int, ...]]:
+    """The file keys and shapes of the adapter ``inject(model, config)`` would create, found by
+    building its layers on the meta device (nothing allocated, the model unchanged)."""
+    candidates = adaptable_modules(model)
+    matched = {n for names in resolve_targets(model, config).values() for n in names}
+    layers = {}
+    for name, base in candidates.items():
+        if name in matched:
+            d_out, d_in = base.weight.shape[::-1] if is_conv1d(base) else base.weight.shape
+            layers[name] = config.make_layer(nn.Linear(d_in, d_out, bias=False, device="meta"), name)
+    out = {f"{n}.{w}": tuple(getattr(layer, w).shape) for n, layer in layers.items() for w in layer.weight_names}
+    if config.share_B_across_layers:
+        groups: dict[str, list[str]] = {}
+        for name in layers:
+            groups.setdefault(projection_type(name), []).append(name)
+        for names in (g for g in groups.values() if len(g) > 1):
+            out[SHARED_B_PREFIX + projection_type(names[0])] = out[f"{names[0]}.B"]
+            for name in names:
+                del out[f"{name}.B"]
+    for path in _match_modules_to_save(model, config, matched):
+        for name, param in model.get_submodule(path).named_parameters():
+            out[f"{MODULES_TO_SAVE_PREFIX}{path}.{name}"] = tuple(param.shape)
+    return out
 
 
 def load_adapter_weights(model: nn.Module, directory_or_file) -> list[str]:
@@ -360,188 +479,35 @@ def load_adapter_weights(model: nn.Module, directory_or_file) -> list[str]:
 
 
 def load_adapter(model: nn.Module, directory) -> InjectionReport:
-    """Read and verify the folder, ``inject`` its config into the fresh ``model``, load the tensors.
+    """Read and verify the folder, check the config's sizes against the stored tensors, ``inject``
+    the config into the fresh ``model`` and load the tensors.
 
-    On any error the model is left as it was (adapter layers replaced by their base linears,
-    ``requires_grad`` flags as before).
-    """
+    All or nothing: on any error the model is exactly as before (base modules back, no hooks, no
+    ``modules_to_save`` marks, no config, ``requires_grad`` flags as they were)."""
     if adapter_layers(_check_model(model)):
         raise ValueError("model already has adapter layers: load_adapter needs a fresh model "
                          "(use load_adapter_weights for an injected one)")
     directory = _check_path(directory, "directory")
     config, tensors = read_adapter(directory)
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    def refused(err):
+        return ValueError(f"cannot load the adapter {directory} into model ({type(model).__name__}): {err}")
+    try:
+        shapes = planned_shapes(model, config)
+    except ValueError as err:
+        raise refused(err) from err
+    _plan_adapter(shapes, tensors, directory)                 # sizes checked before any allocation
     try:
         try:
             report = inject(model, config)
         except ValueError as err:
-            raise ValueError(f"cannot load the adapter {directory} into model ({type(model).__name__}): "
-                             f"{err}") from err
+            raise refused(err) from err
         _copy_plan(_plan_adapter(adapter_tensors(model), tensors, directory))
     except BaseException:
-        for path, layer in adapter_layers(model).items():
-            parent, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent), child, layer.base)
-        for name, p in model.named_parameters():
-            p.requires_grad_(flags.get(name, p.requires_grad))
+        rollback(model, requires_grad)
         raise
     return report
 
 
-# ----------------------------------------------------------------------------- official layout
-def _official_layers(model: nn.Module) -> dict[str, TalkLoRALinear]:
-    layers = adapter_layers(_check_model(model))
-    if not layers:
-        raise ValueError(f"model ({type(model).__name__}) has no adapter layers: inject an "
-                         f"AdapterConfig(kind='talklora') first")
-    for path, layer in layers.items():
-        if not isinstance(layer, TalkLoRALinear):
-            raise ValueError(f"model layer {path!r} is a {type(layer).__name__}; the official layout "
-                             f"needs TalkLoRALinear layers (AdapterConfig kind='talklora')")
-        if layer.scaling != 1.0 or layer.top_k is not None:
-            raise ValueError(f"model layer {path!r} has scaling {layer.scaling:g}, top_k {layer.top_k}; the "
-                             f"official forward needs alpha=None (s = 1) and dense routing (top_k=None)")
-        if layer.talk_structure != "full":
-            raise ValueError(f"model layer {path!r} has talk_structure={layer.talk_structure!r}; the official "
-                             f"layout holds a free T (talk_structure='full') only, so a {layer.talk_structure!r} "
-                             f"T cannot be imported or exported (save_adapter keeps its parameters)")
-    return layers
-
-
-def _official_keys(path: str, layer: TalkLoRALinear) -> dict[str, tuple[str, int | None]]:
-    """Official key -> (our tensor name, expert index or None) for one layer."""
-    keys = {f"{path}.lora_A.default.weight": ("A", None),
-            f"{path}.lora_A_talk.default.weight": ("T", None),
-            f"{path}.lora_A_route.default.weight": ("W_r", None)}
-    for e in range(layer.num_experts):
-        keys[f"{path}.lora_A_experts.default.{e}.weight"] = ("C", e)
-        keys[f"{path}.lora_B.default.{e}.weight"] = ("B", e)
-    return keys
-
-
-def export_official_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The model's full state dict in the official layout (cloned tensors), see the module doc."""
-    layers = _official_layers(model)
-    out: dict[str, Tensor] = {}
-    for key, value in model.state_dict().items():
-        path = next((p for p in layers if key.startswith(p + ".")), None)
-        if path is None:
-            out[key] = value.detach().clone()
-        elif key in (f"{path}.base.weight", f"{path}.base.bias"):
-            out[path + key[len(path) + len(".base"):]] = value.detach().clone()
-    for path, layer in layers.items():
-        for key, (name, e) in _official_keys(path, layer).items():
-            value = getattr(layer, name).detach()
-            out[key] = (value if e is None else value[e]).clone()
-    return out
-
-
-@dataclass
-class OfficialLoadReport:
-    """Which layers were loaded, the tied-B groups (checked equal, loaded once) and, with
-    ``strict=False``, the model entries the state dict did not cover (left unchanged) and the
-    non-adapter state-dict keys the model has no place for (ignored)."""
-
-    layers: list[str]
-    shared_B_groups: dict[str, list[str]] = field(default_factory=dict)
-    not_loaded: list[str] = field(default_factory=list)
-    unused: list[str] = field(default_factory=list)
-
-
-def _parse_state_dict(state_dict) -> dict[str, Tensor]:
-    """Phase 1: a mapping of ``str`` keys to ``torch.Tensor`` values (``TypeError`` naming the key)."""
-    if not isinstance(state_dict, Mapping):
-        raise TypeError(f"state_dict must be a mapping of str keys to torch.Tensor values, "
-                        f"got {type(state_dict).__name__}")
-    for key, value in state_dict.items():
-        if not isinstance(key, str):
-            raise TypeError(f"state_dict keys must be strings, got {key!r} ({type(key).__name__})")
-        if not isinstance(value, Tensor):
-            raise TypeError(f"state_dict[{key!r}] is a {type(value).__name__}; every value must be a "
-                            f"torch.Tensor (e.g. torch.from_numpy(array))")
-    return dict(state_dict)
-
-
-def _plan_official_adapters(layers: dict[str, TalkLoRALinear], state: dict[str, Tensor]):
-    """Phase 2a: (plan, expected adapter keys, tied-B groups) for the adapter tensors."""
-    plan: list[tuple[Tensor, Tensor]] = []           # (destination, source)
-    expected: set[str] = set()
-    for path, layer in layers.items():
-        n_experts = len({k for k in state if k.startswith(f"{path}.lora_A_experts.default.")})
-        if n_experts and n_experts != layer.num_experts:
-            raise ValueError(f"layer {path!r}: state dict has {n_experts} experts, the model layer "
-                             f"has num_experts={layer.num_experts}")
-        for key, (name, e) in _official_keys(path, layer).items():
-            expected.add(key)
-            if key not in state:
-                raise ValueError(f"missing adapter key {key!r} for layer {path!r}")
-            target = getattr(layer, name).detach()           # shares storage with the Parameter
-            target = target if e is None else target[e]
-            _check_value(key, target, state[key],
-                         f"state dict (rank {layer.rank}, num_experts {layer.num_experts})")
-            plan.append((target, state[key]))
-    unknown = sorted(k for k in state if k not in expected
-                     and any(part.startswith("lora_") for part in k.split(".")))
-    if unknown:
-        raise ValueError(f"unknown adapter key(s) {unknown[:8]}: no TalkLoRALinear layer of the model "
-                         f"(adapted: {list(layers)[:4]}...) expects them")
-
-    # B tied across layers: the state dict must hold the same B_e in every layer of a group.
-    groups: dict[int, list[str]] = {}
-    for path, layer in layers.items():
-        groups.setdefault(id(layer.B), []).append(path)
-    shared = {projection_type(paths[0]): paths for paths in groups.values() if len(paths) > 1}
-    for group, paths in shared.items():
-        for e in range(layers[paths[0]].num_experts):
-            ref = state[f"{paths[0]}.lora_B.default.{e}.weight"]
-            for other in paths[1:]:
-                if not torch.equal(state[f"{other}.lora_B.default.{e}.weight"], ref):
-                    raise ValueError(f"the model ties B across its '{group}' layers, but the state dict "
-                                     f"has different lora_B.default.{e} in {paths[0]!r} and {other!r}")
-    return plan, expected, shared
-
-
-def _plan_official_rest(model: nn.Module, layers: dict, state: dict[str, Tensor], adapter_keys: set[str],
-                        strict: bool):
-    """Phase 2b: (plan, missing, extra) for the non-adapter entries; official names map to ours
-    (``<path>.weight`` -> ``<path>.base.weight``)."""
-    ours = model.state_dict(keep_vars=True)
-    rename = {}
-    for path in layers:
-        rename[f"{path}.weight"], rename[f"{path}.bias"] = f"{path}.base.weight", f"{path}.base.bias"
-    wanted = {k for k in ours if not any(k.startswith(p + ".") for p in layers)}
-    wanted |= {v for v in rename.values() if v in ours}
-    given = {rename.get(k, k): k for k in state if k not in adapter_keys
-             and not any(part.startswith("lora_") for part in k.split("."))}
-    extra = sorted(given[k] for k in set(given) - wanted)
-    missing = sorted(wanted - set(given))
-    if strict and (extra or missing):
-        raise ValueError(f"non-adapter keys do not match the model (strict=True): unknown {extra[:8]}, "
-                         f"missing {[k.replace('.base.', '.') for k in missing[:8]]}")
-    plan = []
-    for ours_key in sorted(wanted & set(given)):
-        _check_value(given[ours_key], ours[ours_key], state[given[ours_key]], "state dict")
-        plan.append((ours[ours_key].detach(), state[given[ours_key]]))
-    return plan, missing, extra
-
-
-def load_official_state_dict(model: nn.Module, state_dict: dict[str, Tensor],
-                             strict: bool = True) -> OfficialLoadReport:
-    """Load an official TalkLoRA state dict into a model injected with TalkLoRALinear layers.
-
-    Three phases: parse (a mapping of str → Tensor), plan (every key, shape, dtype and value range
-    checked; B tensors of tied layers equal), copy.  Adapter keys (any key with a ``lora_*``
-    component) must match the model exactly: unknown, missing, wrongly shaped keys, a wrong number
-    of experts, integer/bool tensors, values the model's dtype cannot hold, or B tensors that differ
-    between layers whose B is tied raise ``TypeError`` / ``ValueError`` before anything is copied.
-    ``strict`` extends the missing/unknown checks to the non-adapter entries (base weights,
-    embeddings …).
-    """
-    if not isinstance(strict, bool):
-        raise TypeError(f"strict must be a bool, got {strict!r}")
-    layers = _official_layers(model)
-    state = _parse_state_dict(state_dict)
-    adapter_plan, adapter_keys, shared = _plan_official_adapters(layers, state)
-    rest_plan, missing, extra = _plan_official_rest(model, layers, state, adapter_keys, strict)
-    _copy_plan(adapter_plan + rest_plan)
-    return OfficialLoadReport(list(layers), shared, missing, extra)
+from .official import (OfficialLoadReport, export_official_state_dict,  # noqa: E402,F401  (re-exported)
+                        load_official_state_dict)

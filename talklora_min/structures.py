@@ -293,7 +293,10 @@ class TalkStructure:
             bound = 1 / math.sqrt(E)
             return {"talk_U": torch.zeros(E, self.rank, **kw),
                     "talk_V": torch.empty(E, self.rank, **kw).uniform_(-bound, bound)}
-        return self.parameters_for(eye)
+        # block / banded: the identity's entries on the support (no representability check, which
+        # would read values, so layers can be planned on the meta device)
+        name, shape = next(iter(self.parameter_shapes().items()))
+        return {name: eye.flatten()[self._flat_index(eye.device)].view(shape).clone()}
 
     def uniform_mix_parameters(self, alpha: float, dtype=None, device=None) -> dict[str, Tensor]:
         """``T = α I + (1 − α) J / E`` (broadcast, doubly-stochastic: ``a = α``, ``Θ = 0``)."""

@@ -165,17 +165,24 @@ def test_crash_inside_a_write_leaves_no_temporary(tmp_path, monkeypatch):
 
 
 def test_leftovers_of_killed_saves_are_ignored_then_removed(tmp_path):
+    """What a killed save leaves (temporaries named as _atomic names them, an orphan weights file with
+    our header marker) is ignored by loads and removed by the next save; look-alikes that this library
+    did not write (no marker, other names) are left alone."""
     model = model_for_seed(3)
+    save_adapter(model_for_seed(4), tmp_path / "other", SAVE_CONFIG)
     save_adapter(model, tmp_path, SAVE_CONFIG)
-    junk = [tmp_path / ".talklora_weights.0123456789abcdef.safetensors.a1b2c3.tmp",
-            tmp_path / ".talklora_adapter.json.d4e5f6.tmp", tmp_path / "talklora_weights.00000000deadbeef.safetensors"]
-    for p in junk:
+    orphan = tmp_path / "talklora_weights.0123456789abcdef.safetensors"
+    orphan.write_bytes(next((tmp_path / "other").glob("talklora_weights.*")).read_bytes())
+    junk = [tmp_path / ".talklora_weights.0123456789abcdef.safetensors.a1b2c3d4e5f6.tmp",
+            tmp_path / ".talklora_adapter.json.d4e5f6a1b2c3.tmp", orphan]
+    foreign = [tmp_path / "talklora_weights.00000000deadbeef.safetensors", tmp_path / ".notes.a1b2c3.tmp",
+               tmp_path / "notes.txt"]
+    for p in junk[:2] + foreign:
         p.write_bytes(b"half a file")
-    (tmp_path / "notes.txt").write_text("the user's own file")
     load_adapter(Tiny(d=64, layers=3), tmp_path)                  # ignored by loads
     save_adapter(model, tmp_path, SAVE_CONFIG)
     assert not any(p.exists() for p in junk)
-    assert (tmp_path / "notes.txt").read_text() == "the user's own file"   # other files are left alone
+    assert all(p.read_bytes() == b"half a file" for p in foreign)   # not provably ours: left alone
 
 
 # ----------------------------------------------------------------------------- kill -9 during a sweep

@@ -531,7 +531,7 @@ def test_values_the_model_dtype_cannot_hold_are_refused(tmp_path):
     assert torch.equal(target.blocks[1].up_proj.W_r, tensors["blocks.1.up_proj.W_r"].float())
 
 
-def test_legacy_folder_loads_read_only_with_a_note_and_converts_on_save(tmp_path):
+def test_legacy_folder_loads_read_only_with_a_note_and_a_save_leaves_it(tmp_path):
     """Folders of earlier versions: adapter_config.json (our AdapterConfig JSON) + adapter_model.safetensors."""
     from safetensors.torch import save_file
     config = CONFIGS["talklora-tied"]
@@ -544,8 +544,12 @@ def test_legacy_folder_loads_read_only_with_a_note_and_converts_on_save(tmp_path
         load_adapter(fresh, tmp_path)
     x = torch.randn(3, 16)
     assert torch.equal(fresh.eval()(x), model(x))
-    save_adapter(model, tmp_path, config)                      # converts: the old pair is gone
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([MANIFEST_NAME, weights_file(tmp_path).name])
+    save_adapter(model, tmp_path, config)       # nothing marks the old pair as ours: it stays, the manifest wins
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [MANIFEST_NAME, weights_file(tmp_path).name, "adapter_config.json", "adapter_model.safetensors"])
+    fresh = Tiny()
+    load_adapter(fresh, tmp_path)                              # no warning: the current format is read
+    assert torch.equal(fresh.eval()(x), model(x))
 
 
 def peft_folder(tmp_path):

@@ -15,7 +15,8 @@ Qwen-MoE, OLMoE …: modules whose class name ends in ``Router``, and ``nn.Linea
 a router's output is its logits or a tuple starting with them (``(logits, scores, indices)``); the
 record stores ``gates = softmax(logits)`` over *all* experts (so the soft load sums to the number of
 tokens) and the integer indices of the third element as ``topk``.  Their input is often flattened to
-``(tokens, d)``: a mask of the same number of elements is accepted.
+``(tokens, d)``: a mask of the same number of elements is accepted when one of the two is flat (a mask
+``(2, 6)`` for inputs ``(3, 4, d)`` is refused: the same count, other tokens).
 
 When a whole model is recorded, the ``attention_mask=`` keyword of each model call is followed
 automatically: the mask of a forward is its last ``q`` columns (``q`` = length of ``input_ids`` /
@@ -114,6 +115,15 @@ def _as_mask(mask, name: str = "attention_mask") -> Tensor | None:
     return m
 
 
+def _fits(mask: Tensor, lead: tuple[int, ...]) -> bool:
+    """The mask describes inputs of leading shape ``lead``: the same shape, or the same tokens with
+    one side flattened (a router fed ``(tokens, d)`` by a model masked per ``(batch, seq)``).  Two
+    different multi-axis shapes with equal sizes ((2, 6) vs (3, 4)) are different token layouts."""
+    if tuple(mask.shape) == lead:
+        return True
+    return mask.numel() == math.prod(lead) and (mask.ndim == 1 or len(lead) == 1)
+
+
 def _router_output(output) -> tuple[Tensor, Tensor | None]:
     """``(logits, topk indices or None)`` from a router's output."""
     if isinstance(output, Tensor):
@@ -167,9 +177,8 @@ class RoutingRecorder:
         self._forward_mask = None
 
     def _token_mask(self, name: str, lead: tuple[int, ...]) -> Tensor:
-        n = math.prod(lead)
         for mask in (self._mask, self._forward_mask):
-            if mask is not None and (tuple(mask.shape) == lead or mask.numel() == n):
+            if mask is not None and _fits(mask, lead):
                 return mask.reshape(lead)
         if self._mask is not None:
             raise ValueError(f"record_routing: the token mask has shape {tuple(self._mask.shape)} "
