@@ -48,12 +48,14 @@ EXPERIMENTS = {
     "twins": "function-matched TalkLoRA / MoELoRA-code twin runs, AdamW and SGD (C9; F8)",
     "lm": "causal-LM training of SmolLM2-135M (official layout) on movie reviews / BBC news / GSM8K: "
           "LoRA, MoELoRA-code, scale-matched control, TalkLoRA (C6, C11, C12)",
+    "planted": "the planted-teacher setting: every method regresses a cluster-routed low-rank teacher, lr tuned "
+               "on validation, then paired evaluation seeds and matched budgets (C5-C7, C9, C11-C13; F12)",
     "figures": "draw every figure of the evidence topics (analysis/topics/) from saved results into figures/",
     "claims": "judge every claim of the evidence topics (analysis/topics/) and write CLAIMS.md / claims.csv",
 }
 # The commands whose run() takes device=...; the others get no --device option (rather than one
 # that would be silently ignored).
-TAKES_DEVICE = frozenset({"perturb", "train", "twins", "lm"})
+TAKES_DEVICE = frozenset({"perturb", "train", "twins", "lm", "planted"})
 # The commands that write the report, and where --out-dir puts it (e.g. reports/paper for the paper profile).
 WRITES_REPORT = {"figures": "where the figures go (default: figures/, which also updates the README gallery)",
                  "claims": "where CLAIMS.md and claims.csv go (default: the repository root, which also "
@@ -115,7 +117,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m analysis", description=__doc__.split("\n\n")[0],
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{perturb,train,twins,lm,figures,claims,config}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{perturb,train,twins,lm,planted,figures,claims,config}")
     for name, help_text in {**EXPERIMENTS, "config": "print the resolved config as TOML"}.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--profile", choices=available_profiles(), default=None,

@@ -114,7 +114,8 @@ def test_smollm_default_targets_and_peft_both_ways(smollm, rows, tmp_path):
     save_adapter(model, tmp_path / "ours")
     reloaded = base(path)
     load_adapter(reloaded, tmp_path / "ours")
-    assert torch.equal(reloaded(**batch).logits, ref)
+    # ours vs PEFT: the same maths in another float order (the fused branch) -- equal to float32 rounding
+    torch.testing.assert_close(reloaded(**batch).logits, ref, rtol=1e-5, atol=1e-5)
 
     back = to_peft(reloaded)
     assert torch.equal(back(**batch).logits, ref)

@@ -217,9 +217,10 @@ def test_cell_code_is_what_the_cell_imports_and_nothing_else():
     for fn in (perturb.synthetic_cell, train.train_cell, lm.lm_cell):
         modules = set(code_version(fn)["modules"])
         assert fn.__module__ in modules and "talklora_min.layers" in modules
+        # talklora_min.hf is in: inject() routes a transformers model's save_pretrained through it
         assert not modules & {"analysis.plotting", "analysis.claims", "analysis.figures", "analysis.evidence",
                               "analysis.results", "analysis.store", "analysis.config", "analysis.cli",
-                              "talklora_min.hf", "talklora_min"}, modules
+                              "talklora_min"}, modules
     assert "analysis.fast_linear" in code_version(train.train_cell)["modules"]
     assert "analysis.fast_linear" not in code_version(perturb.synthetic_cell)["modules"]
 
