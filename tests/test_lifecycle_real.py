@@ -115,7 +115,7 @@ def test_smollm_default_targets_and_peft_both_ways(smollm, rows, tmp_path):
     reloaded = base(path)
     load_adapter(reloaded, tmp_path / "ours")
     # ours vs PEFT: the same maths in another float order (the fused branch) -- equal to float32 rounding
-    torch.testing.assert_close(reloaded(**batch).logits, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(reloaded(**batch).logits, ref, rtol=1e-5, atol=1e-4)
 
     back = to_peft(reloaded)
     assert torch.equal(back(**batch).logits, ref)

@@ -426,7 +426,7 @@ def _accepted(config: dict, n_val: int, n_test: int) -> bool:
 # ----------------------------------------------------------------------------- usage errors
 # argv -> what the one line must name (the option and what it accepts)
 USAGE_ERRORS = [
-    ([], ["{perturb,train,twins,lm,figures,claims,config}"]),
+    ([], ["{perturb,train,twins,lm,planted,figures,claims,config}"]),
     (["nope"], ["invalid choice: 'nope'", "'perturb'", "'config'"]),
     (["train", "--workers", "x"], ["--workers", "must be a positive int"]),
     (["train", "--workers", "0"], ["--workers", "must be a positive int, got 0"]),
