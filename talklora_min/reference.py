@@ -1,6 +1,6 @@
 """Loop-by-loop re-implementations used as oracles in tests and as baselines in benchmarks.
 
-:class:`OfficialTalkLoRALinear` mirrors the official TalkLoRA module (SPEC §2): its
+:class:`OfficialTalkLoRALinear` mirrors the official TalkLoRA module (docs/method.md §2): its
 ``state_dict()`` below a wrapped linear ``<path>`` holds exactly ::
 
     <path>.weight, <path>.bias                      W0 (d_out, d_in), b (d_out,)
@@ -69,7 +69,7 @@ def wrap_official(model: nn.Module, targets, rank: int, num_experts: int) -> nn.
 class LoopMoELoRALinear(nn.Module):
     """MoELoRA with a code router, ``y = W0 x + b + s Σ_e g_e B_e C_e h_e``, ``g = softmax(W_r h)``,
     one Python iteration per expert (benchmark baseline for the batched ``MoELoRALinear``).
-    Parameters have the SPEC shapes: ``A (r, d_in)``, ``C (E, m, m)``, ``B (E, d_out, m)``, ``W_r (E, r)``."""
+    Parameters have the shapes of docs/method.md §8: ``A (r, d_in)``, ``C (E, m, m)``, ``B (E, d_out, m)``, ``W_r (E, r)``."""
 
     def __init__(self, base: nn.Linear, rank: int, num_experts: int, alpha=None):
         super().__init__()

@@ -1,4 +1,4 @@
-"""save_adapter / load_adapter round trips and errors; official TalkLoRA layout import/export (SPEC §2)."""
+"""save_adapter / load_adapter round trips and errors; official TalkLoRA layout import/export (docs/method.md §2)."""
 import copy
 import hashlib
 import json
@@ -318,7 +318,7 @@ def test_reference_state_dict_layout():
 
 
 def test_reference_matches_hand_computation():
-    """The oracle itself against the SPEC §1 formula written out with explicit matrices."""
+    """The oracle itself against the docs/method.md §1 formula written out with explicit matrices."""
     torch.manual_seed(0)
     layer = OfficialTalkLoRALinear(nn.Linear(6, 5).double(), rank=4, num_experts=2).double()
     for p in layer.parameters():

@@ -1,4 +1,4 @@
-"""Perturbation amplification (SPEC §4, claims C5/C10): grid, determinism, bounds, masking."""
+"""Perturbation amplification (docs/method.md §4, claims C5/C10): grid, determinism, bounds, masking."""
 import math
 
 import numpy as np

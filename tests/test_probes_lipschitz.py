@@ -1,4 +1,4 @@
-"""Router Lipschitz sandwich (SPEC §4, claim C4), closed forms and the torch.func cross-check."""
+"""Router Lipschitz sandwich (docs/method.md §4, claim C4), closed forms and the torch.func cross-check."""
 import itertools
 import math
 
@@ -241,7 +241,7 @@ def test_wide_layer_d4096():
 
 
 def test_doubly_stochastic_talk_can_raise_the_bound_wrt_input():
-    """The SPEC §4 statement is about the code bound ½‖W_r (T ⊗ I)‖₂ ≤ ½‖W_r‖₂.  W.r.t. x the
+    """The docs/method.md §4 statement is about the code bound ½‖W_r (T ⊗ I)‖₂ ≤ ½‖W_r‖₂.  W.r.t. x the
     bound is ½‖W_r (T ⊗ I) A‖₂ and a doubly stochastic T (here the swap permutation) CAN raise it:
     E = 2, m = 1, W_r = diag(1, 0), A = [e_1 / 10; e_2]  →  ½·0.1 with T = I, ½·1 with T = swap."""
     layer = TalkLoRALinear(nn.Linear(3, 3).double(), 2, 2, talk_init="identity")

@@ -1,4 +1,4 @@
-"""Load metrics (SPEC §4): Gini and friends, by value."""
+"""Load metrics (docs/method.md §4): Gini and friends, by value."""
 import math
 
 import numpy as np

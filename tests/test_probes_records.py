@@ -1,4 +1,4 @@
-"""Routing records (SPEC §4): exact concatenation, masking, hook hygiene."""
+"""Routing records (docs/method.md §4): exact concatenation, masking, hook hygiene."""
 import pytest
 import torch
 from torch import nn

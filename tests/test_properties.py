@@ -1,4 +1,4 @@
-"""Hypothesis property tests: the SPEC §3 maps (C1–C3) and structural identities of the layers.
+"""Hypothesis property tests: the docs/method.md §3 maps (C1–C3) and structural identities of the layers.
 
 Every test draws shapes (E in 1..6, m in 1..4, r = E·m, d_in / d_out in 1..24, leading shapes
 ``()``, ``(n,)``, ``(b, s)``, ``(a, b, s)``), a dtype (float32 / float64), a scaling (``alpha``

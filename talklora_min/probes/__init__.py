@@ -1,4 +1,4 @@
-"""Router probes (SPEC §4): routing records, load metrics, the Lipschitz sandwich and the
+"""Router probes (docs/method.md §4): routing records, load metrics, the Lipschitz sandwich and the
 perturbation response.  Depends on torch and numpy only (pandas optional for ``rows_to_frame``)."""
 from .amplification import KINDS, ROW_KEYS, capture_layer_inputs, perturbation_response, rows_to_frame
 from .lipschitz import (ORDER_RTOL, WRT, LipschitzResult, certified_lipschitz, local_lipschitz,

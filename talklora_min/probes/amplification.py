@@ -1,4 +1,4 @@
-"""Perturbation amplification of the router and the adapter (SPEC §4; claims C5, C10).
+"""Perturbation amplification of the router and the adapter (docs/method.md §4; claims C5, C10).
 
 For tokens ``x`` and a perturbation ``δ`` of relative size ``ε``:
 
@@ -169,7 +169,7 @@ def _responses(L, x: Tensor, draws: _Draws, eps_list: list[float], kinds: list[s
     top, y = g.argmax(-1), mix(h, g)
     x_norm = x.norm(dim=-1)
 
-    # x-perturbations enter through the linear maps x ↦ h = A x and x ↦ logits (SPEC §3), so the
+    # x-perturbations enter through the linear maps x ↦ h = A x and x ↦ logits (docs/method.md §3), so the
     # response to δ = a·u is h + a·A u and logits + a·(M_x u): precomputed for the Gaussian
     # directions u (and, for PGD, for the row-space basis Vh) instead of per ε.
     def response(u):
@@ -296,7 +296,7 @@ def _masked_tokens(xs: list[Tensor], mask: Tensor | None, name: str, d: int, dev
 def perturbation_response(layer_or_model: nn.Module, inputs, eps, kind, *, seed: int = 0,
                           block: int | None = None, pgd_steps: int = 10, model_kwargs: dict | None = None,
                           mask=None, dtype: torch.dtype = torch.float64) -> list[dict]:
-    """Routing / adapter response to perturbations of relative size ``eps`` (SPEC §4).
+    """Routing / adapter response to perturbations of relative size ``eps`` (docs/method.md §4).
 
     ``layer_or_model``: a MoE adapter layer (``inputs`` = its input ``x (..., d_in)``, rows named
     ``"layer"``; optional token ``mask`` of the leading shape) or a model (``inputs`` = its forward

@@ -1,7 +1,7 @@
-"""Router Lipschitz constants in ℓ2 (SPEC §4 "Router Lipschitz constant"; claim C4).
+"""Router Lipschitz constants in ℓ2 (docs/method.md §4 "Router Lipschitz constant"; claim C4).
 
 The router is ``g(z) = softmax(M z)`` with a linear map ``M`` from the perturbed variable ``z``
-to the logits (SPEC §3, talk absorption):
+to the logits (docs/method.md §3, talk absorption):
 
 =================  ==========  ============================  =========================
 layer              ``wrt``      ``z``                          ``M``
@@ -30,7 +30,7 @@ MoELoRA-input      ``"input"``  ``x``                          ``W_g``
   then evaluated with the layer's own router at the full-space ``δ``.  Any difference quotient is
   a true lower bound of the global constant, so ``empirical ≤ certified`` holds exactly;
   numerically we state ``ORDER_RTOL`` (relative).  The search starts at the given tokens, so it
-  approaches ``local_max`` from the first order and may exceed it by ``O(radius)`` (SPEC §4).
+  approaches ``local_max`` from the first order and may exceed it by ``O(radius)`` (docs/method.md §4).
 
 Top-k routing (``top_k < E``): the gate map jumps where the k-th and (k+1)-th logits tie, so no
 finite global constant exists — ``certified`` is ``math.inf`` and ``certified_exists`` is False.
@@ -225,7 +225,7 @@ def local_lipschitz_generic(router_fn: Callable[[Tensor], Tensor], points: Tenso
     """``‖∂g/∂z (z_t)‖₂`` for ANY differentiable router ``g = router_fn(z)`` (one point ``(D,)`` →
     gates ``(E,)``), via ``torch.func.vmap(torch.func.jacrev(router_fn))`` over ``points (..., D)``.
 
-    Returns ``(N,)``.  Agrees with :func:`local_lipschitz` for the linear routers of SPEC §1 and
+    Returns ``(N,)``.  Agrees with :func:`local_lipschitz` for the linear routers of docs/method.md §1 and
     also handles nonlinear ones (e.g. a ``tanh`` talking module).  ``dtype``: the points are cast
     to it (``None``, the default, keeps theirs: ``router_fn``'s own parameters fix its precision,
     so pass a router in the dtype you ask for)."""
@@ -249,7 +249,7 @@ def local_lipschitz_generic(router_fn: Callable[[Tensor], Tensor], points: Tenso
 def router_lipschitz(layer, inputs: Tensor, wrt: str = "code", *, steps: int = 8,
                      step_size: float = 0.5, radius: float = DEFAULT_RADIUS,
                      seed: int = 0, dtype: torch.dtype = torch.float64) -> LipschitzResult:
-    """Certified / local / empirical router Lipschitz constants (SPEC §4) at the tokens of
+    """Certified / local / empirical router Lipschitz constants (docs/method.md §4) at the tokens of
     ``inputs`` — the layer's inputs ``x (..., d_in)`` (for ``wrt="code"`` the code ``h = A x`` is
     the variable).
 

@@ -1,4 +1,4 @@
-"""Expert-load metrics over the tokens of a routing record (SPEC §4, "Load metrics"; claim C6).
+"""Expert-load metrics over the tokens of a routing record (docs/method.md §4, "Load metrics"; claim C6).
 
 A *load vector* ``L ≥ 0`` has one entry per expert (``n = E`` entries):
 
@@ -99,7 +99,7 @@ def hard_load(gates) -> Tensor:
 
 
 def gini(load, normalized: bool = False) -> float:
-    """Gini coefficient ``G = Σ_i Σ_j |L_i − L_j| / (2 n Σ_i L_i)`` (SPEC §4).
+    """Gini coefficient ``G = Σ_i Σ_j |L_i − L_j| / (2 n Σ_i L_i)`` (docs/method.md §4).
 
     Range ``[0, 1 − 1/n]``: 0 for equal load, ``1 − 1/n`` when one expert takes everything.
     ``normalized=True`` returns ``G · n / (n − 1)`` ∈ [0, 1] (0 when ``n = 1``).

@@ -1,4 +1,4 @@
-"""Routing records (SPEC §4, "Routing record").
+"""Routing records (docs/method.md §4, "Routing record").
 
 ``with record_routing(model) as rec: model(**batch)`` stores, for every MoE adapter layer (MoELoRA
 or TalkLoRA; plain LoRA has no router and is skipped) and every forward:
