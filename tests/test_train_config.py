@@ -44,18 +44,31 @@ def test_unknown_margin_is_an_error_and_margins_round_trip():
 
 
 @pytest.mark.parametrize("name", ["quick", "paper"])
-def test_profiles_declare_margins_and_are_powered(name):
+def test_profiles_follow_the_preregistered_protocol(name):
+    """Every setting of a profile: >= 8 paired evaluation seeds, tuning seeds disjoint from them, an lr
+    grid of >= 3 values, the no-adapter baseline, and the methods of every deciding comparison."""
+    from analysis import methods, prereg
     cfg = load_profile(name)
-    assert len(cfg.train.seeds) >= 8 and len(cfg.twins.seeds) >= 8
-    assert cfg.train.n_test >= 1000 and set(cfg.train.tasks) == {"sentiment", "topic"}
-    assert "head-only" in cfg.train.methods                  # every task has its head-only baseline
-    needed = {"lora", "moelora-code", "talklora-official", "moelora-code-scaled"}
-    assert needed <= set(cfg.train.methods)
-    assert {"moelora-input", "switch", "topk-entropy"} <= set(cfg.train.methods + cfg.train.extra_methods)
-    assert len(cfg.train.budget_ranks) + 1 >= 3              # C7: >= 3 budgets with train.rank
-    assert cfg.twins.lr_adamw == 3e-4 and "adamw" in cfg.twins.optimizers
-    with open(f"analysis/profiles/{name}.toml") as f:
-        assert "[margins]" in f.read()                      # declared in the file, not defaulted
+    sections = {"train": cfg.train, "lm": cfg.lm, "planted": cfg.planted}
+    for section in sections.values():
+        assert len(section.seeds) >= 8 and not set(section.seeds) & set(section.tuning_seeds)
+        assert len(section.lr_grid) >= 3
+    assert len(cfg.train.head_lr_grid) >= 3 and len(cfg.twins.seeds) >= 8
+    assert "head-only" in cfg.train.methods and "head-only" in cfg.planted.methods   # P1 (LM: the base cell)
+    reg = prereg.load()
+    routed_deciding = {t for c in ("C5", "C6", "C9", "C12") for t in reg.deciding_for(c)}
+    for section in sections.values():       # C6 / C9 / C12 controls wherever the reference trains
+        trained = set(section.methods) | set(getattr(section, "extra_methods", []))
+        assert methods.reference() in trained and set(methods.tagged("baseline")) <= trained
+        assert {"function-matched", "scale-matched"} <= {t for m in trained for t in methods.method(m).tags}
+    planted = set(cfg.planted.methods)      # C5's control and C13's structure run at least in planted
+    assert {t for m in planted for t in methods.method(m).tags} >= routed_deciding
+    assert set(reg.deciding_for("C13")) <= planted and set(methods.tagged("structure")) <= planted
+    assert len(cfg.planted.budget_ranks) + 1 >= 3              # C7: >= 3 budgets with planted.rank
+    assert cfg.train.n_test >= 1000
+    assert {"topic"} <= set(cfg.train.tasks) <= {"sentiment", "topic"}
+    if name == "paper":
+        assert set(cfg.train.tasks) == {"sentiment", "topic"} and len(cfg.train.budget_ranks) + 1 >= 3
 
 
 # ----------------------------------------------------------------------------- task splits
