@@ -11,7 +11,7 @@ from talklora_min import AdapterConfig, MoELoRALinear, TalkLoRALinear, inject
 from talklora_min.probes import (KINDS, ROW_KEYS, certified_lipschitz, local_lipschitz, perturbation_response,
                                  rows_to_frame)
 from talklora_min.probes.amplification import _reduced_mixer
-from talklora_min.probes._util import float64_call
+from talklora_min.probes._util import dtype_call
 
 from helpers import make_layer, tokens
 
@@ -143,7 +143,7 @@ def test_reduced_mixer_preserves_adapter_change_norm():
     def reduced(L):
         mix = _reduced_mixer(L)
         return (mix(L.code(x2), L.gates(x2)) - mix(L.code(x), L.gates(x))).norm(dim=-1)
-    assert torch.allclose(float64_call(layer, reduced), direct.detach(), rtol=1e-10)
+    assert torch.allclose(dtype_call(layer, reduced, dtype=torch.float64), direct.detach(), rtol=1e-10)
 
 
 def test_topk_layer_flips_grow_with_eps():

@@ -456,3 +456,25 @@ def test_usage_errors_are_one_line_exit_2(capsys, argv, named):
 def test_usage_error_in_a_subprocess_is_one_line():
     proc = run_cli("train", "--workers", "many")
     assert proc.returncode == 2 and "--workers" in one_line_error(proc.stderr)
+
+
+def test_atomic_write_csv_keeps_the_old_file_when_the_writer_dies_midway(tmp_path, monkeypatch):
+    """A writer that has already written part of the new file when it fails: the path still holds the
+    complete old table (a direct ``to_csv(path)`` would leave the torn half there)."""
+    from analysis.store import atomic_write_csv
+    path = tmp_path / "rows.csv"
+    old = pd.DataFrame({"a": [1, 2, 3], "b": ["x", "y", "z"]})
+    atomic_write_csv(old, path)
+    before = path.read_bytes()
+    real_to_csv = pd.DataFrame.to_csv
+
+    def torn(self, target, *args, **kwargs):
+        text = real_to_csv(self, None, *args, **kwargs)
+        Path(target).write_text(text[: len(text) // 2])          # half of the new table reaches the disk
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", torn)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_csv(pd.DataFrame({"a": range(100), "b": ["new"] * 100}), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.csv"]        # no temporary left behind

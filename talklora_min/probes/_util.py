@@ -125,11 +125,6 @@ def dtype_call(layer: nn.Module, fn: Callable, *args, dtype: torch.dtype = torch
     return functional_call(_Call(layer), params, (fn, *args), strict=False)
 
 
-def float64_call(layer: nn.Module, fn: Callable, *args):
-    """:func:`dtype_call` in float64."""
-    return dtype_call(layer, fn, *args, dtype=torch.float64)
-
-
 def gates_of_code(layer, h: Tensor) -> Tensor:
     """Eval gates as a function of the code ``h`` (code routers): ``gates_from_logits(W_r h~)``."""
     return layer.gates_from_logits(layer.router_logits(None, h))[0]
