@@ -1,12 +1,19 @@
 """Experiments that check the TalkLoRA paper's claims (docs/method.md §5–§7) with talklora_min.
 
-Infrastructure: :mod:`analysis.config` (TOML configs, profiles), :mod:`analysis.data` (the
-two-domain text task), :mod:`analysis.models` (offline MiniLM / SmolLM2 loaders, cached-prefix
-training path), :mod:`analysis.results` (results store, resumable sweeps),
-:mod:`analysis.experiments` (experiment registry) and :mod:`analysis.cli` (``python -m analysis
-perturb|train|twins|figures|claims``).
+Registries (pure data, one entry per thing): :mod:`analysis.methods` (every adapter method: adapter,
+router initialisation, tags, plot style), :mod:`analysis.settings` (where claims are judged: model,
+layers, task, positive controls; user settings from a config file) and the preregistration
+(:mod:`analysis.prereg`, ``analysis/preregistration.toml``: rules, controls, margin rules, deciding
+comparisons, the profiles pinned by hash).
 
-Evidence: :mod:`analysis.topics` (one module per topic: its claims, figures and notebook),
-:mod:`analysis.evidence` (declarations, the backing-test gate), :mod:`analysis.stats` (scipy-based
-statistics); :mod:`analysis.claims` and :mod:`analysis.figures` write the report and the figures.
+Experiments: :mod:`analysis.config` / :mod:`analysis.sections` (validated TOML configs and profiles),
+:mod:`analysis.protocol` (lr tuning on validation, cosine schedule), :mod:`analysis.crn` (common
+random numbers), the runners :mod:`analysis.planted`, :mod:`analysis.train` (MiniLM),
+:mod:`analysis.lm` (SmolLM2), :mod:`analysis.twins`, :mod:`analysis.perturb`, :mod:`analysis.custom`
+(a user setting), and :mod:`analysis.results` (resumable sweeps).  Command line: :mod:`analysis.cli`
+(``python -m analysis perturb|train|twins|lm|planted|figures|claims``).
+
+Evidence: :mod:`analysis.claims` (one module per claim: select → compare → verdict → render, and the
+figures each claim cites), :mod:`analysis.stats` (scipy.stats; the one comparison-family type),
+:mod:`analysis.report` and :mod:`analysis.figures` (CLAIMS.md / claims.csv and the figures).
 """

@@ -50,8 +50,8 @@ EXPERIMENTS = {
           "LoRA, MoELoRA-code, scale-matched control, TalkLoRA (C6, C11, C12)",
     "planted": "the planted-teacher setting: every method regresses a cluster-routed low-rank teacher, lr tuned "
                "on validation, then paired evaluation seeds and matched budgets (C5-C7, C9, C11-C13; F12)",
-    "figures": "draw every figure of the evidence topics (analysis/topics/) from saved results into figures/",
-    "claims": "judge every claim of the evidence topics (analysis/topics/) and write CLAIMS.md / claims.csv",
+    "figures": "draw every figure the claims cite (analysis/claims/) from saved results into figures/",
+    "claims": "judge every claim (analysis/claims/) and write CLAIMS.md / claims.csv",
 }
 # The commands whose run() takes device=...; the others get no --device option (rather than one
 # that would be silently ignored).
