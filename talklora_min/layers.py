@@ -398,9 +398,12 @@ class MoELoRALinear(AdapterLayer):
         if self.gate_dropout and self.training and self.dropout:
             keep = F.dropout(x.new_ones(x.shape[0], E), self.dropout)      # mask / (1 − p)
         router = self.W_r if self.router_input == "code" else self.W_g
-        y, logits, gates, *index = FusedAdapter.apply(
-            x, self.A, self.B, self.C, router, self._talk(), out, self.scaling, self.router_input,
-            self.top_k, keep)
+        routing = bool(self._routing_hooks) or self.balance_loss is not None
+        outputs = FusedAdapter.apply(x, self.A, self.B, self.C, router, self._talk(), out, self.scaling,
+                                     self.router_input, self.top_k, keep, routing)
+        if not routing:
+            return outputs
+        y, logits, gates, *index = outputs
         if self._routing_hooks:
             index = index[0].reshape(*lead, -1) if index else None
             for hook in tuple(self._routing_hooks.values()):

@@ -323,11 +323,11 @@ def spy_mixed_gates(monkeypatch):
     class Spy:
         @staticmethod
         def apply(*args):
-            outputs = real.apply(*args)
-            keep = args[-1]
+            outputs = real.apply(*args[:-1], True)                    # ask for the router's gates
+            keep = args[-2]
             gates = outputs[2].detach()
             seen.append(gates if keep is None else gates * keep)
-            return outputs
+            return outputs if args[-1] else outputs[0]
 
     monkeypatch.setattr(layers_module, "FusedAdapter", Spy)
     return seen
