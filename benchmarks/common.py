@@ -103,11 +103,14 @@ class _LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # views and in-place results share an input's storage: not an allocation (nor is a storage
+        # that existed before the step, seen first through a view of it)
+        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 key = id(storage)
-                if key not in self._alive:
+                if key not in self._alive and key not in inputs:
                     self._alive.add(key)
                     self.live += storage.nbytes()
                     weakref.finalize(storage, self._freed, key, storage.nbytes())

@@ -4,7 +4,7 @@
                                          [--budget SECONDS]
 
 At a fixed rank budget r = 64, for E = 2, 4, …, 64 (m = r/E down to 1): one layer around a frozen
-1024 × 1024 base on 2,048 tokens (input requiring grad), LoRA of rank 64, MoELoRA-code and TalkLoRA
+576 × 576 base (SmolLM2's width) on 2,048 tokens (input requiring grad), LoRA of rank 64, MoELoRA-code and TalkLoRA
 with each communication structure (full, broadcast, doubly-stochastic, block with 2 groups, banded
 with bandwidth 1 (0 at E = 2), low-rank with rank 2), every tensor random.  Per E the methods are
 timed interleaved (``benchmarks/common.py``): time ratio = median (and quartiles) of the paired
@@ -36,7 +36,7 @@ from common import (choose_repeats, interleaved, layer_step, paired_quantiles, p
 from layer_speed import randomize  # noqa: E402
 from talklora_min import LoRALinear, MoELoRALinear, TalkLoRALinear  # noqa: E402
 
-SETTING = dict(d=1024, tokens=2048, rank=64, experts=(2, 4, 8, 16, 32, 64))
+SETTING = dict(d=576, tokens=2048, rank=64, experts=(2, 4, 8, 16, 32, 64))
 QUICK = dict(d=32, tokens=64, rank=16, experts=(2, 4, 16))
 
 

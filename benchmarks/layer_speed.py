@@ -12,7 +12,7 @@ rounds (``benchmarks/common.py``), and every ratio is the median over rounds of 
 * **Grid**: tokens {512, 2048, 8192} × d {256, 576, 1024, 4096} × r {8, 32, 64} × E {2, 4, 8, 16}
   (E dividing r).  Targets: TalkLoRA / LoRA ≤ 1.10 at every shape and ≤ 1.05 wherever d ≥ 1024;
   MoELoRA-code within 3 % of TalkLoRA.  Rounds per group: as many as ``--budget`` seconds allow,
-  3 to 15; 2 when a round takes up to 3 budgets, 1 beyond (tokens 8192, d 4096: a step takes
+  3 to 200; 2 when a round takes up to 3 budgets, 1 beyond (tokens 8192, d 4096: a step takes
   seconds, a round minutes); no warm-up round when a round takes more than 10 s.
 * **Memory** at the shapes where the old forward was measured: peak bytes held during one
   forward + backward (``common.peak_step_bytes``) and the bytes saved for backward.  Target:
@@ -73,7 +73,7 @@ def group_layers(d: int, ranks, experts, seed: int = 0) -> dict[str, nn.Module]:
     return layers
 
 
-def bench_group(tokens: int, d: int, ranks, experts, *, clock, budget: float, max_repeats: int = 15) -> list[dict]:
+def bench_group(tokens: int, d: int, ranks, experts, *, clock, budget: float, max_repeats: int = 200) -> list[dict]:
     """One (tokens, d) group of the grid: a row per (r, E)."""
     layers = group_layers(d, ranks, experts)
     gen = torch.Generator().manual_seed(1)

@@ -28,8 +28,9 @@ sees one node; T is folded into the router once per call (``W_eff``, ``E × r``:
 are never mixed); and every per-token intermediate is laid out token-minor, ``(r, N)`` / ``(E, N)``:
 MKL's GEMMs with a small output dimension r are markedly faster when r is the row dimension, and
 the softmax over a few experts is several times faster along dim 0.  LoRA goes through the same
-Function (``router=None``), so the two differ by the routing only.  Only ``h`` and the gates are
-kept for backward (``u`` is recomputed): the activation memory is LoRA's plus ``N·E`` numbers.
+Function (``router=None``), so the two differ by the routing only.  Kept for backward: ``h`` (as
+LoRA), and for the mixtures the gates and ``u`` (``N·(E + r)`` numbers more than LoRA) and the
+parameter-sized ``W`` (``W_eff`` and ``T ⊗ I_m`` with a T), which would otherwise be recomputed.
 Double backward is not supported (``once_differentiable``).
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .routing import route
 from .structures import talk_kron
 
 
@@ -46,16 +48,6 @@ def expert_rows(B: Tensor, C: Tensor | None, scaling: float) -> Tensor:
     matmul, rows ``(B_e C_e)ᵀ = C_eᵀ B_eᵀ``).  Both in the same layout, so they run the same GEMMs."""
     Wt = B.t().contiguous() if C is None else torch.bmm(C.mT, B.mT).view(-1, B.shape[1])
     return Wt if scaling == 1.0 else scaling * Wt
-
-
-def route(logits_t: Tensor, top_k: int | None) -> tuple[Tensor, Tensor | None]:
-    """Gates ``(E, N)`` from logits ``(E, N)``: softmax over the experts (dim 0) or, with ``top_k``, the
-    softmax over each token's k largest logits; and the top-k indices ``(k, N)`` (None when dense)."""
-    if top_k is None:
-        return torch.softmax(logits_t, 0), None
-    values, index = logits_t.topk(top_k, dim=0)
-    return torch.softmax(torch.full_like(logits_t, float("-inf")).scatter(0, index, values), 0), index
-
 
 
 class FusedAdapter(torch.autograd.Function):
@@ -98,7 +90,9 @@ class FusedAdapter(torch.autograd.Function):
                     outputs += (index.t(),)
         Wt = expert_rows(B, C, scaling)
         y = uT.t() @ Wt if out is None else torch.addmm(out, uT.t(), Wt)
-        ctx.save_for_backward(x, A, B, C, router, hT, gatesT, keep_t, K, W_eff)
+        # mixtures keep u and W (N·r and a parameter-sized matrix) rather than recompute them
+        ctx.save_for_backward(x, A, B, C, router, hT, gatesT, keep_t, K, W_eff,
+                              None if router is None else uT, None if router is None else Wt)
         ctx.scaling, ctx.code = scaling, router_input == "code"
         ctx.set_materialize_grads(False)
         return (y, *outputs) if outputs else y
@@ -106,8 +100,9 @@ class FusedAdapter(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y, grad_logits=None, grad_gates=None, *_):
-        x, A, B, C, router, hT, gatesT, keep_t, K, W_eff = ctx.saved_tensors
-        Wt = expert_rows(B, C, ctx.scaling) if grad_y is not None else None          # recomputed: not kept
+        x, A, B, C, router, hT, gatesT, keep_t, K, W_eff, uT, Wt = ctx.saved_tensors
+        if router is None and grad_y is not None:
+            Wt = expert_rows(B, None, ctx.scaling)                       # LoRA: s Bᵀ, recomputed
         need = ctx.needs_input_grad
         grad = dict.fromkeys(("x", "A", "B", "C", "router", "T"))
         r = hT.shape[0]
@@ -123,7 +118,7 @@ class FusedAdapter(torch.autograd.Function):
                 usedT = gatesT if keep_t is None else gatesT * keep_t
                 gu3 = (Wt @ grad_y.t()).view(E, m, -1)                       # ūᵀ
                 if need[2] or need[3]:
-                    gZ = ((h3 * usedT.unsqueeze(1)).view(r, -1) @ grad_y).view(E, m, d_out)   # (W̄_e)ᵀ
+                    gZ = (uT @ grad_y).view(E, m, d_out)                             # (W̄_e)ᵀ
                     if ctx.scaling != 1.0:
                         gZ = ctx.scaling * gZ
                     grad["B"] = torch.bmm(C, gZ).mT if need[2] else None

@@ -86,16 +86,17 @@ def test_peak_step_bytes_counts_what_a_step_holds_at_once():
     assert common.peak_step_bytes(step) == 8000 + 4                    # + the 0-d sum
 
 
-def test_saved_bytes_of_the_fused_branch_are_loras_plus_the_gates():
+def test_saved_bytes_of_the_fused_branch_are_loras_plus_gates_and_gated_code():
     from talklora_min import LoRALinear, MoELoRALinear, TalkLoRALinear
     common = load("common")
     base = nn.Linear(8, 6)
     x = torch.randn(5, 8, requires_grad=True)
-    N, r, E = 5, 4, 2
+    N, r, E, d_out = 5, 4, 2, 6
     assert common.saved_tensor_bytes(LoRALinear(base, r), x) == N * r * 4                 # the code h only
-    assert common.saved_tensor_bytes(MoELoRALinear(base, r, E), x) == (N * r + N * E) * 4  # + the gates
+    per_token = N * (r + E + r)                                                   # + the gates and u
+    assert common.saved_tensor_bytes(MoELoRALinear(base, r, E), x) == (per_token + d_out * r) * 4   # + W
     # TalkLoRA also keeps T ⊗ I_m (r × r) and W_eff (E × r): parameter-sized, not per token
-    assert common.saved_tensor_bytes(TalkLoRALinear(base, r, E), x) == (N * r + N * E + r * r + E * r) * 4
+    assert common.saved_tensor_bytes(TalkLoRALinear(base, r, E), x) == (per_token + d_out * r + r * r + E * r) * 4
 
 
 def test_model_speed_quick_run():
