@@ -6,7 +6,8 @@ pandas / matplotlib only (no torch): the drawing needs nothing but the data file
 
 Data (tidy, one row per method × E × metric × statistic): ``method`` (``lora``, ``moelora-code``,
 ``talklora-<structure>``), ``label``, ``num_experts``, ``metric`` — ``time_ratio`` (forward +
-backward time over LoRA's in the same round; statistics ``median``, ``q25``, ``q75`` over rounds),
+backward time over LoRA's in the same round; statistics ``median`` over rounds and ``ci95_lo`` /
+``ci95_hi``, its ~95 % order-statistic interval),
 ``memory_ratio`` (peak bytes held during one step over LoRA's; ``value``), ``time_s`` and
 ``peak_bytes_per_token`` (absolute) — ``statistic``, ``value``, and the setting (``rank``, ``d``,
 ``tokens``, ``threads``, ``clock``, ``repeats``).
@@ -23,7 +24,7 @@ F13_NAME = "F13_cost_vs_experts"
 CAPTION = ("Cost of communication vs the number of experts E at a fixed rank budget (r = {rank}, so m = r/E "
            "down to {m_min}; one layer around a frozen {d}×{d} base, {tokens} tokens, input requiring grad), "
            "relative to LoRA of the same rank measured in the same rounds: (a) forward + backward time "
-           "(median of paired ratios over ≥ {repeats} interleaved rounds, band: interquartile range; "
+           "(median of paired ratios over ≥ {repeats} interleaved rounds, band: its ~95% interval; "
            "{threads} thread, {clock} clock), (b) peak bytes held during one forward + backward, per token. "
            "MoELoRA-code is TalkLoRA without T; TalkLoRA's communication structures: full (the paper's T), "
            "broadcast, doubly-stochastic, block (2 groups), banded (bandwidth 1, 0 at E = 2), low-rank "
@@ -67,7 +68,7 @@ def draw_f13(data: pd.DataFrame) -> plt.Figure:
         style = STYLE.get(method, dict(color=colors(i), ls="-", marker="o"))
         t = _series(data, method, "time_ratio")
         ax_time.plot(t.index, t["median"], label=labels[method], ms=4, lw=1.4, **style)
-        ax_time.fill_between(t.index, t["q25"], t["q75"], color=style["color"], alpha=0.15, lw=0)
+        ax_time.fill_between(t.index, t["ci95_lo"], t["ci95_hi"], color=style["color"], alpha=0.12, lw=0)
         mem = _series(data, method, "memory_ratio")
         ax_mem.plot(mem.index, mem["value"], label=labels[method], ms=4, lw=1.4, **style)
     experts = sorted(data["num_experts"].unique())

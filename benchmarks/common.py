@@ -15,6 +15,7 @@ parameters, the base weight).  Deterministic, independent of the allocator.
 """
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -68,13 +69,13 @@ def paired_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
     return statistics.median(ta / tb for ta, tb in zip(times[a], times[b]))
 
 
-def paired_quantiles(times: dict[str, list[float]], a: str, b: str) -> tuple[float, float]:
-    """25 % and 75 % quantiles of the paired ratios (an interval for the figure)."""
+def paired_median_interval(times: dict[str, list[float]], a: str, b: str, z: float = 1.96) -> tuple[float, float]:
+    """Distribution-free ~95 % interval of the median paired ratio: the order statistics
+    ``n/2 ∓ z √n / 2`` of the ``n`` paired ratios (the whole range when n is small)."""
     ratios = sorted(ta / tb for ta, tb in zip(times[a], times[b]))
-    if len(ratios) < 2:
-        return ratios[0], ratios[0]
-    q = statistics.quantiles(ratios, n=4, method="inclusive")
-    return q[0], q[2]
+    n = len(ratios)
+    half = z * math.sqrt(n) / 2
+    return ratios[max(0, math.floor(n / 2 - half))], ratios[min(n - 1, math.ceil(n / 2 + half) - 1)]
 
 
 def layer_step(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:

@@ -7,8 +7,8 @@ At a fixed rank budget r = 64, for E = 2, 4, …, 64 (m = r/E down to 1): one la
 576 × 576 base (SmolLM2's width) on 2,048 tokens (input requiring grad), LoRA of rank 64, MoELoRA-code and TalkLoRA
 with each communication structure (full, broadcast, doubly-stochastic, block with 2 groups, banded
 with bandwidth 1 (0 at E = 2), low-rank with rank 2), every tensor random.  Per E the methods are
-timed interleaved (``benchmarks/common.py``): time ratio = median (and quartiles) of the paired
-ratios to LoRA; memory ratio = peak bytes held during one forward + backward over LoRA's.
+timed interleaved (``benchmarks/common.py``): time ratio = median of the paired ratios to LoRA
+(and its ~95 % order-statistic interval); memory ratio = peak bytes held during one forward + backward over LoRA's.
 
 Writes ``<figures-dir>/data/F13_cost_vs_experts.csv`` (tidy), draws ``F13_cost_vs_experts.png`` /
 ``.pdf`` with :func:`analysis.cost.draw_f13` and puts F13's entry into ``<figures-dir>/README.md``.
@@ -31,7 +31,7 @@ for path in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(path))
 
 from analysis.cost import F13_NAME, caption, draw_f13  # noqa: E402
-from common import (choose_repeats, interleaved, layer_step, paired_quantiles, paired_ratio,  # noqa: E402
+from common import (choose_repeats, interleaved, layer_step, paired_median_interval, paired_ratio,  # noqa: E402
                     peak_step_bytes, setup)
 from layer_speed import randomize  # noqa: E402
 from talklora_min import LoRALinear, MoELoRALinear, TalkLoRALinear  # noqa: E402
@@ -70,15 +70,15 @@ def measure(setting=SETTING, *, threads=None, clock=None, budget: float = 12.0, 
         steps["lora"]()
         start = clock_fn()
         steps["lora"]()
-        repeats = choose_repeats((clock_fn() - start) * len(steps) * 1.3, budget, lo=3, hi=15)
+        repeats = choose_repeats((clock_fn() - start) * len(steps) * 1.3, budget, lo=5, hi=101)
         times = interleaved(steps, repeats, clock_fn, warmup=1)
         peaks = {m: peak_step_bytes(step) for m, step in steps.items()}
         setting_cols = dict(num_experts=E, rank=r, d=d, tokens=tokens, threads=threads, clock=clock_name,
                             repeats=repeats)
         for method, (label, _) in layers.items():
-            q25, q75 = paired_quantiles(times, method, "lora")
+            lo, hi = paired_median_interval(times, method, "lora")
             values = [("time_ratio", "median", paired_ratio(times, method, "lora")),
-                      ("time_ratio", "q25", q25), ("time_ratio", "q75", q75),
+                      ("time_ratio", "ci95_lo", lo), ("time_ratio", "ci95_hi", hi),
                       ("time_s", "median", statistics.median(times[method])),
                       ("memory_ratio", "value", peaks[method] / peaks["lora"]),
                       ("peak_bytes_per_token", "value", peaks[method] / tokens)]

@@ -52,7 +52,7 @@ from .structures import (TALK_INITS, TALK_STRUCTURES, TalkStructure, absorbed_ro
 
 # ----------------------------------------------------------------------------- layers
 class AdapterLayer(nn.Module):
-    """Common machinery: frozen base, scaling, dropout, weight access by SPEC name.
+    """Common machinery: frozen base, scaling, dropout, weight access by their docs/method.md §8 names.
 
     ``base`` is an ``nn.Linear`` or a transformers ``Conv1D`` (its weight is stored transposed,
     ``(d_in, d_out)``; the adapter tensors have the same shapes as for ``nn.Linear``).  The layer
@@ -141,7 +141,7 @@ class AdapterLayer(nn.Module):
             raise ValueError(f"input must have shape (..., d_in={self.in_features}), got {tuple(x.shape)}")
 
     def get_weights(self) -> dict[str, Tensor]:
-        """Copies of the adapter tensors under their SPEC names."""
+        """Copies of the adapter tensors under their docs/method.md §8 names."""
         return {name: getattr(self, name).detach().clone() for name in self.weight_names}
 
     def _checked_weights(self, tensors: dict, accepted: tuple[str, ...]) -> dict[str, Tensor]:
@@ -158,7 +158,7 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def set_weights(self, **tensors: Tensor) -> None:
-        """Copy tensors into the adapter by SPEC name; checks names, types, shapes and finiteness
+        """Copy tensors into the adapter by name (docs/method.md §8); checks names, types, shapes and finiteness
         first (nothing is copied on error).  Values are cast to the layer's dtype and device (as
         ``Tensor.copy_`` does); a value that is NaN/Inf, or overflows that dtype, is refused."""
         self._checked_weights(tensors, self.weight_names)

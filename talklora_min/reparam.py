@@ -1,4 +1,4 @@
-"""The reparameterisation maps between TalkLoRA and the two MoELoRA routers (SPEC §3).
+"""The reparameterisation maps between TalkLoRA and the two MoELoRA routers (docs/method.md §3).
 
 Notation as in :mod:`talklora_min.layers`: ``A (r, d_in)``, ``C (E, m, m)``, ``B (E, d_out, m)``,
 ``T (E, E)``, ``W_r (E, r)`` (code router), ``W_g (E, d_in)`` (input router), ``m = r / E``,
@@ -94,7 +94,7 @@ def default_tolerance(dtype: torch.dtype) -> float:
 # ----------------------------------------------------------------------------- tensor maps
 def input_router_weight(W_code: Tensor, A: Tensor) -> Tensor:
     """Inclusion of the code router in the input router: ``W_g = W' A``, shape ``(E, d_in)``,
-    so that ``W_g x = W' (A x) = W' h`` for every token x (SPEC §3)."""
+    so that ``W_g x = W' (A x) = W' h`` for every token x (docs/method.md §3)."""
     return W_code @ A
 
 

@@ -64,7 +64,9 @@ def test_paired_ratios_and_interleaving():
     common = load("common")
     times = {"a": [2.0, 4.0, 3.0], "b": [1.0, 1.0, 2.0]}
     assert common.paired_ratio(times, "a", "b") == 2.0                 # median of 2, 4, 1.5
-    assert common.paired_quantiles(times, "a", "b") == (1.75, 3.0)
+    assert common.paired_median_interval(times, "a", "b") == (1.5, 4.0)         # n = 3: the whole range
+    many = {"a": [float(i) for i in range(1, 101)], "b": [1.0] * 100}
+    assert common.paired_median_interval(many, "a", "b") == (41.0, 60.0)         # 50 ∓ 9.8 of 100
     order, clock = [], iter(range(100))
     steps = {name: (lambda n=name: order.append(n)) for name in "xyz"}
     measured = common.interleaved(steps, repeats=2, clock=lambda: next(clock), warmup=1)

@@ -1,8 +1,8 @@
-"""Unit tests of the adapter layers (SPEC §1, §8): a PEFT-style table of configurations run through
+"""Unit tests of the adapter layers (docs/method.md §1, §8): a PEFT-style table of configurations run through
 generic checks, then per-feature tests (init, talk matrices, gate dropout, balance losses, routing
 hooks) and bad-input tests that check the error messages.
 
-Values are compared against a hand-written float64 reference of the SPEC formulas with
+Values are compared against a hand-written float64 reference of the docs/method.md §1 formulas with
 ``atol = rtol = 1e-10``.
 """
 from __future__ import annotations
@@ -89,7 +89,7 @@ def build(name, seed=0, random_weights=True):
 
 
 def reference_forward(layer, x):
-    """SPEC §1 written out token-agnostically with explicit loops over experts (float64)."""
+    """docs/method.md §1 written out token-agnostically with explicit loops over experts (float64)."""
     w = layer.get_weights()
     W0, b = layer.base.weight.detach(), layer.base.bias
     y = x @ W0.T + (0 if b is None else b.detach())
