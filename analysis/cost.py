@@ -71,6 +71,8 @@ def draw_f13(data: pd.DataFrame) -> plt.Figure:
         ax_time.fill_between(t.index, t["ci95_lo"], t["ci95_hi"], color=style["color"], alpha=0.12, lw=0)
         mem = _series(data, method, "memory_ratio")
         ax_mem.plot(mem.index, mem["value"], label=labels[method], ms=4, lw=1.4, **style)
+    ratios = data.loc[data["metric"] == "memory_ratio", "value"]
+    ax_mem.set_ylim(min(0.95, ratios.min() - 0.01), max(1.15, ratios.max() + 0.01))    # at least ±5 % around 1
     experts = sorted(data["num_experts"].unique())
     for ax, title in ((ax_time, "(a) forward + backward time / LoRA"),
                       (ax_mem, "(b) peak memory per token / LoRA")):
