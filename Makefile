@@ -55,8 +55,12 @@ lab: setup
 	$(BIN)/jupytext --set-formats ipynb,py:percent --sync $(NOTEBOOKS)/[0-9]*.py
 	env -u MPLBACKEND $(BIN)/jupyter lab --notebook-dir=$(NOTEBOOKS) $(LAB_ROOT) $(LAB_ARGS)
 
+# Cost of the adapters (TalkLoRA / LoRA on the layer grid, memory, a SmolLM2-shaped model; F13 into
+# figures/), then the probes and the frozen-linear path.  ~15 min on the 2-core machine.
 bench: setup
 	$(BIN)/python benchmarks/layer_speed.py
+	$(BIN)/python benchmarks/model_speed.py
+	$(BIN)/python benchmarks/cost_vs_experts.py
 	$(BIN)/python benchmarks/probe_speed.py
 	$(BIN)/python benchmarks/frozen_linear_speed.py
 

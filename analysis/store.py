@@ -346,7 +346,7 @@ class ResultStore:
                                     f"(python -m analysis {self.experiment})")
         rerun = f"re-run `python -m analysis {self.experiment}` to rebuild it"
         try:
-            rows = pd.read_csv(self.rows_path)
+            rows = pd.read_csv(self.rows_path, low_memory=False)   # one dtype per column (mixed-key rows)
         except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
             raise DamagedResultsError(self.rows_path, f"{str(err).splitlines()[0]}; {rerun}") from None
         missing = [c for c in REQUIRED_COLUMNS if c not in rows.columns]

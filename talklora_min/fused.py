@@ -28,8 +28,9 @@ sees one node; T is folded into the router once per call (``W_eff``, ``E × r``:
 are never mixed); and every per-token intermediate is laid out token-minor, ``(r, N)`` / ``(E, N)``:
 MKL's GEMMs with a small output dimension r are markedly faster when r is the row dimension, and
 the softmax over a few experts is several times faster along dim 0.  LoRA goes through the same
-Function (``router=None``), so the two differ by the routing only.  Only ``h`` and the gates are
-kept for backward (``u`` is recomputed): the activation memory is LoRA's plus ``N·E`` numbers.
+Function (``router=None``), so the two differ by the routing only.  Kept for backward: ``h`` (as
+LoRA), and for the mixtures the gates and ``u`` (``N·(E + r)`` numbers more than LoRA) and the
+parameter-sized ``W`` (``W_eff`` and ``T ⊗ I_m`` with a T), which would otherwise be recomputed.
 Double backward is not supported (``once_differentiable``).
 """
 from __future__ import annotations
@@ -38,39 +39,38 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .routing import route
 from .structures import talk_kron
 
 
-def route(logits_t: Tensor, top_k: int | None) -> tuple[Tensor, Tensor | None]:
-    """Gates ``(E, N)`` from logits ``(E, N)``: softmax over the experts (dim 0) or, with ``top_k``, the
-    softmax over each token's k largest logits; and the top-k indices ``(k, N)`` (None when dense)."""
-    if top_k is None:
-        return torch.softmax(logits_t, 0), None
-    values, index = logits_t.topk(top_k, dim=0)
-    return torch.softmax(torch.full_like(logits_t, float("-inf")).scatter(0, index, values), 0), index
-
+def expert_rows(B: Tensor, C: Tensor | None, scaling: float) -> Tensor:
+    """``Wᵀ (r, d_out)``, row-major: LoRA ``s Bᵀ``; mixtures ``s [B_1 C_1, …, B_E C_E]ᵀ`` (one batched
+    matmul, rows ``(B_e C_e)ᵀ = C_eᵀ B_eᵀ``).  Both in the same layout, so they run the same GEMMs."""
+    Wt = B.t().contiguous() if C is None else torch.bmm(C.mT, B.mT).view(-1, B.shape[1])
+    return Wt if scaling == 1.0 else scaling * Wt
 
 
 class FusedAdapter(torch.autograd.Function):
-    """``FusedAdapter.apply(x, A, B, C, router, T, out, scaling, router_input, top_k, keep)``.
+    """``FusedAdapter.apply(x, A, B, C, router, T, out, scaling, router_input, top_k, keep, routing)``.
 
     LoRA: ``B (d_out, r)``, ``C = router = T = None``; returns ``y``.  Mixtures: ``B (E, d_out, m)``,
     ``C (E, m, m)``, ``router`` = ``W_r (E, r)`` (``router_input="code"``, ``T (E, E)`` or None) or
-    ``W_g (E, d_in)`` (``"input"``), ``keep (N, E)`` gate-dropout multipliers or None; returns
-    ``(y, logits, gates)`` (+ ``topk_index`` with ``top_k``), logits and gates ``(N, E)`` before gate
-    dropout and differentiable.  ``x (N, d_in)``; ``out (N, d_out)``, or None for the branch alone.
+    ``W_g (E, d_in)`` (``"input"``), ``keep (N, E)`` gate-dropout multipliers or None; returns ``y``,
+    and with ``routing=True`` ``(y, logits, gates)`` (+ ``topk_index`` with ``top_k``), logits and
+    gates ``(N, E)`` before gate dropout and differentiable (for routing hooks and balance losses).
+    ``x (N, d_in)``; ``out (N, d_out)``, or None for the branch alone.
     """
 
     @staticmethod
-    def forward(ctx, x, A, B, C, router, T, out, scaling: float, router_input: str, top_k, keep):
-        mixture = router is not None
+    def forward(ctx, x, A, B, C, router, T, out, scaling: float, router_input: str, top_k, keep,
+                routing: bool = False):
         hT = A @ x.t()                                                   # (r, N)
         r = hT.shape[0]
-        if not mixture:
-            Wt = B.t() if scaling == 1.0 else scaling * B.t()            # (r, d_out)
-            uT, gatesT, keep_t, K, W_eff, outputs = hT, None, None, None, None, ()
+        outputs = ()
+        if router is None:                                               # LoRA
+            uT, gatesT, keep_t, K, W_eff = hT, None, None, None, None
         else:
-            E, d_out, m = B.shape
+            E, _, m = B.shape
             code = router_input == "code"
             if code:
                 K = None if T is None else talk_kron(T, m)
@@ -83,23 +83,26 @@ class FusedAdapter(torch.autograd.Function):
             keep_t = None if keep is None else keep.t()
             usedT = gatesT if keep_t is None else gatesT * keep_t
             uT = (hT.view(E, m, -1) * usedT.unsqueeze(1)).view(r, -1)
-            Wt = torch.bmm(C.mT, B.mT).view(r, d_out)                    # rows: (B_e C_e)ᵀ
-            if scaling != 1.0:
-                Wt = scaling * Wt
-            outputs = (logitsT.t(), gatesT.t())
-            if top_k is not None:
-                ctx.mark_non_differentiable(index)
-                outputs += (index.t(),)
+            if routing:
+                outputs = (logitsT.t(), gatesT.t())
+                if top_k is not None:
+                    ctx.mark_non_differentiable(index)
+                    outputs += (index.t(),)
+        Wt = expert_rows(B, C, scaling)
         y = uT.t() @ Wt if out is None else torch.addmm(out, uT.t(), Wt)
-        ctx.save_for_backward(x, A, B, C, router, hT, gatesT, keep_t, Wt, K, W_eff)
+        # mixtures keep u and W (N·r and a parameter-sized matrix) rather than recompute them
+        ctx.save_for_backward(x, A, B, C, router, hT, gatesT, keep_t, K, W_eff,
+                              None if router is None else uT, None if router is None else Wt)
         ctx.scaling, ctx.code = scaling, router_input == "code"
         ctx.set_materialize_grads(False)
-        return (y, *outputs) if mixture else y
+        return (y, *outputs) if outputs else y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y, grad_logits=None, grad_gates=None, *_):
-        x, A, B, C, router, hT, gatesT, keep_t, Wt, K, W_eff = ctx.saved_tensors
+        x, A, B, C, router, hT, gatesT, keep_t, K, W_eff, uT, Wt = ctx.saved_tensors
+        if router is None and grad_y is not None:
+            Wt = expert_rows(B, None, ctx.scaling)                       # LoRA: s Bᵀ, recomputed
         need = ctx.needs_input_grad
         grad = dict.fromkeys(("x", "A", "B", "C", "router", "T"))
         r = hT.shape[0]
@@ -115,7 +118,7 @@ class FusedAdapter(torch.autograd.Function):
                 usedT = gatesT if keep_t is None else gatesT * keep_t
                 gu3 = (Wt @ grad_y.t()).view(E, m, -1)                       # ūᵀ
                 if need[2] or need[3]:
-                    gZ = ((h3 * usedT.unsqueeze(1)).view(r, -1) @ grad_y).view(E, m, d_out)   # (W̄_e)ᵀ
+                    gZ = (uT @ grad_y).view(E, m, d_out)                             # (W̄_e)ᵀ
                     if ctx.scaling != 1.0:
                         gZ = ctx.scaling * gZ
                     grad["B"] = torch.bmm(C, gZ).mT if need[2] else None
@@ -151,4 +154,4 @@ class FusedAdapter(torch.autograd.Function):
         if need[0]:
             grad["x"] = ghT.t() @ A if router_x is None else router_x.addmm_(ghT.t(), A)
         return (grad["x"], grad["A"], grad["B"], grad["C"], grad["router"], grad["T"],
-                grad_y if need[6] else None, None, None, None, None)
+                grad_y if need[6] else None, None, None, None, None, None)

@@ -8,7 +8,8 @@ Adapter folder (``save_adapter`` / ``load_adapter``), format ``talklora-min-adap
          "config": AdapterConfig.to_dict(),
          "weights": {"file": "talklora_weights.<sha256[:16]>.safetensors", "sha256": <hex>}}
     talklora_weights.<sha256[:16]>.safetensors
-        "<module path>.<name>" for A, C, B, T, W_r, W_g; a B tied across layers
+        "<module path>.<name>" for A, C, B, T, W_r, W_g (a TalkLoRA structure: its talk_* parameters
+        instead of T); a B tied across layers
         (share_B_across_layers) is stored once, as "shared_B.<projection type>" (path with layer
         indices as *, e.g. layers.*.q_proj)
 

@@ -17,15 +17,17 @@ the mixtures, on the summed adapter output; ``gate_dropout=True`` also drops gat
 softmax, as the official code does (then gates no longer sum to 1 in training).  The default
 leaves gates undropped.
 
-How the forward is computed (same maths, fewer and cheaper operations).  Per forward, the
-parameter-sized products are formed once: T is folded into the router, ``W_eff = W_r (T ⊗ I_m)``
-``(E, r)`` (§3, talk absorption), so no token's code is mixed; each ``C_e`` is folded into its
-``B_e``, ``W_BC = [s B_1 C_1, …, s B_E C_E]`` ``(d_out, r)`` (one batched matmul), so the experts
-are one GEMM on the gated code ``u = [g_1 h_1; …; g_E h_E]``.  The adapter is
-``s Σ_e g_e B_e C_e h_e = W_BC u``; when no output dropout is active it is added to the base output
-inside that GEMM (``addmm``), as LoRA's ``s B h`` is.  No Python loop over experts.  NaN/Inf inputs
-are not checked in ``forward`` (that would cost a device sync per call): they propagate to the
-output exactly as through ``nn.Linear``.  The probes reject non-finite inputs.
+How the forward is computed (same maths, fewer and cheaper operations): the adapter branch of every
+layer is one autograd Function with a hand-written backward (:mod:`talklora_min.fused`).  Per call
+the parameter-sized products are formed once — T folded into the router, ``W_eff = W_r (T ⊗ I_m)``
+``(E, r)`` (§3, talk absorption), so no token's code is mixed; each ``C_e`` folded into its ``B_e``,
+``W = s [B_1 C_1, …, B_E C_E]`` ``(d_out, r)`` (one batched matmul) — and the experts are one GEMM on
+the gated code ``u = [g_1 h_1; …; g_E h_E]``, added to the base output inside that GEMM (``addmm``)
+when no output dropout is active, as LoRA's ``s B h`` is.  No Python loop over experts.  The public
+pieces (``code``, ``router_logits``, ``gates_from_logits``, ``mix_experts``, ``effective_router``)
+compute the same numbers, for the probes.  NaN/Inf inputs are not checked in ``forward`` (that would
+cost a device sync per call): they propagate to the output exactly as through ``nn.Linear``.  The
+probes reject non-finite inputs.
 """
 from __future__ import annotations
 
@@ -42,39 +44,15 @@ from torch.utils.hooks import RemovableHandle
 from .checks import (BALANCE_LOSSES, ROUTER_INPUTS, _checked_weight, _is_number,  # noqa: F401
                      adapter_dtype, cast_finite, check_alpha_dropout, check_base, check_moe_args,
                      check_positive_int, is_conv1d)
-from .fused import FusedAdapter, route
+from .fused import FusedAdapter, expert_rows
+from .routing import balance_loss, route
 from .structures import (TALK_INITS, TALK_STRUCTURES, TalkStructure, absorbed_router,  # noqa: F401
                          parse_talk_init, talk_matrix)
 
 
-# ----------------------------------------------------------------------------- balance losses
-def balance_loss(kind: str, logits: Tensor, gates: Tensor) -> Tensor:
-    """Auxiliary load-balance loss over all tokens of one forward (gates ``(..., E)``).
-
-    * ``switch``  (Switch Transformer): ``E · Σ_e f_e P_e``, ``f_e`` = share of tokens whose top-1
-      expert is e, ``P_e`` = mean gate of e.  Minimum 1 at balanced load.
-    * ``cv``      squared coefficient of variation of the soft load ``L_e = Σ_t g_e(t)``.
-    * ``entropy`` ``mean_t H(g(t)) − H(mean_t g(t))``: confident tokens, balanced batch (LoRA-Mixer's
-      routing-specialisation objective).
-    """
-    E = gates.shape[-1]
-    g = gates.reshape(-1, E)
-    if kind == "switch":
-        f = F.one_hot(logits.reshape(-1, E).argmax(-1), E).to(g.dtype).mean(0)
-        return E * (f * g.mean(0)).sum()
-    if kind == "cv":
-        load = g.sum(0)
-        return load.var(unbiased=False) / load.mean().pow(2)
-    if kind == "entropy":
-        def entropy(p):
-            return -(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum(-1)
-        return entropy(g).mean() - entropy(g.mean(0))
-    raise ValueError(f"balance loss kind must be one of {BALANCE_LOSSES}, got {kind!r}")
-
-
 # ----------------------------------------------------------------------------- layers
 class AdapterLayer(nn.Module):
-    """Common machinery: frozen base, scaling, dropout, weight access by SPEC name.
+    """Common machinery: frozen base, scaling, dropout, weight access by their docs/method.md §8 names.
 
     ``base`` is an ``nn.Linear`` or a transformers ``Conv1D`` (its weight is stored transposed,
     ``(d_in, d_out)``; the adapter tensors have the same shapes as for ``nn.Linear``).  The layer
@@ -163,7 +141,7 @@ class AdapterLayer(nn.Module):
             raise ValueError(f"input must have shape (..., d_in={self.in_features}), got {tuple(x.shape)}")
 
     def get_weights(self) -> dict[str, Tensor]:
-        """Copies of the adapter tensors under their SPEC names."""
+        """Copies of the adapter tensors under their docs/method.md §8 names."""
         return {name: getattr(self, name).detach().clone() for name in self.weight_names}
 
     def _checked_weights(self, tensors: dict, accepted: tuple[str, ...]) -> dict[str, Tensor]:
@@ -180,7 +158,7 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def set_weights(self, **tensors: Tensor) -> None:
-        """Copy tensors into the adapter by SPEC name; checks names, types, shapes and finiteness
+        """Copy tensors into the adapter by name (docs/method.md §8); checks names, types, shapes and finiteness
         first (nothing is copied on error).  Values are cast to the layer's dtype and device (as
         ``Tensor.copy_`` does); a value that is NaN/Inf, or overflows that dtype, is refused."""
         self._checked_weights(tensors, self.weight_names)
@@ -357,7 +335,6 @@ class MoELoRALinear(AdapterLayer):
         ``W_g`` (input, w.r.t. x).  TalkLoRA returns ``W_r (T ⊗ I_m)``."""
         return self.W_r if self.router_input == "code" else self.W_g
 
-
     def gates_from_logits(self, logits: Tensor) -> tuple[Tensor, Tensor | None]:
         """Dense ``softmax`` or, with ``top_k``, the softmax renormalised over the k largest logits.
         Returns ``(gates, topk_indices or None)``."""
@@ -372,8 +349,7 @@ class MoELoRALinear(AdapterLayer):
     def mix_experts(self, h: Tensor, gates: Tensor) -> Tensor:
         """``Σ_e g_e B_e C_e h_e`` for code ``h (..., r)`` and gates ``(..., E)`` — batched, no loop."""
         u = (h.unflatten(-1, (self.num_experts, self.expert_rank)) * gates.unsqueeze(-1)).flatten(-2)
-        W = torch.bmm(self.B, self.C).transpose(0, 1).reshape(self.out_features, self.rank)   # [B_e C_e]_e
-        return F.linear(u, W)
+        return u @ expert_rows(self.B, self.C, 1.0)
 
     def add_routing_hook(self, hook: RoutingHook) -> RemovableHandle:
         """Call ``hook(layer, logits, gates, topk_index)`` on every forward; ``.remove()`` the handle.
@@ -398,9 +374,12 @@ class MoELoRALinear(AdapterLayer):
         if self.gate_dropout and self.training and self.dropout:
             keep = F.dropout(x.new_ones(x.shape[0], E), self.dropout)      # mask / (1 − p)
         router = self.W_r if self.router_input == "code" else self.W_g
-        y, logits, gates, *index = FusedAdapter.apply(
-            x, self.A, self.B, self.C, router, self._talk(), out, self.scaling, self.router_input,
-            self.top_k, keep)
+        routing = bool(self._routing_hooks) or self.balance_loss is not None
+        outputs = FusedAdapter.apply(x, self.A, self.B, self.C, router, self._talk(), out, self.scaling,
+                                     self.router_input, self.top_k, keep, routing)
+        if not routing:
+            return outputs
+        y, logits, gates, *index = outputs
         if self._routing_hooks:
             index = index[0].reshape(*lead, -1) if index else None
             for hook in tuple(self._routing_hooks.values()):
@@ -539,15 +518,7 @@ class TalkLoRALinear(MoELoRALinear):
         checked = self._checked_weights(tensors, self.weight_names)
         current = {n: getattr(self, n).detach() for n in self.structure.parameter_shapes()}
         given = {n: checked[n].to(self.A.device) for n in current if n in checked}
-        if not given:                       # T alone: the structure's parameters for it (or refusal)
-            tensors.update(self.structure.parameters_for(T, keep=current))
-        else:
-            produced = self.structure.matrix({**current, **given})
-            err = float((produced - T).abs().max())
-            if err > math.sqrt(torch.finfo(dtype).eps) * max(1.0, float(T.abs().max())):
-                raise ValueError(f"weight T does not match the {self.structure.describe()} parameters "
-                                 f"given with it ({sorted(given)}): they produce a T that differs by up to "
-                                 f"{err:.3g}; give T alone or the structure parameters alone")
+        tensors.update(self.structure.parameters_with(T, given, current))
         super().set_weights(**tensors)
 
     def extra_repr(self) -> str:

@@ -5,8 +5,9 @@ router (``W_r (T ⊗ I_m)``, docs/method.md §3) and the communication structure
 ``TalkLoRALinear(..., talk_structure=...)`` stores the *structure parameters* below and computes the
 effective ``T`` from them on every forward; the router then reads ``W_eff = W_r (T ⊗ I_m)`` (§3), so
 probes and reparameterisation maps see only the effective T.  Every structure has an identity point
-(``T = I``) where the layer is MoELoRA-code with the same ``A, C, B, W_r``, and is trainable from there
-(the structure parameters get a non-zero gradient).
+(``T = I``) where the layer is MoELoRA-code with the same ``A, C, B, W_r`` exactly, and is trainable
+from there: ``T``, ``a``, the blocks, the band and ``U`` get a non-zero gradient at it (``Θ`` and ``V``,
+multiplied by ``1 − α = 0`` and ``U = 0``, from the second step on).
 
 =====================  =============================================  ==========================  ============================
 structure              T                                              parameters                  identity point (start)
@@ -306,6 +307,19 @@ class TalkStructure:
         return params
 
     # ------------------------------------------------------------------ T -> parameters
+    def parameters_with(self, T: Tensor, given: dict[str, Tensor], current: dict[str, Tensor]) -> dict[str, Tensor]:
+        """What ``set_weights(T=T, **given)`` stores: with no structure parameters given, those for T
+        (:meth:`parameters_for`, or refusal); otherwise ``given`` itself, if the matrix it makes (with
+        the ``current`` values of the others) is T within ``√eps`` — else ``ValueError``."""
+        if not given:
+            return self.parameters_for(T, keep=current)
+        err = float((self.matrix({**current, **given}) - T).abs().max())
+        if err > _tolerance(T.dtype) * max(1.0, float(T.abs().max())):
+            raise ValueError(f"weight T does not match the {self.describe()} parameters given with it "
+                             f"({sorted(given)}): they produce a T that differs by up to {err:.3g}; give T "
+                             f"alone or the structure parameters alone")
+        return {}
+
     def parameters_for(self, T: Tensor, keep: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Structure parameters whose effective matrix is ``T``; ``ValueError`` if the structure cannot
         represent ``T`` (within ``√eps`` of its dtype; the zeros of block / banded exactly).

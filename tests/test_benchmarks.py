@@ -1,76 +1,139 @@
-"""Smoke test: the layer benchmark runs end to end at a minuscule shape (so it cannot rot)."""
+"""Smoke tests of the cost benchmarks (``make bench``) at minuscule sizes, so they cannot rot, and exact
+checks of their measuring tools (paired ratios, peak and saved bytes).  Speed targets are checked by
+the benchmarks themselves, as ratios measured in one run — never here."""
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
+from torch import nn
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "layer_speed.py"
-TINY = [(2, 3, 8, 4, 2)]                     # batch, seq, d, rank, experts
+ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def bench(monkeypatch):
-    spec = importlib.util.spec_from_file_location("layer_speed", BENCH)
+def load(name: str):
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    monkeypatch.setattr(module, "SHAPES", TINY)
-    monkeypatch.setattr(module, "QUICK_SHAPES", TINY)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
     threads = torch.get_num_threads()
-    yield module
-    torch.set_num_threads(threads)           # the benchmark sets the thread count
+    yield
+    torch.set_num_threads(threads)                # the benchmarks set the thread count
 
 
-def test_run_reports_finite_positive_ratios(bench):
-    report = bench.run(TINY, repeats=2, warmup=1)
-    (res,) = report["results"]
-    assert {"lora", "moelora", "talklora", "loop-talk"} <= res["layers"].keys()
-    for key in ("talklora/lora", "moelora/lora", "loop-talk/talklora", "mem talklora/lora",
-                "mem moelora/lora", "mem loop-talk/talklora"):
-        value = res["ratios"][key]
-        assert math.isfinite(value) and value > 0, key
-    for entry in res["layers"].values():
-        assert entry["median_s"] > 0 and entry["saved_bytes"] > 0
-    # the MoE layers save more for backward than LoRA (codes, gates, expert activations)
-    assert res["layers"]["talklora"]["saved_bytes"] > res["layers"]["lora"]["saved_bytes"]
-    assert "TalkLoRA/LoRA" in bench.format_report(report)
+def test_layer_speed_quick_grid_reports_every_shape():
+    bench = load("layer_speed")
+    report = bench.run(bench.QUICK_GRID, bench.QUICK_MEMORY_SHAPES, budget=0.2, log=lambda _: None)
+    g = bench.QUICK_GRID
+    expected = len(g["tokens"]) * len(g["d"]) * sum(r % E == 0 for r in g["ranks"] for E in g["experts"])
+    assert len(report["grid"]) == expected
+    for row in report["grid"]:
+        for key in ("talk_over_lora", "moe_over_lora", "moe_over_talk"):
+            assert math.isfinite(row[key]) and row[key] > 0, key
+        assert row["repeats"] >= 3
+    s = report["summary"]
+    assert s["talk_over_lora_worst"] >= s["talk_over_lora_median"] > 0
+    (mem,) = report["memory"]
+    assert mem["talklora_peak_bytes"] >= mem["lora_peak_bytes"] > 0
+    assert "TalkLoRA / LoRA over 4 shapes" in bench.format_report(report)
 
 
-def test_main_writes_json_and_exits_zero(bench, tmp_path, capsys):
+def test_layer_speed_main_writes_json_and_exits_zero(tmp_path, capsys):
+    bench = load("layer_speed")
     out = tmp_path / "bench.json"
-    assert bench.main(["--quick", "--repeats", "1", "--json", str(out), "--profile"]) == 0
+    assert bench.main(["--quick", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert data["results"][0]["shape"] == dict(batch=2, seq=3, d=8, rank=4, experts=2)
-    printed = capsys.readouterr().out
-    assert "talklora/lora" in printed and "torch.profiler" in printed
+    assert data["threads"] == 1 and data["clock"] == "cpu" and len(data["grid"]) == 4
+    assert "MoELoRA-code / TalkLoRA" in capsys.readouterr().out
 
 
-def test_saved_tensor_bytes_counts_activations_not_parameters(bench):
-    layer = bench.make_layers(8, 4, 2, "cpu")["lora"]
+def test_paired_ratios_and_interleaving():
+    common = load("common")
+    times = {"a": [2.0, 4.0, 3.0], "b": [1.0, 1.0, 2.0]}
+    assert common.paired_ratio(times, "a", "b") == 2.0                 # median of 2, 4, 1.5
+    assert common.paired_median_interval(times, "a", "b") == (1.5, 4.0)         # n = 3: the whole range
+    many = {"a": [float(i) for i in range(1, 101)], "b": [1.0] * 100}
+    assert common.paired_median_interval(many, "a", "b") == (41.0, 60.0)         # 50 ∓ 9.8 of 100
+    order, clock = [], iter(range(100))
+    steps = {name: (lambda n=name: order.append(n)) for name in "xyz"}
+    measured = common.interleaved(steps, repeats=2, clock=lambda: next(clock), warmup=1)
+    assert order == list("xyz") + list("xyz") + list("zyx")            # warm-up, then alternating order
+    assert all(len(t) == 2 and t[0] == 1 for t in measured.values())
+    assert common.choose_repeats(2.0, 10.0, 3, 15) == 5 and common.choose_repeats(20.0, 10.0, 1, 15) == 1
+
+
+def test_peak_step_bytes_counts_what_a_step_holds_at_once():
+    common = load("common")
+    x = torch.randn(1000)
+
+    def step():
+        a = x * 2                                                       # 4000 bytes
+        b = a + 1                                                       # 4000 more, while a lives
+        del a
+        c = b * 3                                                       # a freed: peak stays 8000
+        return c.sum()
+    assert common.peak_step_bytes(step) == 8000 + 4                    # + the 0-d sum
+
+
+def test_saved_bytes_of_the_fused_branch_are_loras_plus_gates_and_gated_code():
+    from talklora_min import LoRALinear, MoELoRALinear, TalkLoRALinear
+    common = load("common")
+    base = nn.Linear(8, 6)
     x = torch.randn(5, 8, requires_grad=True)
-    # LoRA with dropout 0 saves exactly its code h = A x (5 × 4 float32) for backward
-    assert bench.saved_tensor_bytes(layer, x) == 5 * 4 * 4
+    N, r, E, d_out = 5, 4, 2, 6
+    assert common.saved_tensor_bytes(LoRALinear(base, r), x) == N * r * 4                 # the code h only
+    per_token = N * (r + E + r)                                                   # + the gates and u
+    assert common.saved_tensor_bytes(MoELoRALinear(base, r, E), x) == (per_token + d_out * r) * 4   # + W
+    # TalkLoRA also keeps T ⊗ I_m (r × r) and W_eff (E × r): parameter-sized, not per token
+    assert common.saved_tensor_bytes(TalkLoRALinear(base, r, E), x) == (per_token + d_out * r + r * r + E * r) * 4
 
 
-def test_fused_talklora_proposal_is_the_same_function(bench):
-    """The benchmark's proposed fast path must compute exactly TalkLoRA (values and gradients)."""
-    torch.manual_seed(0)
-    base = torch.nn.Linear(12, 10).double()
-    ours = bench.TalkLoRALinear(base, 8, 4, alpha=16)
-    fused = bench.FusedTalkLoRALinear(base, 8, 4, alpha=16)
-    gen = torch.Generator().manual_seed(1)
-    ours.set_weights(**{n: torch.randn(t.shape, generator=gen, dtype=t.dtype)
-                        for n, t in ours.get_weights().items()})
-    fused.set_weights(**ours.get_weights())
-    x = torch.randn(3, 5, 12, dtype=torch.float64, generator=gen)
-    y_ours, y_fused = ours(x), fused(x)
-    torch.testing.assert_close(y_fused, y_ours, atol=1e-12, rtol=1e-12)
-    y_ours.square().sum().backward()
-    y_fused.square().sum().backward()
-    for name in ("A", "C", "B", "T", "W_r"):
-        torch.testing.assert_close(getattr(fused, name).grad, getattr(ours, name).grad,
-                                   atol=1e-10, rtol=1e-10, msg=name)
+def test_model_speed_quick_run():
+    pytest.importorskip("peft")
+    bench = load("model_speed")
+    report = bench.run(bench.QUICK, batch=2, seq=8, rank=4, experts=2, repeats=2)
+    assert set(report["median_s"]) == {"peft-lora", "lora", "talklora", "moelora-code"}
+    assert report["trainable"]["lora"] == report["trainable"]["peft-lora"]     # same adapters, same size
+    assert all(math.isfinite(v) and v > 0 for v in report["ratios"].values())
+    assert "TalkLoRA / PEFT LoRA" in bench.format_report(report)
+
+
+def test_cost_vs_experts_quick_writes_f13_and_its_readme_entry(tmp_path):
+    bench = load("cost_vs_experts")
+    readme = tmp_path / "README.md"
+    readme.write_text("# Figures\n\n## F1: something\n\ntext\n\n## F13: cost vs experts\n\nold caption\n")
+    data = bench.measure(bench.QUICK, budget=0.2, log=lambda _: None)
+    written = bench.write(data, tmp_path)
+    assert all(Path(p).is_file() for p in written.values())
+    saved = pd.read_csv(tmp_path / "data" / "F13_cost_vs_experts.csv")
+    methods = {"lora", "moelora-code", "talklora-full", "talklora-broadcast", "talklora-doubly-stochastic",
+               "talklora-block", "talklora-banded", "talklora-low-rank"}
+    assert set(saved["method"]) == methods
+    assert sorted(saved["num_experts"].unique()) == list(bench.QUICK["experts"])
+    lora = saved[saved["method"] == "lora"]
+    assert (lora[lora["metric"].isin(["time_ratio", "memory_ratio"])]["value"] == 1.0).all()
+    text = readme.read_text()
+    assert text.count("## F13:") == 1 and "old caption" not in text and "## F1: something" in text
+    assert "data/F13_cost_vs_experts.csv" in text and "notebooks/05_cost.py" in text
+    bench.write(data, tmp_path)                                        # idempotent
+    assert readme.read_text() == text
+    from analysis.cost import draw_f13, f13_data
+    assert draw_f13(f13_data(tmp_path)).axes
+
+
+def test_cost_drawing_module_imports_no_torch():
+    code = "import sys, analysis.cost; assert not [m for m in sys.modules if m.split('.')[0] == 'torch'], 'torch'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
