@@ -52,7 +52,7 @@ def _rows(runner, method, seed, means, sd, lr, tuning=False, classification=Fals
     if classification:
         out += [dict(step=STEPS, split="val", layer="all", metric="accuracy", value=v("accuracy"))]
     routing_split = "test" if runner == "lm" else "val"
-    layers = ["mean"] if runner == "lm" else [layer]
+    layers = ["L0.q_proj", "mean"] if runner == "lm" else [layer]      # the LM: per layer and their mean
     if routed:
         for lay in layers:
             out += [dict(step=0, split=routing_split, layer=lay, metric="gini", value=v("gini0")),

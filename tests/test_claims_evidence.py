@@ -139,3 +139,19 @@ def test_selectors_read_the_runner_schemas():
     assert not E.churn(p).empty and E.churn(lm).empty is False
     assert E.discordant(p, REF, CODE) is None
     assert isinstance(E.val_loss(p.rows), pd.DataFrame)
+
+
+def test_a_setting_without_tuning_runs_is_not_testable():
+    """The custom runner has no tuning sweep: its margins cannot be fixed without the evaluation seeds, so
+    nothing says which effect is relevant — every comparison there is not testable (controls: margins)."""
+    rows = planted()["planted"].assign(setting="my-reviews", objective="classification")
+    (run,) = E.runs({"custom": rows}, {"setting": {"name": "other"}})
+    assert run.setting.runner == "custom" and run.name == "my-reviews" and run.classification
+    a = A.assay(run)
+    assert a.controls((REF,)) == "failed: margins" and not a.p1
+
+
+def test_a_comparison_without_a_margin_is_not_testable():
+    from analysis.claims import decide as D
+    (c,) = D.judge_family([D.Paired("x", (0.1, 0.2, 0.15), math.nan, "greater")])
+    assert c.controls == "failed: margin" and c.verdict == "not-testable"

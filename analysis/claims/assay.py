@@ -169,8 +169,10 @@ class Assay:
     def p1_threshold(self) -> float:
         """The gain P1 asks for: the larger of the relative gain and ``p1_gain_over_margin`` × loss margin."""
         reg = registration()
-        return max(reg.control("p1_min_relative_gain") * self.no_adapter_loss,
-                   reg.control("p1_gain_over_margin") * self.margins.get("loss"))
+        by_margin = reg.control("p1_gain_over_margin") * self.margins.get("loss")
+        if not math.isfinite(by_margin):          # no loss margin: P1 cannot be checked (max() would skip NaN)
+            return math.nan
+        return max(reg.control("p1_min_relative_gain") * self.no_adapter_loss, by_margin)
 
     @property
     def p1(self) -> bool:
@@ -186,8 +188,10 @@ class Assay:
 
     def controls(self, names=(), p2: bool = False, extra: dict | None = None) -> str:
         """``passed`` or ``failed: P1, P2 …`` for a claim whose deciding methods are ``names``
-        (``p2``: the claim needs P2; ``extra``: further claim-specific checks, name -> passed)."""
-        failed = [] if self.p1 else ["P1"]
+        (``p2``: the claim needs P2; ``extra``: further claim-specific checks, name -> passed).  A
+        setting whose loss margin cannot be fixed (no tuning runs) fails ``margins``: P1 needs it."""
+        failed = (["margins"] if not math.isfinite(self.margins.get("loss"))    # no tuning runs: nothing is relevant
+                  else [] if self.p1 else ["P1"])
         if p2 and not self.p2(names)[0]:
             failed.append("P2")
         failed += [k for k, ok in (extra or {}).items() if not ok]

@@ -57,8 +57,10 @@ class Paired:
         return p_value(self.differences, self.margin if self.rule == "non-inferiority" else 0.0)
 
     def judge(self, conf: float = CONF, power: float = POWER) -> Comparison:
-        """The comparison at level ``conf`` (interval and MDE; the seeds needed when P4 fails)."""
-        fields = dict(rule=self.rule, setting=self.setting, controls=self.controls, deciding=self.deciding)
+        """The comparison at level ``conf`` (interval and MDE; the seeds needed when P4 fails).  Without a
+        margin (one the tuning runs cannot fix) it is not testable: nothing says what size is relevant."""
+        controls = self.controls if self.controls != "passed" or self.testable else "failed: margin"
+        fields = dict(rule=self.rule, setting=self.setting, controls=controls, deciding=self.deciding)
         if not self.per_example:
             return Comparison.from_differences(self.name, self.differences, self.margin, self.claimed_side,
                                                power=power, conf=conf, **fields)
