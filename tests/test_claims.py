@@ -471,3 +471,39 @@ def test_report_lists_comparisons_when_a_claim_has_them(tmp_path):
     assert row.id == claims[5].id and row.verdict == cmp.verdict == "holds" and row.n == 3
     assert (row.effect, row.ci_low, row.ci_high, row.margin, row.mde) == pytest.approx(
         (cmp.effect, cmp.ci_low, cmp.ci_high, 0.01, cmp.mde))
+
+
+def test_the_paper_column_reads_the_paper_report_of_the_same_rules(tmp_path):
+    data, cfg = full_data()
+    claims = C.evaluate(data, None, cfg)
+    paper_md, paper_csv = tmp_path / "paper.md", tmp_path / "paper.csv"
+    R.write_report(claims, paper_md, paper_csv, ids=C.CLAIM_IDS, command="x", results_dir=tmp_path, commit="c",
+                   dirty=False)
+    frame = pd.read_csv(paper_csv)
+    c11 = (frame["id"] == "C11") & frame["comparison"].isna()
+    frame.loc[c11, ["verdict", "controls"]] = ["inconclusive", "planted-teacher: failed: P1"]
+    frame.to_csv(paper_csv, index=False)
+    paper = R.PaperColumn.read(paper_csv)
+    assert paper.verdict("C1") == "holds" and paper.verdict("C11") == "inconclusive"
+    md, csv = tmp_path / "CLAIMS.md", tmp_path / "claims.csv"
+    R.write_report(claims, md, csv, ids=C.CLAIM_IDS, command="x", results_dir=tmp_path, commit="c", dirty=False,
+                   paper=paper)
+    text = md.read_text()
+    c11_here = next(c for c in claims if c.id == "C11")
+    assert f"- C11: here **{c11_here.verdict}**, paper **inconclusive** — controls here: planted-teacher: passed; " \
+           "paper: planted-teacher: failed: P1." in text
+    saved = pd.read_csv(csv, keep_default_na=False)
+    assert saved.query("id == 'C11' and comparison == ''").paper_verdict.item() == "inconclusive"
+    # a paper report written by older rules (no rules_version) or absent: the column is n/a
+    frame.drop(columns=["rules_version"]).to_csv(paper_csv, index=False)
+    old = R.PaperColumn.read(paper_csv)
+    assert old.verdict("C1") == "n/a" and "older rules" in old.note
+    assert "does not exist" in R.PaperColumn.read(tmp_path / "absent.csv").note
+
+
+def test_readme_section_uses_the_new_words_and_limitations():
+    data, cfg = full_data()
+    claims = C.evaluate(data, None, cfg)
+    text = R.readme_section(claims, "python -m analysis claims", R.PaperColumn({}, None, "n/a"))
+    assert "| id | claim | verdict | paper profile | key number |" in text and "**Limitations.**" in text
+    assert "**supported**" in text and "holds under stated conditions" not in text

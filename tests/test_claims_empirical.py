@@ -4,7 +4,6 @@ every outcome of docs/method.md §5.5 reachable for each claim; plus what the ru
 (count a not-testable setting, average kinds, treat a zero-width interval as proof)."""
 from __future__ import annotations
 
-import pandas as pd
 import pytest
 
 from analysis import claims as C

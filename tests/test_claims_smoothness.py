@@ -153,6 +153,9 @@ def test_c8_uses_the_share_rows_and_reports_wilson_intervals():
     assert c.n == 20000 and c.effect == pytest.approx(p - C8_SHARE)
     assert (c.ci_low, c.ci_high) == pytest.approx((lo - C8_SHARE, hi - C8_SHARE))
     assert "10.0 %" in claim.statement and "50.0 %" in claim.statement
+    # titled and reported as two separate quantities, the verdict on the second
+    assert "two separate quantities" in claim.paper_wording and "‖T‖₂ > 1" in claim.paper_wording
+    assert "(1) P(‖T‖₂ > 1)" in "\n".join(claim.evidence) and "(2) P(bound rises)" in "\n".join(claim.evidence)
 
 
 def test_c10_is_per_eps_and_statistic_without_averaging():

@@ -11,8 +11,6 @@ scale-matched controls of ``perturb_controls``) are reported.
 """
 from __future__ import annotations
 
-import math
-
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
@@ -26,10 +24,8 @@ from . import evidence as ev
 from .assay import assays, deciding_methods, levels, registration
 from .base import ClaimSpec, FigureSpec, Outcome
 from .decide import Paired, claim_verdict, empirical_outcome, judge_family, why_not_testable
-from .helpers import md_table
 
 C5_KINDS = ("gaussian_input", "gaussian_block", "adversarial")
-C5_CONTROLS = ("spectral", "frobenius")      # synthetic scale-matched MoELoRA-code controls (reported)
 
 
 # ----------------------------------------------------------------------------- select

@@ -10,7 +10,6 @@ baseline, and P1; docs/method.md §5.5) → **render**.
 """
 from __future__ import annotations
 
-import math
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -115,7 +114,7 @@ def items_c7(data: dict, config: dict | None = None) -> tuple[list[Paired], list
             for metric, side in (("loss", "less"), ("accuracy", "greater"))[:1 + run.classification]:
                 wide = c[c["budget"] == budget].pivot_table(index="seed", columns="method", values=metric)
                 d = (wide[talk] - wide[b]).dropna() if talk in wide and b in wide else pd.Series(dtype=float)
-                items.append(Paired(f"{run.name}, budget {budget}: {metric} TalkLoRA − {methods.label(b)}",
+                items.append(Paired(f"{run.name}: budget {budget}, {metric} TalkLoRA − {methods.label(b)}",
                                     tuple(d.to_numpy(float)), a.margins.get(metric), side, run.name,
                                     controls.get(b, base), b in deciding and x["matched"]))
         table += [[run.name, "counts", *r] for r in counts]

@@ -24,7 +24,7 @@ from . import evidence as ev
 from .assay import assays, deciding_methods, levels, registration
 from .base import ClaimSpec, FigureSpec, Outcome
 from .decide import Paired, claim_verdict, empirical_outcome, judge_family, pair, why_not_testable
-from .helpers import at_last_step, md_table
+from .helpers import at_last_step
 
 
 def twin() -> str:
