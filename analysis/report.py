@@ -188,7 +188,9 @@ def preregistration_lines(info: dict | None) -> list[str]:
 
 CONTROL_FIXES = {"P1": "adaptation that matters (longer training or a larger model)",
                  "P2": "decisive routing (gate entropy below the threshold: longer training)",
-                 "P3": "twins that measurably diverge", "budgets": "three matched budgets per baseline"}
+                 "P3": "twins that measurably diverge", "budgets": "three matched budgets per baseline",
+                 "margin": "a margin the tuning runs can fix (the adapters beating the no-adapter reference on "
+                           "validation)"}
 
 
 def limitations_lines(claims: list, profile: str) -> list[str]:
@@ -208,7 +210,7 @@ def limitations_lines(claims: list, profile: str) -> list[str]:
         if c.kind != "empirical":
             continue
         weak = [x for x in c.comparisons if x.deciding and x.verdict != "not-testable" and not x.power_met]
-        failed = {x.setting: x.controls for x in c.comparisons if x.verdict == "not-testable"}
+        failed = {x.setting: x.controls for x in c.comparisons if x.deciding and x.verdict == "not-testable"}
         bits = []
         if weak:
             need = [x.n_needed for x in weak if x.n_needed]

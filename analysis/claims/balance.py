@@ -124,7 +124,7 @@ def prepare_f1(planted=None, train=None, lm=None) -> pd.DataFrame:
 
 
 def draw_f1(data: pd.DataFrame):
-    sources = list(dict.fromkeys(data["source"])) or ["no data"]
+    sources = order(data["source"], list(ev.ORDER)) or ["no data"]
     names = order(data["method"], list(methods.ORDER))
     fig, axes = plt.subplots(2, len(sources), figsize=(WIDTH, 5.4), sharex="col", squeeze=False)
     width = 0.8 / max(len(names), 1)
@@ -169,9 +169,9 @@ def prepare_f4(planted=None, train=None, lm=None) -> pd.DataFrame:
 
 
 def draw_f4(data: pd.DataFrame):
-    sources = list(dict.fromkeys(data["source"])) or ["no data"]
+    sources = order(data["source"], list(ev.ORDER)) or ["no data"]
     metrics = [m for m in F4_METRICS if m in set(data["metric"])] or list(F4_METRICS)
-    fig, axes = plt.subplots(len(sources), len(metrics), figsize=(WIDTH, 2.7 * len(sources) + 0.4), squeeze=False)
+    fig, axes = plt.subplots(len(sources), len(metrics), figsize=(WIDTH, 2.5 * len(sources) + 0.6), squeeze=False)
     for i, source in enumerate(sources):
         for ax, metric in zip(axes[i], metrics):
             for m in order(data["method"], list(methods.ORDER)):
@@ -180,12 +180,14 @@ def draw_f4(data: pd.DataFrame):
                     line_ci(ax, d, "step", color=methods.color(m), label=methods.label(m), marker=methods.marker(m),
                             ms=3)
             split = ", ".join(sorted(set(sel(data, source=source, metric=metric)["split"])))
-            ax.set_title(f"{source}: {F4_METRICS[metric]} ({split})", fontsize=8.5)
+            ax.text(0.98, 0.04, split, transform=ax.transAxes, ha="right", fontsize=7, color="0.4")
+            if i == 0:
+                ax.set_title(F4_METRICS[metric], fontsize=9)
             if i == len(sources) - 1:
                 ax.set_xlabel("training step")
-        axes[i, 0].set_ylabel("mean over routed layers")
+        axes[i, 0].set_ylabel(f"{source}\nmean over routed layers", fontsize=8.5)
     fig.tight_layout()
-    legend_below(fig, *dedupe(axes), ncol=4, title="shaded: 95% CI over seeds")
+    legend_below(fig, *dedupe(axes), ncol=4, title="shaded: 95% CI over seeds; grey: the split measured")
     return fig
 
 

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from .. import methods
-from ..plotting import WIDTH, dedupe, empty, legend_below, line_ci, summarise
+from ..plotting import WIDTH, dedupe, empty, legend_below, line_ci, order, summarise
 from ..stats import fmt
 from . import evidence as ev
 from .assay import assays, deciding_methods, levels
@@ -97,7 +97,7 @@ def prepare_f11(planted: pd.DataFrame | None = None, train: pd.DataFrame | None 
 
 
 def draw_f11(data: pd.DataFrame):
-    sources = list(dict.fromkeys(data["source"])) or ["no data"]
+    sources = order(data["source"], list(ev.ORDER)) or ["no data"]
     fig, axes = plt.subplots(1, len(sources), figsize=(WIDTH, 3.3), squeeze=False)
     for ax, source in zip(axes[0], sources):
         d = data[data["source"] == source]

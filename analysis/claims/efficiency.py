@@ -181,7 +181,7 @@ def prepare_f5(planted=None, planted_budget=None, train=None, train_budget=None)
 
 
 def draw_f5(data: pd.DataFrame):
-    sources = list(dict.fromkeys(data["source"])) or ["no data"]
+    sources = order(data["source"], list(ev.ORDER)) or ["no data"]
     metrics = [m for m in F5_METRICS if m in set(data["metric"])] or ["loss"]
     fig, axes = plt.subplots(len(metrics), len(sources), figsize=(WIDTH, 3.2 * len(metrics)), squeeze=False)
     for col, source in enumerate(sources):
@@ -205,8 +205,7 @@ def draw_f5(data: pd.DataFrame):
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_title(source, fontsize=10)
             ax.set_xlabel("trainable adapter parameters")
-            if col == 0:
-                ax.set_ylabel(F5_METRICS[metric])
+            ax.set_ylabel(F5_METRICS[metric])          # on every drawn panel: a setting may lack a metric
     fig.tight_layout()
     legend_below(fig, *dedupe(axes), ncol=4, title="mean ± 95% CI over seeds; one point per budget")
     return fig

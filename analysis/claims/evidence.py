@@ -32,6 +32,7 @@ SWEEPS = {"planted": ("planted", "planted_tuning", "planted_budget"),
           "lm": ("lm", "lm_tuning", None),
           "custom": ("custom", None, None)}
 EXPERIMENTS = tuple(dict.fromkeys(e for sweeps in SWEEPS.values() for e in sweeps if e))
+ORDER = tuple(s.name for runner in SWEEPS for s in settings.SETTINGS.values() if s.runner == runner)   # for plots
 LM_BASE = "base"                      # the frozen-base cell of the lm experiment (seed −1)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .. import methods
-from ..plotting import WIDTH, dedupe, legend_below, summarise
+from ..plotting import WIDTH, dedupe, legend_below, order, summarise
 from ..stats import fmt
 from . import evidence as ev
 from .assay import assays, deciding_methods, levels
@@ -123,7 +123,7 @@ def prepare_f12(planted=None, train=None, lm=None) -> pd.DataFrame:
 
 
 def draw_f12(data: pd.DataFrame):
-    sources = list(dict.fromkeys(data["source"])) or ["no data"]
+    sources = order(data["source"], list(ev.ORDER)) or ["no data"]
     names = [m for m in f12_methods() if m in set(data["method"])]
     fig, axes = plt.subplots(len(F12_METRICS), len(sources), figsize=(WIDTH, 2.1 * len(F12_METRICS) + 0.8),
                              squeeze=False, sharex="col")
