@@ -325,7 +325,8 @@ def claims_frame(claims: list, paper: PaperColumn | None = None) -> pd.DataFrame
         rows += [{"id": c.id, "comparison": cmp.name, "verdict": cmp.verdict, "figure": c.figure,
                   "rules_version": RULES_VERSION, "kind": c.kind,
                   **{f: getattr(cmp, f) for f in COMPARISON_FIELDS}} for cmp in c.comparisons]
-    return pd.DataFrame(rows, columns=list(CSV_COLUMNS))
+    frame = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
+    return frame.astype({"n": "Int64", "n_needed": "Int64"})      # counts stay integers beside the empty claim rows
 
 
 def write_report(claims: list, out_md, out_csv, *, ids, **render_kw) -> tuple[Path, Path]:
