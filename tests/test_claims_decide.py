@@ -122,7 +122,12 @@ def test_pair_needs_both_methods():
     wide = pd.DataFrame({"t": [1.0, 2.0], "b": [0.5, 1.0]})
     p = D.pair("x", wide, "t", "b", 0.1, "greater", setting="s", controls="passed", deciding=True)
     assert p.differences == (0.5, 1.0)
-    assert D.pair("x", wide, "t", "missing", 0.1, "greater", setting="s", controls="passed", deciding=True) is None
+    # a deciding comparison whose method did not run stays in the claim, inconclusive; a reported one is dropped
+    missing = D.pair("x", wide, "t", "missing", 0.1, "greater", setting="s", controls="passed", deciding=True)
+    assert missing.name == "x (not run)" and missing.differences == () and missing.deciding
     assert D.pair("x", wide, "missing", "b", 0.1, "greater", setting="s", controls="passed",
                   deciding=True).differences == ()
-    assert math.isnan(D.judge_family([D.Paired("x", (), 0.1, "greater")])[0].effect)
+    assert D.pair("x", wide, "t", "missing", 0.1, "greater", setting="s", controls="passed", deciding=False) is None
+    (c,) = D.judge_family([missing])
+    assert math.isnan(c.effect) and c.n == 0 and c.verdict == "inconclusive"
+    assert D.claim_verdict([c, cmp(0.02, 0.05)])[0] == "mixed"

@@ -169,6 +169,13 @@ def test_c5_never_averages_perturbation_kinds():
     assert any(not c.deciding and "Scale-matched" in c.name or "scale-matched" in c.name for c in claim.comparisons)
 
 
+def test_a_deciding_method_that_did_not_run_keeps_the_claim_from_being_supported():
+    claim = judge(C.claim_spec("C6"), planted(**{REF: {"gini": 0.1}, SCALED: None}))
+    missing = [c for c in claim.comparisons if c.name.endswith("(not run)")]
+    assert claim.verdict == "mixed" and len(missing) == 1 and "scale-matched" in missing[0].name
+    assert missing[0].verdict == "inconclusive" and missing[0].n == 0
+
+
 def test_c6_removes_the_step0_gap():
     # TalkLoRA starts 0.2 below the others and ends 0.2 below: no effect of training
     data = planted(sd=0.001, **{REF: {"gini0": -0.1, "gini": 0.1}})

@@ -23,7 +23,7 @@ from ..stats import fmt
 from . import evidence as ev
 from .assay import assays, deciding_methods, levels, registration
 from .base import ClaimSpec, FigureSpec, Outcome
-from .decide import Paired, claim_verdict, empirical_outcome, judge_family, why_not_testable
+from .decide import Paired, claim_verdict, empirical_outcome, judge_family, pair, why_not_testable
 
 C5_KINDS = ("gaussian_input", "gaussian_block", "adversarial")
 
@@ -70,11 +70,11 @@ def items_c5(data: dict, config: dict | None = None) -> tuple[list[Paired], list
         for (kind, eps), g in amp.groupby(["kind", "eps"]):
             wide = g.pivot_table(index="seed", columns="method", values="value")
             for b in (*deciding, *others):
-                if b in wide and talk in wide:
-                    d = (wide[talk] - wide[b]).dropna()
-                    items.append(Paired(f"{run.name}: log(quotient TalkLoRA / {methods.label(b)}), {kind}, ε = {fmt(eps)}",
-                                        tuple(d.to_numpy(float)), a.margins.get("amplification_log"), "less",
-                                        run.name, controls, b in deciding))
+                p = pair(f"{run.name}: log(quotient TalkLoRA / {methods.label(b)}), {kind}, ε = {fmt(eps)}", wide, talk,
+                         b, a.margins.get("amplification_log"), "less", setting=run.name, controls=controls,
+                         deciding=b in deciding)
+                if p is not None:
+                    items.append(p)
     return items, tested
 
 

@@ -21,7 +21,7 @@ from ..stats import estimate, fmt
 from . import evidence as ev
 from .assay import assays, deciding_methods, levels
 from .base import ClaimSpec, FigureSpec, Outcome
-from .decide import Paired, claim_verdict, empirical_outcome, judge_family, why_not_testable
+from .decide import Paired, claim_verdict, empirical_outcome, judge_family, not_run, why_not_testable
 from .helpers import md_table
 
 
@@ -54,11 +54,13 @@ def items_c6(data: dict, config: dict | None = None) -> tuple[list[Paired], list
         controls = a.controls((talk, *deciding), p2=True)
         tested.append((a, controls, f"Gini ±{fmt(a.margins.get('gini'))}"))
         for b in (*deciding, *reported()):
-            d = diff_in_diff(gini, talk, b)
+            name = f"{run.name}: Gini TalkLoRA − {methods.label(b)} (Δend − Δstep 0)"
             if b not in gini["end"]:
+                if b in deciding:
+                    items.append(not_run(name, a.margins.get("gini"), "less", run.name, controls))
                 continue
-            items.append(Paired(f"{run.name}: Gini TalkLoRA − {methods.label(b)} (Δend − Δstep 0)",
-                                tuple(d.to_numpy(float)), a.margins.get("gini"), "less", run.name, controls,
+            d = diff_in_diff(gini, talk, b)
+            items.append(Paired(name, tuple(d.to_numpy(float)), a.margins.get("gini"), "less", run.name, controls,
                                 b in deciding))
             start, end = gini["start"], gini["end"]
             raw.append([run.name, methods.label(b), estimate(end[talk] - end[b]).text(3),

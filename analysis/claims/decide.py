@@ -167,13 +167,18 @@ def settings_summary(comps) -> str:
 # ----------------------------------------------------------------------------- building a claim
 def pair(name: str, wide: pd.DataFrame, a: str, b: str, margin: float, side: str, *, setting: str,
          controls: str, deciding: bool, rule: str = "evidence", discordant=None) -> Paired | None:
-    """:class:`Paired` of ``wide[a] − wide[b]`` (rows: seeds); ``None`` when ``b`` did not run (a
-    deciding baseline that did not run is listed by :func:`missing`).  A missing reference gives an
-    empty comparison (inconclusive)."""
-    if b not in wide:
-        return None
-    d = (wide[a] - wide[b]).dropna() if a in wide else pd.Series(dtype=float)
-    return Paired(name, tuple(d.to_numpy(float)), margin, side, setting, controls, deciding, rule, discordant)
+    """:class:`Paired` of ``wide[a] − wide[b]`` (rows: seeds).  When either method did not run: ``None``
+    for a reported comparison, an empty one named "(not run)" for a deciding one — it is then
+    inconclusive, so a claim cannot be supported without every comparison the preregistration declares."""
+    if a in wide and b in wide:
+        d = (wide[a] - wide[b]).dropna()
+        return Paired(name, tuple(d.to_numpy(float)), margin, side, setting, controls, deciding, rule, discordant)
+    return not_run(name, margin, side, setting, controls, rule) if deciding else None
+
+
+def not_run(name: str, margin: float, side: str, setting: str, controls: str, rule: str = "evidence") -> Paired:
+    """A deciding comparison whose methods did not run in a setting: no differences (inconclusive there)."""
+    return Paired(f"{name} (not run)", (), margin, side, setting, controls, True, rule)
 
 
 def settings_table(rows) -> str:
