@@ -13,10 +13,12 @@ from pathlib import Path
 EXPERIMENTS = {
     "perturb_synthetic": "perturb", "perturb_routers": "perturb", "talk_norms": "perturb",
     "equivalence": "perturb", "perturb_real": "perturb", "perturb_controls": "perturb",
-    "train": "train", "twins": "twins", "lm": "lm",
-    "train_budget": "train",              # C7 matched budgets: written by the same ``train`` command
+    "train": "train", "train_tuning": "train", "train_budget": "train",      # tuning sweep and C7 budgets too
+    "twins": "twins", "lm": "lm", "lm_tuning": "lm",
+    "planted": "planted", "planted_tuning": "planted", "planted_budget": "planted",
+    "custom": "train",                    # a user [setting]: `python -m analysis train --config my.toml`
 }
-COMMANDS = tuple(dict.fromkeys(EXPERIMENTS.values()))      # perturb, train, twins, lm (run in this order)
+COMMANDS = tuple(dict.fromkeys(EXPERIMENTS.values()))      # perturb, train, twins, lm, planted (in this order)
 
 
 def command_for(experiment: str, results_dir="results") -> str:
@@ -39,11 +41,14 @@ class MissingResultsError(FileNotFoundError):
 
 
 def ensure_results(config, *, results_dir="results", workers: int = 1, executor=None, force: bool = False):
-    """Run every experiment command (``analysis.perturb/train/twins.run``) with the same arguments;
-    finished cells are skipped, so this only fills in what is missing (or everything with ``force``)."""
+    """Run every experiment command (``analysis.<command>.run``) with the same arguments; finished cells
+    are skipped, so this only fills in what is missing (or everything with ``force``).  A config with a
+    user ``[setting]`` trains it (``analysis.custom``) in place of the MiniLM tasks, as the command line does."""
     import importlib
 
     for command in COMMANDS:
+        if command == "train" and getattr(config, "setting", None) is not None:
+            command = "custom"
         module = importlib.import_module(f"{__package__ or 'analysis'}.{command}")
         module.run(config, results_dir=results_dir, workers=workers, executor=executor, force=force)
 
@@ -58,16 +63,19 @@ def load(experiment: str, results_dir="results", needed_by: str = "claims"):
     return store.read_rows()
 
 
-def load_all(experiments, results_dir="results", needed_by: str = "claims") -> tuple[dict, dict]:
-    """Rows and meta (``{}`` when unreadable) of every experiment; fails before reading if one is missing."""
+def load_all(experiments, results_dir="results", needed_by: str = "claims", optional=()) -> tuple[dict, dict]:
+    """Rows and meta (``{}`` when unreadable) of every experiment; fails before reading if one is missing.
+    ``optional`` experiments are read when they exist and left out otherwise (a setting that did not run)."""
     from .results import ResultStore
 
     experiments = list(dict.fromkeys(experiments))
     for name in experiments:
-        if not ResultStore(name, results_dir).rows_path.is_file():
+        if name not in optional and not ResultStore(name, results_dir).rows_path.is_file():
             raise MissingResultsError(name, results_dir, needed_by)
     data, meta = {}, {}
     for name in experiments:
+        if not ResultStore(name, results_dir).rows_path.is_file():
+            continue
         store = ResultStore(name, results_dir)
         data[name] = store.read_rows()
         try:

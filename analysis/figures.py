@@ -86,23 +86,28 @@ def manifest(figures: list[FigureSpec], sources: dict | None = None) -> str:
                   f"- data: [`data/{f.name}.csv`](data/{f.name}.csv)",
                   f"- claims: {', '.join(f.claims)} · module: `{f.draw.__module__}`",
                   f"- notebook: [`notebooks/{f.notebook}`](../notebooks/{f.notebook})",
-                  f"- drawn from: " + ", ".join(f"`{e}`" for e in f.experiments), ""]
+                  "- drawn from: " + ", ".join(f"`{e}`" for e in f.reads if not sources or e in sources), ""]
     return "\n".join(lines)
 
 
 def draw_all(results_dir="results", figures_dir="figures", only: list[str] | None = None,
              log: Callable[[str], None] = print, config: dict | None = None) -> dict:
     """Draw every figure (or those in ``only``) from saved results; write the manifest.  ``config``
-    (the experiment config as a dict) reaches the figures that need it (F10: declared margins)."""
+    (the experiment config as a dict) reaches the figures that need it (F10: a user setting's name)."""
     from .results import atomic_write_text, update_marked_section
+
+    from .results import ResultStore
 
     set_style()
     figures = [f for f in FIGURES if only is None or f.id in only]
     needed = list(dict.fromkeys(e for f in figures for e in f.experiments))
     rows = {e: load_experiment(e, results_dir) for e in needed}      # fail early, before drawing
+    for e in dict.fromkeys(e for f in figures for e in f.optional):   # a setting that did not run: absent
+        if e not in rows and ResultStore(e, results_dir).rows_path.is_file():
+            rows[e] = load_experiment(e, results_dir)
     written = {}
     for f in figures:
-        fig, data = f.make(*(rows[e] for e in f.experiments), config=config)
+        fig, data = f.make(*(rows.get(e) for e in f.reads), config=config)
         written[f.id] = save_figure(fig, data, f.name, figures_dir)
         log(f"[figures] {f.id} -> {written[f.id]['png']} ({len(data)} data rows)")
     readme = atomic_write_text(Path(figures_dir) / "README.md", manifest(figures, rows))

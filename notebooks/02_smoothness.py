@@ -16,10 +16,12 @@
 # %% [markdown]
 # # Evidence: smoothness (F2, F3, F7, F9, F11)
 #
-# Claims C4 (router Lipschitz bounds), C5 (communication mitigates perturbation amplification,
-# against a scale-matched MoELoRA-code control), C8 (how often the official init raises the router
-# bound), C10 (dense softmax vs hard–soft top-k routing, per ε and statistic) and C12 (communication
-# smooths routing dynamics: top-1 churn over training).  Claims, rules and figures, in
+# Claims C4 (router Lipschitz bounds), C5 (communication mitigates perturbation amplification: the
+# verdict reads trained routers against the function-matched twin and the centred-map-matched
+# control; the synthetic sweeps of F2 are reported), C8 (two separate quantities under the official
+# init: how often ‖T‖₂ > 1, and how often the router bound rises), C10 (dense softmax vs hard–soft
+# top-k routing, per ε and statistic) and C12 (communication smooths routing dynamics: top-1 churn of
+# decided tokens over training).  Claims, rules and figures, in
 # `analysis/claims/`: `lipschitz.py` (C4, F3), `amplification.py` (C5, F2), `init_norms.py` (C8, F7),
 # `topk.py` (C10, F9) and `churn.py` (C12, F11).  The synthetic layers of a seed share A, C, B and W_r and differ
 # only in the Talking Module T, so any difference between talk settings is T's.
@@ -89,9 +91,10 @@ fig = init_norms.draw_f7(f7)
 
 # %% [markdown]
 # ## F11 — routing churn over training
-# Share of held-out tokens whose top-1 expert changed since the previous checkpoint, TalkLoRA vs
-# MoELoRA-code, the scale-matched control and the function-matched twin (same routing at step 0:
-# only communication's training dynamics differ), per task and model (mean ± 95 % CI over seeds).
+# Share of decided held-out tokens (top-2 gate gap above the tie threshold) whose top-1 expert changed
+# since the previous checkpoint, TalkLoRA vs the function-matched twin (same routing at step 0: only
+# communication's training dynamics differ), the scale-matched control and MoELoRA-code, per setting
+# (mean ± 95 % CI over seeds).
 
 # %%
 from pathlib import Path

@@ -26,9 +26,7 @@ PASS = {"tests/test_properties.py::test_c1_identity_talk_equals_moelora_code[cfg
         "tests/test_probes_lipschitz.py::test_topk_router_has_no_certified_bound_but_local_constants_match_generic": "passed"}
 
 
-MARGINS = {"margins": dict(c5_ratio=0.05, c6_gini=0.02, c6_entropy=0.01, c7_accuracy=0.01, c8_share=0.05,
-                           c9_accuracy=0.01, c9_loss=0.02, c10_relative=0.05, c11_accuracy=0.005, c11_loss=0.02,
-                           c12_churn=0.01)}
+MARGINS: dict = {}              # every margin comes from the preregistration (analytic) or the tuning runs
 
 
 MINILM_DIMS = {"query": (384, 384), "key": (384, 384), "value": (384, 384), "up": (384, 1536), "down": (1536, 384)}
@@ -206,24 +204,6 @@ def c4_data(**kw):
                 train=tr, twins=twins_frame({"adamw": 0}))
 
 
-def c5_data(ratios, quotient=None, seeds=SEEDS, noise=0.01):
-    tr, _ = train_frame(quotient=quotient, seeds=seeds)
-    return dict(perturb_synthetic=synth_frame(ratios, seeds=seeds, noise=noise), train=tr)
-
-
-def c7_case(talk_acc=0.70, counts=None, closed=True):
-    tr, cfg = train_frame(acc={"lora": 0.6, "moelora-code": 0.7, "moelora-input": 0.7, "talklora-official": talk_acc},
-                          counts=counts)
-    if not closed:
-        tr = tr[tr.metric != "closed_form_parameters"]
-    return dict(train=tr), {"train": cfg, **MARGINS}
-
-
-def c11_case(talk_loss):
-    from test_claims_balance import TALK, train_frame as c11_train_frame
-    return dict(train=c11_train_frame(loss={TALK: talk_loss}))
-
-
 # ----------------------------------------------------------------------------- verdict tables
 # (claim, frames, backing-test outcomes, config, verdicts of other claims) -> expected verdict
 VERDICT_TABLE = [
@@ -246,31 +226,6 @@ VERDICT_TABLE = [
      "holds"),                                                                          # within tolerance
     ("C4", lambda: dict(perturb_synthetic=synth_frame({"official": 0.8}, certified=math.inf)), PASS, None, None,
      "inconclusive"),                                                                   # no finite bound: not passing
-    ("C6", lambda: dict(train=train_frame(gini={"moelora-code": 0.10, "moelora-input": 0.10,
-                                                "talklora-official": 0.05})[0]), None, None, None, "holds"),
-    ("C6", lambda: dict(train=train_frame(gini={"moelora-code": 0.05, "moelora-input": 0.05,
-                                                "talklora-official": 0.10})[0]), None, None, None, "refuted"),
-    ("C6", lambda: dict(train=train_frame(gini={"moelora-code": 0.05, "moelora-input": 0.05,
-                                                "talklora-official": 0.05})[0]), None, None, None,
-     "refuted"),                                                                        # inside ±margin
-    ("C6", lambda: dict(train=train_frame(gini={"moelora-code": 0.10, "moelora-input": 0.10,
-                                                "talklora-official": 0.05}, seeds=(0,))[0]), None, None, None,
-     "inconclusive"),                                                                   # one seed: no interval
-    ("C7", lambda: c7_case(0.65)[0], PASS, c7_case()[1], None, "refuted"),
-    ("C7", lambda: c7_case(0.75)[0], PASS, c7_case()[1], None, "inconclusive"),         # one budget (needs ≥ 3)
-    ("C7", lambda: c7_case(counts={"lora": 1, "moelora-code": 2, "moelora-input": 3, "talklora-official": 4})[0],
-     PASS, c7_case()[1], None, "inconclusive"),                                         # counts ≠ closed form
-    ("C7", lambda: c7_case(0.75, closed=False)[0], PASS, None, None, "inconclusive"),    # no closed-form rows
-    ("C9", lambda: dict(twins=twins_frame({"adamw": 0.05, "sgd": 0.05})), None, None, None, "holds"),
-    ("C9", lambda: dict(twins=twins_frame({"adamw": 0.05, "sgd": 0.0}, move={"sgd": 1e-3})), None, None, None,
-     "holds"),                                                                          # sgd routers do not move
-    ("C9", lambda: dict(twins=twins_frame({"adamw": -0.05, "sgd": 0.0})), None, None, None, "refuted"),
-    ("C9", lambda: dict(twins=twins_frame({"adamw": 0.0})), None, None, None, "refuted"),  # inside ±margins
-    ("C9", lambda: dict(twins=twins_frame({"adamw": 0.0, "sgd": 0.0}, noise=0.1)), None, None, None, "inconclusive"),
-    ("C9", lambda: dict(twins=twins_frame({"sgd": 0.05}, move={"sgd": 1e-3})), None, None, None,
-     "inconclusive"),                                                                   # no arm whose routers move
-    ("C11", lambda: c11_case(0.40), None, None, None, "holds"),
-    ("C11", lambda: c11_case(0.50), None, None, None, "refuted"),
 ]
 
 
@@ -287,8 +242,8 @@ def test_every_claim_has_a_table_row_per_reachable_verdict():
     seen = {}
     for cid, *_, expected in VERDICT_TABLE:
         seen.setdefault(cid, set()).add(expected)
-    # C5, C8, C10, C12: tests/test_claims_smoothness.py (every verdict each)
-    assert set(seen) | {"C5", "C8", "C10", "C12"} == set(C.CLAIM_IDS)
+    # C8, C10: tests/test_claims_smoothness.py; the empirical claims: tests/test_claims_empirical.py
+    assert set(seen) | {"C8", "C10"} == {c.id for c in C.CLAIMS if c.kind == "analytic"}
     assert all(len(v) >= 2 for v in seen.values()), seen           # every rule is seen deciding both ways
 
 
@@ -300,7 +255,6 @@ GATED = [(cid, nodeid) for cid, nodeid in (
     ("C2", "tests/test_properties.py::test_c1_identity_talk_equals_moelora_code[cfg1]"),
     ("C3", "tests/test_properties.py::test_counterexample_y"),
     ("C4", "tests/test_probes_lipschitz.py::test_sandwich_ordering_on_random_layers[b]"),
-    ("C7", "tests/test_inject.py::test_share_B_across_layers"),
     )]
 
 
@@ -315,15 +269,16 @@ def test_failed_backing_test_makes_the_verdict_inconclusive(cid, nodeid):
 
 
 def test_claims_without_backing_tests_ignore_the_test_run():
-    for cid in ("C6", "C8", "C9"):
+    for cid in ("C6", "C8", "C9", "C11", "C12"):
         assert claim_spec(cid).tests == ()
     frames = dict(talk_norms=talk_norms_frame(p_norm=0.25, p_ratio=0.2))
     assert judge("C8", {"tests/test_properties.py::test_c1_a": "failed"}, MARGINS, **frames).verdict == "holds"
 
 
 def test_missing_frame_names_the_command_and_results_dir():
-    with pytest.raises(C.MissingResultsError, match=r"'train'.*python -m analysis train --results-dir elsewhere"):
-        _judge(claim_spec("C6"), {}, results_dir="elsewhere")
+    with pytest.raises(C.MissingResultsError, match=r"'equivalence'.*python -m analysis perturb --results-dir elsewhere"):
+        _judge(claim_spec("C1"), {}, results_dir="elsewhere")
+    assert _judge(claim_spec("C6"), {}).verdict == "not-testable"      # a setting that did not run is absent
 
 
 # ----------------------------------------------------------------------------- evidence texts
@@ -364,30 +319,6 @@ def test_c4_refutation_names_the_ratio():
     assert "1.001" in claim.reason
 
 
-def test_c6_reports_the_step0_difference():
-    tr, _ = train_frame(gini0={"moelora-code": 0.10, "moelora-input": 0.10, "talklora-official": 0.04})
-    claim = judge("C6", train=tr)
-    assert "| MiniLM | moelora-code |" in "\n".join(claim.evidence) and "-0.06" in "\n".join(claim.evidence)
-    assert "step 0" in claim.rule and claim.comparisons[0].effect == pytest.approx(-0.05 + 0.06)
-
-
-def test_c7_key_number_and_mismatch_reason():
-    data, cfg = c7_case(0.75)
-    assert "160" in judge("C7", PASS, cfg, **data).key_number      # E² = 16 per layer × 5 targets × 2 layers
-    data, cfg = c7_case(counts={"lora": 1, "moelora-code": 2, "moelora-input": 3, "talklora-official": 4})
-    assert "closed form" in judge("C7", PASS, cfg, **data).reason
-    data, cfg = c7_case(closed=False)
-    assert "no closed-form parameter count" in judge("C7", PASS, cfg, **data).reason
-
-
-def test_c9_reasons():
-    claim = judge("C9", config={"twins": {"lr_adamw": 3e-4, "lr_sgd": 1e-2}, **MARGINS},
-                  twins=twins_frame({"adamw": 0.05, "sgd": 0.05}))
-    assert "adamw (lr 0.0003)" in claim.reason
-    still = judge("C9", twins=twins_frame({"sgd": 0.05}, move={"sgd": 1e-3}))
-    assert "routers move" in still.reason and "excluded" in "\n".join(still.evidence)
-
-
 def test_parse_junit_and_claim_mapping(tmp_path):
     xml = """<?xml version="1.0"?><testsuites><testsuite name="pytest">
     <testcase classname="tests.test_properties" name="test_c1_identity_talk_equals_moelora_code[cfg0]"/>
@@ -411,19 +342,23 @@ def test_missing_experiment_names_it_and_the_command(tmp_path):
 
 # ----------------------------------------------------------------------------- report
 def full_data():
-    tr, cfg = train_frame()
+    """Every experiment: the analytic sweeps, the planted-teacher setting (evaluation, tuning and budget
+    cells, with the doubly-stochastic structure) and the twin runs."""
+    from claims_frames import setting
     syn = synth_frame({"official": 0.7, "uniform-mix:0.5": 0.6})
-    real = syn.assign(model="minilm").drop(columns=["E", "r"])
-    from test_claims_smoothness import controls_frame, lm_frame
-    data = dict(equivalence=eq_frame(c1=1.234e-14), perturb_synthetic=syn, perturb_real=real, train=tr,
+    from test_claims_smoothness import controls_frame
+    data = dict(equivalence=eq_frame(c1=1.234e-14), perturb_synthetic=syn,
                 perturb_routers=routers_frame({"top1": 0.5, "top2": 0.3}, {"top1": 0.2, "top2": 0.2}),
                 perturb_controls=controls_frame(syn, {"spectral": {"official": 0.8}, "frobenius": {"official": 0.8}}),
                 talk_norms=talk_norms_frame(p_norm=0.375, p_ratio=0.05),
                 twins=twins_frame({"adamw": 0.05, "sgd": 0.0}))
-    from test_claims_balance import budget_frame, lm_frame as lm_loss_frame    # C7 budgets, C6/C11 causal LM
-    data.update(train_budget=budget_frame(),
-                lm=pd.concat([lm_loss_frame(), lm_frame({"moelora-code": -0.05})], ignore_index=True))  # + C12 churn
-    return data, {"train": cfg, "twins": {"lr_adamw": 3e-4, "lr_sgd": 1e-2}, **MARGINS}
+    means = {"head-only": {"loss": 1.0}, "lora": {"loss": 0.6, "params": 1010}, "moelora-code": {"loss": 0.55, "params": 990},
+             "talklora-official": {"loss": 0.4, "gini": 0.1, "churn": 0.02, "quotient": 0.5, "params": 1000},
+             "moelora-twin": {"loss": 0.5}, "moelora-code-scaled": {"loss": 0.5}, "moelora-code-centred": {"loss": 0.5},
+             "talklora-doubly-stochastic": {"loss": 0.4, "ratio": 0.95}}
+    per = {m: means[m] for m in ("talklora-official", "lora", "moelora-code")}
+    data.update(setting("planted", means, budgets={"24": per, "32": per}))
+    return data, {}
 
 
 def test_report_has_all_ids_numbers_and_is_written_atomically(tmp_path):
@@ -440,15 +375,27 @@ def test_report_has_all_ids_numbers_and_is_written_atomically(tmp_path):
         assert f"| {cid} |" in text and f"## {cid} —" in text
     assert "1.23e-14" in text                    # C1 residual from the frame
     assert "37.5 %" in text                      # C8 fraction from the frame
-    assert "160" in text                         # C7 overhead computed from the counts
+    assert "## Limitations" in text and "## Preregistration" in text and "8B" in text
     frame = pd.read_csv(csv)
     claim_rows = frame[frame.comparison.isna()]
     assert tuple(frame.columns) == R.CSV_COLUMNS and list(claim_rows.id) == list(C.CLAIM_IDS)
-    assert set(frame.verdict) <= set(C.VERDICTS)
+    assert set(frame.verdict) <= set(C.VERDICTS) and set(frame.rules_version) == {R.RULES_VERSION}
+    empirical = claim_rows[claim_rows.kind == "empirical"]
+    assert set(empirical.verdict) <= {"supported", "supported-below-relevance", "no-relevant-effect", "contradicted",
+                                      "inconclusive", "not-testable", "mixed"}
+    assert set(claim_rows[claim_rows.kind == "analytic"].verdict) <= {"holds", "refuted", "inconclusive"}
     assert "Rule:" in frame.evidence[0]
+    assert (pd.read_csv(csv, keep_default_na=False).query("comparison == ''").paper_verdict == "n/a").all()
     cmp_rows = frame[frame.comparison.notna()]
     assert len(cmp_rows) == sum(len(c.comparisons) for c in claims) > 0
-    assert cmp_rows[["n", "effect", "ci_low", "ci_high", "margin", "mde"]].notna().all().all()
+    assert cmp_rows[["n", "effect", "ci_low", "ci_high", "mde"]].notna().all().all()
+    deciding = cmp_rows[cmp_rows.deciding.astype(str) == "True"]
+    assert len(deciding) and deciding.margin.notna().all()    # reported rows may lack one (twin runs, no MiniLM)
+    setting_rows = cmp_rows[cmp_rows.kind == "empirical"]
+    assert setting_rows.setting.notna().all() and set(setting_rows.controls) >= {"passed"}
+    # never "no relevant effect" without the power to see an effect of the margin's size (P4)
+    nre = cmp_rows[cmp_rows.verdict == "no-relevant-effect"]
+    assert (nre.mde <= nre.margin).all()
     assert not list(tmp_path.glob(".*.tmp"))
 
 
@@ -470,9 +417,13 @@ def test_failed_write_keeps_the_previous_report(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_verdict_must_be_one_of_the_four():
+def test_verdict_must_be_one_of_the_kind():
     with pytest.raises(ValueError, match="verdict"):
         C.Claim("C1", "s", "probably", "k", [], "r")
+    with pytest.raises(ValueError, match="analytic claim must be one of"):
+        C.Claim("C1", "s", "supported", "k", [], "r")
+    with pytest.raises(ValueError, match="empirical claim must be one of"):
+        C.Claim("C6", "s", "holds", "k", [], "r", kind="empirical")
 
 
 def test_run_reads_saved_results_and_reports_the_same_verdicts(tmp_path, monkeypatch):
@@ -490,9 +441,14 @@ def test_run_reads_saved_results_and_reports_the_same_verdicts(tmp_path, monkeyp
     expected = [c.verdict for c in C.evaluate(data, None, cfg)]
     saved = pd.read_csv(csv)
     assert [c.verdict for c in claims] == expected == list(saved[saved.comparison.isna()].verdict)
-    assert expected[:3] == ["holds", "refuted", "holds"] and "holds" in expected[3:]
-    (tmp_path / "results" / "twins" / "rows.csv").unlink()
-    with pytest.raises(C.MissingResultsError, match=rf"'twins'.*--results-dir {tmp_path / 'results'}"):
+    assert expected[:3] == ["holds", "refuted", "holds"] and expected[10] == "supported"     # C11 in planted
+    text = md.read_text()
+    assert "planted teacher, one linear layer, 100 steps" in text and "profile 'test' is not preregistered" in text
+    assert "## Settings and positive controls" in text and "| planted-teacher | loss |" in text
+    (tmp_path / "results" / "twins" / "rows.csv").unlink()          # optional: C9 is judged without it
+    C.run(cfg, results_dir=tmp_path / "results", out_md=md, out_csv=csv, run_tests=False)
+    (tmp_path / "results" / "equivalence" / "rows.csv").unlink()    # required by C1–C3
+    with pytest.raises(C.MissingResultsError, match=rf"'equivalence'.*--results-dir {tmp_path / 'results'}"):
         C.run(cfg, results_dir=tmp_path / "results", out_md=md, out_csv=csv, run_tests=False)
 
 
@@ -500,16 +456,54 @@ def test_report_lists_comparisons_when_a_claim_has_them(tmp_path):
     from analysis.stats import Comparison
     data, cfg = full_data()
     claims = C.evaluate(data, None, cfg)
-    for c in claims:                                        # C6, C7, C9, C11 carry theirs: start from none
+    for c in claims:                                        # the claims with comparisons: start from none
         c.comparisons = []
+    claims[5].kind = "analytic"                             # an analytic claim's table (empirical: their own)
+    claims[5].verdict = "holds"
     claims[5].comparisons = [Comparison.from_differences("TalkLoRA − MoELoRA-code", [0.03, 0.05, 0.04], margin=0.01)]
     md, csv = tmp_path / "CLAIMS.md", tmp_path / "claims.csv"
     R.write_report(claims, md, csv, ids=C.CLAIM_IDS, command="x", results_dir=tmp_path, commit="c", dirty=False)
     text = md.read_text()
-    assert text.count("| comparison | n | effect |") == 1 and "| TalkLoRA − MoELoRA-code | 3 | 0.04 |" in text
+    assert text.count("| MDE | verdict |") == 1 and "| TalkLoRA − MoELoRA-code | 3 | 0.04 |" in text
     frame = pd.read_csv(csv)
     row = frame[frame.comparison == "TalkLoRA − MoELoRA-code"].iloc[0]
     cmp = claims[5].comparisons[0]
     assert row.id == claims[5].id and row.verdict == cmp.verdict == "holds" and row.n == 3
     assert (row.effect, row.ci_low, row.ci_high, row.margin, row.mde) == pytest.approx(
         (cmp.effect, cmp.ci_low, cmp.ci_high, 0.01, cmp.mde))
+
+
+def test_the_paper_column_reads_the_paper_report_of_the_same_rules(tmp_path):
+    data, cfg = full_data()
+    claims = C.evaluate(data, None, cfg)
+    paper_md, paper_csv = tmp_path / "paper.md", tmp_path / "paper.csv"
+    R.write_report(claims, paper_md, paper_csv, ids=C.CLAIM_IDS, command="x", results_dir=tmp_path, commit="c",
+                   dirty=False)
+    frame = pd.read_csv(paper_csv)
+    c11 = (frame["id"] == "C11") & frame["comparison"].isna()
+    frame.loc[c11, ["verdict", "controls"]] = ["inconclusive", "planted-teacher: failed: P1"]
+    frame.to_csv(paper_csv, index=False)
+    paper = R.PaperColumn.read(paper_csv)
+    assert paper.verdict("C1") == "holds" and paper.verdict("C11") == "inconclusive"
+    md, csv = tmp_path / "CLAIMS.md", tmp_path / "claims.csv"
+    R.write_report(claims, md, csv, ids=C.CLAIM_IDS, command="x", results_dir=tmp_path, commit="c", dirty=False,
+                   paper=paper)
+    text = md.read_text()
+    c11_here = next(c for c in claims if c.id == "C11")
+    assert f"- C11: here **{c11_here.verdict}**, paper **inconclusive** — controls here: planted-teacher: passed; " \
+           "paper: planted-teacher: failed: P1." in text
+    saved = pd.read_csv(csv, keep_default_na=False)
+    assert saved.query("id == 'C11' and comparison == ''").paper_verdict.item() == "inconclusive"
+    # a paper report written by older rules (no rules_version) or absent: the column is n/a
+    frame.drop(columns=["rules_version"]).to_csv(paper_csv, index=False)
+    old = R.PaperColumn.read(paper_csv)
+    assert old.verdict("C1") == "n/a" and "older rules" in old.note
+    assert "does not exist" in R.PaperColumn.read(tmp_path / "absent.csv").note
+
+
+def test_readme_section_uses_the_new_words_and_limitations():
+    data, cfg = full_data()
+    claims = C.evaluate(data, None, cfg)
+    text = R.readme_section(claims, "python -m analysis claims", R.PaperColumn({}, None, "n/a"))
+    assert "| id | claim | verdict | paper profile | key number |" in text and "**Limitations.**" in text
+    assert "**supported**" in text and "holds under stated conditions" not in text

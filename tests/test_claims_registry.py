@@ -22,10 +22,13 @@ LAYOUT = {   # module -> (claims, figures)
     "equivalence": ({"C1", "C2", "C3"}, {"F6"}), "lipschitz": ({"C4"}, {"F3"}), "amplification": ({"C5"}, {"F2"}),
     "balance": ({"C6"}, {"F1", "F4"}), "efficiency": ({"C7"}, {"F5"}), "init_norms": ({"C8"}, {"F7"}),
     "twins": ({"C9"}, {"F8"}), "topk": ({"C10"}, {"F9"}), "outperforms": ({"C11"}, set()),
-    "churn": ({"C12"}, {"F11"}),
+    "churn": ({"C12"}, {"F11"}), "structures": ({"C13"}, {"F12"}),
 }
-CLAIM_MODULE_IMPORTS = {"analysis.claims.base", "analysis.claims.helpers", "analysis.stats", "analysis.methods",
-                        "analysis.plotting"}
+SHARED = {"analysis.claims.base", "analysis.claims.helpers", "analysis.claims.evidence", "analysis.claims.assay",
+          "analysis.claims.decide"}
+CLAIM_MODULE_IMPORTS = {*SHARED, "analysis.stats", "analysis.methods", "analysis.plotting"}
+SHARED_IMPORTS = {*CLAIM_MODULE_IMPORTS, "analysis.experiments", "analysis.report", "analysis.settings",
+                  "analysis.prereg", "analysis.protocol"}
 TOUR = "00_library_tour.py"        # uses the library directly (balance_loss="switch" is a loss, not a method)
 OWNED = [*sorted((ROOT / "analysis" / "claims").glob("*.py")),
          *(ROOT / "analysis" / f for f in ("report.py", "figures.py", "plotting.py", "stats.py", "experiments.py"))]
@@ -68,7 +71,7 @@ def test_caption_cites_exactly_the_claims_that_cite_the_figure(fig):
 
 def test_captions_say_how_the_figure_relates_to_the_verdict():
     f1 = C.figure_spec("F1").caption
-    assert "validation split" in f1 and "difference-in-differences" in f1 and "SmolLM2" in f1
+    assert "validation" in f1 and "difference-in-differences" in f1 and "SmolLM2" in f1
     assert "scale-matched" in f1 and "twin" in f1
     for f in C.FIGURES:
         assert "verdict" in f.caption, f.id
@@ -130,11 +133,10 @@ def test_declarations_reject_bad_input():
 
 
 def test_margin_is_strict():
-    assert B.margin({"margins": {"c6_gini": 0.02}}, "c6_gini") == 0.02
-    with pytest.raises(KeyError, match=r"margin 'c6_gini' is not declared.*\[margins\]"):
-        B.margin({}, "c6_gini")
-    with pytest.raises(ValueError, match="margins.c6_gini must be > 0"):
-        B.margin({"margins": {"c6_gini": 0.0}}, "c6_gini")
+    from analysis import prereg
+    assert B.margin("c8_share") == prereg.load().margins["c8_share"]
+    with pytest.raises(KeyError, match=r"margin rule 'c6_gini' is not preregistered; declared: \["):
+        B.margin("c6_gini")
 
 
 def test_judge_all_orders_by_verdict_dependencies():
@@ -176,13 +178,20 @@ def test_missing_results_message_uses_the_results_dir(tmp_path):
 
 
 def test_ensure_results_runs_each_command_once_in_order(monkeypatch, tmp_path):
-    from analysis import lm, perturb, train, twins
+    from types import SimpleNamespace
+
+    from analysis import custom, lm, perturb, planted, train, twins
     calls = []
-    for mod in (perturb, train, twins, lm):
+    for mod in (perturb, train, twins, lm, planted, custom):
         monkeypatch.setattr(mod, "run", lambda config, mod=mod, **kw: calls.append((mod.__name__, kw)))
-    X.ensure_results("CFG", results_dir=tmp_path, workers=2, force=True)
-    assert [c[0] for c in calls] == ["analysis.perturb", "analysis.train", "analysis.twins", "analysis.lm"]
+    X.ensure_results(SimpleNamespace(setting=None), results_dir=tmp_path, workers=2, force=True)
+    assert [c[0] for c in calls] == ["analysis.perturb", "analysis.train", "analysis.twins", "analysis.lm",
+                                     "analysis.planted"]
     assert all(c[1] == dict(results_dir=tmp_path, workers=2, executor=None, force=True) for c in calls)
+    calls.clear()       # a user [setting] is trained in place of the MiniLM tasks, as `python -m analysis train` does
+    X.ensure_results(SimpleNamespace(setting="mine"), results_dir=tmp_path)
+    assert [c[0] for c in calls] == ["analysis.perturb", "analysis.custom", "analysis.twins", "analysis.lm",
+                                     "analysis.planted"]
 
 
 # ----------------------------------------------------------------------------- import rules
@@ -242,8 +251,10 @@ def test_no_import_cycles_in_analysis():
 def test_claim_modules_import_only_the_shared_layer():
     graph = import_graph()
     for name, deps in graph.items():
-        if name.startswith("analysis.claims.") and name not in ("analysis.claims.base", "analysis.claims.helpers"):
+        if name.startswith("analysis.claims.") and name not in SHARED:
             assert deps <= CLAIM_MODULE_IMPORTS, (name, deps - CLAIM_MODULE_IMPORTS)
+        elif name in SHARED:
+            assert deps <= SHARED_IMPORTS, (name, deps - SHARED_IMPORTS)
     assert graph["analysis.report"] <= {"analysis.stats", "analysis.results"}   # it formats, it knows no claim
 
 

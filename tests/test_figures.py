@@ -1,5 +1,6 @@
-"""Figures F1–F11 (declared in the claim modules of analysis.claims, drawn by analysis.figures) on small
-synthetic result tables."""
+"""Figures F1–F12 (declared in the claim modules of analysis.claims, drawn by analysis.figures) on small
+synthetic result tables: the analytic sweeps here, the settings' sweeps (planted, MiniLM topic, SmolLM2)
+from tests/claims_frames.py."""
 from __future__ import annotations
 
 import io
@@ -20,38 +21,45 @@ from analysis.config import load_profile  # noqa: E402
 from analysis import plotting as P  # noqa: E402
 from analysis import stats as S  # noqa: E402
 from analysis import methods  # noqa: E402
-from analysis.claims import amplification, balance, churn, efficiency, init_norms, lipschitz, topk, twins  # noqa: E402
-from test_claims import MARGINS  # noqa: E402
+from analysis.claims import (amplification, balance, churn, efficiency, evidence, forest, init_norms,  # noqa: E402
+                             lipschitz, structures, topk, twins)
+from claims_frames import setting  # noqa: E402
 
-METHODS = ["lora", "moelora-code", "moelora-input", "talklora-official", "talklora-identity"]
+MARGINS: dict = {}
+
 LAYERS = ["L5.query", "L5.value"]
 SEEDS = [0, 1, 2]
 
 
 # ----------------------------------------------------------------------------- synthetic rows
-def train_rows() -> pd.DataFrame:
-    rows = []
-    for m, s in itertools.product(METHODS, SEEDS):
-        base = dict(method=m, seed=s, domain="all")
-        for step in (0, 5, 10):
-            rows.append(dict(base, step=step, split="val", layer="all", metric="accuracy", value=0.5 + step / 100))
-            if m != "lora":
-                for i, layer in enumerate(LAYERS):
-                    for metric, v in (("gini", 0.1 * (i + 1) + 0.01 * s), ("load_entropy", 0.9),
-                                      ("token_entropy", 0.8)):
-                        rows.append(dict(base, step=step, split="val", layer=layer, metric=metric, value=v))
-        rows.append(dict(base, step=10, split="test", layer="all", metric="accuracy", value=0.6 + 0.01 * s))
-        rows.append(dict(base, step=10, split="test", layer="all", domain="movie", metric="accuracy", value=0.1))
-        rows.append(dict(base, step=10, split="test", layer="all", metric="trainable_parameters",
-                         value=1000.0 * (METHODS.index(m) + 1)))
-        if m != "lora":
-            for i, layer in enumerate(LAYERS):
-                rows += [dict(base, step=10, split="test", layer=layer, metric="gini", value=0.1 * (i + 1) + 0.01 * s),
-                         dict(base, step=10, split="test", layer=layer, metric="load_entropy", value=0.95)]
-                for stat, v in (("certified", 0.4), ("local_max", 0.2), ("empirical", 0.19)):
-                    rows.append(dict(base, step=-1, split="test", layer=layer, kind="lipschitz_input",
-                                     statistic=stat, metric="lipschitz", value=v))
-    return pd.DataFrame(rows)
+REF, CODE, TWIN, SCALED, DS = "talklora-official", "moelora-code", "moelora-twin", "moelora-code-scaled", \
+    "talklora-doubly-stochastic"
+SETTING_MEANS = {"head-only": {"loss": 1.0, "accuracy": 0.5}, "lora": {"loss": 0.6, "params": 1010},
+                 CODE: {"loss": 0.55, "params": 990, "gini": 0.2}, REF: {"loss": 0.45, "gini": 0.1, "churn": 0.05},
+                 TWIN: {"loss": 0.5}, SCALED: {"loss": 0.5}, DS: {"loss": 0.46, "ratio": 0.9},
+                 "talklora-broadcast": {"loss": 0.47, "ratio": 0.8}}
+BUDGET = {m: SETTING_MEANS[m] for m in (REF, "lora", CODE)}
+
+
+def planted_sweeps() -> dict:
+    return setting("planted", SETTING_MEANS, budgets={"24": BUDGET, "32": BUDGET})
+
+
+def train_sweeps() -> dict:
+    """MiniLM topic: the setting's rows plus the trained routers' Lipschitz sandwich (step −1)."""
+    data = setting("train", {m: v for m, v in SETTING_MEANS.items() if m != "talklora-broadcast"},
+                   budgets={"8": BUDGET, "32": BUDGET})
+    rows = [dict(task="topic", method=m, seed=s, lr=0.01, step=-1, split="test", layer=layer, domain="all",
+                 kind="lipschitz_input", statistic=stat, metric="lipschitz", value=v)
+            for m in (CODE, REF) for s in range(8) for layer in LAYERS
+            for stat, v in (("certified", 0.4), ("local_max", 0.2), ("empirical", 0.19))]
+    data["train"] = pd.concat([data["train"], pd.DataFrame(rows)], ignore_index=True)
+    return data
+
+
+def lm_sweeps() -> dict:
+    return setting("lm", {"base": {"loss": 3.0}, "lora": {"loss": 2.6}, CODE: {"loss": 2.5}, REF: {"loss": 2.4},
+                          TWIN: {"loss": 2.45}, SCALED: {"loss": 2.45}})
 
 
 def synthetic_rows() -> pd.DataFrame:
@@ -98,26 +106,6 @@ def control_rows() -> pd.DataFrame:
                       q.assign(control="frobenius", value=q["value"])], ignore_index=True)
 
 
-def churn_train_rows() -> pd.DataFrame:
-    """train rows plus probe churn (task 'sentiment'): TalkLoRA churns 0.05, the MoELoRA-code methods 0.1."""
-    rows = []
-    for m, s, step, layer in itertools.product(("talklora-official", "moelora-code", "moelora-code-scaled"), SEEDS,
-                                              (5, 10), LAYERS):
-        rows.append(dict(task="sentiment", method=m, seed=s, step=step, split="probe", layer=layer, domain="all",
-                         metric="churn", value=0.05 if m == "talklora-official" else 0.1))
-    return pd.concat([train_rows().assign(task="sentiment"), pd.DataFrame(rows)], ignore_index=True)
-
-
-def lm_churn_rows() -> pd.DataFrame:
-    rows = []
-    for m, s, step in itertools.product(("lora", "talklora-official", "moelora-code", "moelora-code-scaled"), SEEDS,
-                                        (4, 8, 12)):
-        if m != "lora":
-            rows.append(dict(method=m, seed=s, step=step, split="test", layer="mean", domain="all",
-                             metric="top1_churn", value=0.2 / step + 0.01 * s))
-    return pd.DataFrame(rows)
-
-
 def talk_norm_rows() -> pd.DataFrame:
     rng = np.random.default_rng(0)
     rows = []
@@ -153,32 +141,11 @@ def twin_rows() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def budget_rows() -> pd.DataFrame:
-    """``train_budget``-like rows: TalkLoRA and LoRA at two more budgets (C7, F5)."""
-    rows = []
-    for r, m, s in itertools.product((8, 32), ("lora", "talklora-official"), SEEDS):
-        base = dict(budget=r, method=m, seed=s, step=10, split="test", layer="all", domain="all", rank=r)
-        rows += [dict(base, metric="accuracy", value=0.6 + 0.001 * r + 0.01 * s),
-                 dict(base, metric="trainable_parameters", value=100.0 * r)]
-    return pd.DataFrame(rows)
-
-
-def lm_loss_rows() -> pd.DataFrame:
-    rows = []
-    for m, s in itertools.product(("lora", "moelora-code", "talklora-official"), SEEDS):
-        rows += [dict(method=m, seed=s, step=4, split="test", layer="all", domain=d, metric="loss",
-                      value=3.0 - 0.01 * s - (0.1 if m == "talklora-official" else 0)) for d in ("movie", "news", "math")]
-    return pd.DataFrame(rows)
-
-
-def lm_rows() -> pd.DataFrame:
-    return pd.concat([lm_churn_rows(), lm_loss_rows()], ignore_index=True)
-
-
-ROWS = {"train": churn_train_rows, "perturb_synthetic": synthetic_rows, "perturb_routers": router_rows,
-        "talk_norms": talk_norm_rows, "equivalence": equivalence_rows, "twins": twin_rows,
-        "train_budget": budget_rows, "lm": lm_rows, "perturb_controls": control_rows,
-        "perturb_real": lambda: synthetic_rows().assign(model="minilm").drop(columns=["E", "r"])}
+ROWS = {"perturb_synthetic": synthetic_rows, "perturb_routers": router_rows, "talk_norms": talk_norm_rows,
+        "equivalence": equivalence_rows, "twins": twin_rows, "perturb_controls": control_rows,
+        "perturb_real": lambda: synthetic_rows().assign(model="minilm").drop(columns=["E", "r"]),
+        **{name: (lambda name=name, make=make: make()[name]) for make in (planted_sweeps, train_sweeps, lm_sweeps)
+           for name in make()}}
 
 
 @pytest.fixture(autouse=True)
@@ -213,28 +180,31 @@ def test_summarise_t_interval():
 
 # ----------------------------------------------------------------------------- each figure
 CASES = {
-    "F1": (["train"], {"metric", "layer", "method", "mean", "lo", "hi", "n"}),
-    "F2": (["perturb_synthetic", "perturb_controls"], {"panel", "E", "kind", "talk", "statistic", "eps", "mean", "lo",
-                                                       "hi", "n"}),
-    "F3": (["perturb_synthetic", "train"], {"panel", "E", "group", "statistic", "mean", "lo", "hi", "n"}),
-    "F4": (["train"], {"metric", "method", "step", "mean", "lo", "hi", "n"}),
-    "F5": (["train", "train_budget"], {"task", "budget", "method", "trainable_parameters", "mean", "lo", "hi", "n"}),
-    "F6": (["equivalence"], {"dtype", "metric", "value"}),
-    "F7": (["talk_norms"], {"metric", "E", "median", "q25", "q75", "frac_gt_1", "share", "share_lo", "share_hi", "n"}),
-    "F8": (["twins"], {"panel", "optimizer", "model", "metric", "step", "mean", "lo", "hi", "n"}),
-    "F9": (["perturb_routers"], {"panel", "router", "kind", "eps", "statistic", "mean", "lo", "hi", "n"}),
-    "F11": (["lm", "train"], {"source", "method", "step", "mean", "lo", "hi", "n"}),
-    "F10": (list(F.FIGURE_BY_ID["F10"].experiments), {"claim", "comparison", "n", "effect", "ci_low", "ci_high",
-                                                      "margin", "verdict"}),
+    "F1": {"source", "metric", "layer", "method", "mean", "lo", "hi", "n"},
+    "F2": {"panel", "E", "kind", "talk", "statistic", "eps", "mean", "lo", "hi", "n"},
+    "F3": {"panel", "E", "group", "statistic", "mean", "lo", "hi", "n"},
+    "F4": {"source", "split", "metric", "method", "step", "mean", "lo", "hi", "n"},
+    "F5": {"source", "budget", "method", "metric", "trainable_parameters", "mean", "lo", "hi", "n"},
+    "F6": {"dtype", "metric", "value"},
+    "F7": {"metric", "E", "median", "q25", "q75", "frac_gt_1", "share", "share_lo", "share_hi", "n"},
+    "F8": {"panel", "optimizer", "model", "metric", "step", "mean", "lo", "hi", "n"},
+    "F9": {"panel", "router", "kind", "eps", "statistic", "mean", "lo", "hi", "n"},
+    "F10": {"claim", "comparison", "setting", "controls", "deciding", "n", "effect", "ci_low", "ci_high", "margin",
+            "verdict"},
+    "F11": {"source", "method", "step", "mean", "lo", "hi", "n"},
+    "F12": {"source", "metric", "method", "mean", "lo", "hi", "n"},
 }
 
 
-@pytest.mark.parametrize("fig_id", sorted(CASES))
+def test_every_figure_has_a_case():
+    assert set(CASES) == {f.id for f in F.FIGURES}
+
+
+@pytest.mark.parametrize("fig_id", sorted(CASES, key=lambda f: int(f[1:])))
 def test_figure_draws_and_redraws_from_its_data(fig_id):
-    experiments, columns = CASES[fig_id]
+    columns = CASES[fig_id]
     spec = F.FIGURE_BY_ID[fig_id]
-    assert tuple(experiments) == spec.experiments
-    fig, data = spec.make(*(ROWS[e]() for e in experiments), config=MARGINS)
+    fig, data = spec.make(*(ROWS[e]() if e in ROWS else None for e in spec.reads), config=MARGINS)
     assert isinstance(fig, matplotlib.figure.Figure) and _drawn(fig)
     assert columns <= set(data.columns), columns - set(data.columns)
     assert len(data) > 0 and len(data) < 5000
@@ -242,27 +212,23 @@ def test_figure_draws_and_redraws_from_its_data(fig_id):
     assert _drawn(again)
 
 
-def test_f1_values_are_seed_means_of_the_final_validation_step():
-    rows = train_rows()
-    rows.loc[(rows["split"] == "test") & (rows["metric"] == "gini"), "value"] = 0.9      # must not be drawn
-    data = balance.prepare_f1(rows).set_index(["metric", "layer", "method"])
+@pytest.mark.parametrize("fig_id", ["F1", "F4", "F5", "F11", "F12"])
+def test_settings_figures_draw_whatever_settings_ran(fig_id):
+    """A setting that did not run is absent from the figure, never an error."""
+    spec = F.FIGURE_BY_ID[fig_id]
+    only_planted = {e: ROWS[e]() for e in spec.reads if e.startswith("planted")}
+    fig, data = spec.make(*(only_planted.get(e) for e in spec.reads))
+    assert set(data["source"]) == {"planted-teacher"} and _drawn(fig)
+
+
+def test_f1_values_are_seed_means_of_the_final_validation_step_that_c6_reads():
+    rows = train_sweeps()["train"]
+    rows.loc[(rows["split"] == "val") & (rows["step"] == 0) & (rows["metric"] == "gini"), "value"] = 0.9   # not drawn
+    data = balance.prepare_f1(None, rows, None).set_index(["metric", "layer", "method"])
     assert set(data.index.get_level_values("method")) <= set(balance.f1_methods())   # LoRA has no router
-    assert "lora" not in set(data.index.get_level_values("method"))
-    row = data.loc[("gini", "L5.value", "talklora-official")]
-    assert row["mean"] == pytest.approx(0.21) and row["n"] == 3 and row["lo"] < 0.21 < row["hi"]
-
-
-def test_f1_draws_the_final_values_the_c6_verdict_reads():
-    """F1's per-layer means, averaged over layers, are the seed means of the layer-mean Gini at the last step
-    that C6's difference-in-differences takes (its 'end' frame)."""
-    rows = train_rows()
-    rows.loc[(rows["split"] == "val") & (rows["step"] == 5) & (rows["metric"] == "gini"), "value"] = 0.9
-    drawn = balance.prepare_f1(rows)
-    drawn = drawn[drawn["metric"] == "gini"].groupby("method")["mean"].mean()      # mean over layers
-    (setting, frames), = balance.select_c6({"train": rows})
-    start, end = frames["gini"]
-    assert drawn.to_dict() == pytest.approx(end.mean()[drawn.index].to_dict())
-    assert start.mean()[drawn.index].to_numpy() == pytest.approx(drawn.to_numpy())   # step 0 = the end here
+    end = evidence.routing(evidence.runs({"train": rows})[0], "gini")["end"]
+    for m in (CODE, REF, TWIN):
+        assert data.loc[("gini", "L0", m), "mean"] == pytest.approx(end[m].mean()) and data.loc[("gini", "L0", m), "n"] == 8
 
 
 def test_f2_medians_and_p95_by_talk():
@@ -282,25 +248,53 @@ def test_f2_ratio_to_the_scale_matched_controls():
 
 
 def test_f3_orders_alpha_grid_and_includes_trained():
-    data = lipschitz.prepare_f3(synthetic_rows(), train_rows())
+    data = lipschitz.prepare_f3(synthetic_rows(), train_sweeps()["train"])
     assert set(data["panel"]) == {"synthetic, w.r.t. code", "synthetic, w.r.t. input", "trained routers, w.r.t. input"}
     assert P.talk_order(["official", "identity", "uniform-mix:0.75", "uniform-mix:0.25"]) == [
         "uniform-mix:0.25", "uniform-mix:0.75", "identity", "official"]
     trained = data[data["panel"].str.startswith("trained")]
-    assert set(trained["group"]) == set(METHODS) - {"lora"} and (trained["n"] == 6).all()     # 3 seeds x 2 layers
+    assert set(trained["group"]) == {CODE, REF} and (trained["n"] == 16).all()     # 8 seeds x 2 layers
+    assert set(lipschitz.prepare_f3(synthetic_rows())["panel"]) == {"synthetic, w.r.t. code", "synthetic, w.r.t. input"}
 
 
-def test_f4_averages_layers_then_seeds():
-    data = balance.prepare_f4(train_rows()).set_index(["metric", "method", "step"])
-    assert data.loc[("gini", "moelora-code", 5), "mean"] == pytest.approx(0.16)   # (0.1 + 0.2)/2 + 0.01
-    assert data.loc[("gini", "moelora-code", 5), "n"] == 3
+def test_f4_averages_layers_then_seeds_on_the_split_each_setting_records():
+    data = balance.prepare_f4(planted_sweeps()["planted"], None, lm_sweeps()["lm"])
+    data = data.set_index(["source", "metric", "method", "step"])
+    planted = data.loc[("planted-teacher", "gini", REF)]
+    assert list(planted.index) == [0, 100] and planted.loc[100, "n"] == 8
+    assert planted.loc[100, "mean"] == pytest.approx(0.1, abs=0.01)
+    assert set(data.loc["smollm2-lm"].reset_index()["metric"]) == {"gini", "load_entropy", "token_entropy"}
 
 
-def test_f5_accuracy_and_parameters():
-    data = efficiency.prepare_f5(train_rows(), budget_rows()).set_index(["budget", "method"])
-    assert data.loc[(0, "lora"), "trainable_parameters"] == 1000 and data.loc[(0, "lora"), "mean"] == pytest.approx(0.61)
-    assert data.loc[(32, "talklora-official"), "trainable_parameters"] == 3200
-    assert data.loc[(32, "talklora-official"), "mean"] == pytest.approx(0.642) and data.loc[(32, "lora"), "n"] == 3
+def test_f5_loss_and_parameters_per_budget():
+    sweeps = planted_sweeps()
+    data = efficiency.prepare_f5(sweeps["planted"], sweeps["planted_budget"]).set_index(["budget", "method", "metric"])
+    assert data.loc[("main sweep", "lora", "loss"), "trainable_parameters"] == 1010
+    assert data.loc[("24", REF, "loss"), "mean"] == pytest.approx(0.46, abs=0.01) and data.loc[("24", REF, "loss"), "n"] == 8
+    assert "accuracy" not in set(data.index.get_level_values("metric"))          # regression: no accuracy
+
+
+def test_f12_puts_every_structure_beside_the_reference():
+    data = structures.prepare_f12(planted_sweeps()["planted"]).set_index(["metric", "method"])
+    assert {DS, "talklora-broadcast", REF, CODE} <= set(data.index.get_level_values("method"))
+    assert "lora" not in set(data.index.get_level_values("method"))
+    assert data.loc[("certified_ratio", DS), "mean"] == pytest.approx(0.9)
+    assert data.loc[("loss", DS), "n"] == 8
+    assert structures.prepare_f12(setting("planted", {REF: {}, CODE: {}})["planted"]).empty   # no structure: no panel
+
+
+def test_f10_marks_comparisons_that_are_not_testable():
+    flat = setting("lm", {"base": {"loss": 1.0}, "lora": {"loss": 0.99}, CODE: {"loss": 0.99}, REF: {"loss": 0.99},
+                          TWIN: {"loss": 0.99}, SCALED: {"loss": 0.99}})
+    spec = F.FIGURE_BY_ID["F10"]
+    rows = {**planted_sweeps(), **flat}
+    data = spec.prepare(*(rows.get(e) for e in spec.reads))
+    lm = data[data["setting"] == "smollm2-lm"]
+    assert len(lm) and (lm["verdict"] == "not-testable").all() and lm["controls"].str.startswith("failed: P1").all()
+    assert set(data["claim"]) >= {"C5", "C6", "C7", "C9", "C11", "C12", "C13"}
+    fig = forest.draw_f10(data)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert any(t.startswith("not testable") for t in labels)
 
 
 def test_f7_fraction_above_one():
@@ -336,11 +330,11 @@ def test_f9_relative_quotient_per_eps_and_statistic():
     assert len(rel.xs("quotient_rel/max")) == 2 * 2 * 2                             # router × kind × ε
 
 
-def test_f11_churn_per_source_method_and_step():
-    data = churn.prepare_f11(lm_rows(), churn_train_rows()).set_index(["source", "method", "step"])
-    assert data.loc[("train: sentiment", "talklora-official", 5), "mean"] == pytest.approx(0.05)
-    assert data.loc[("lm (SmolLM2)", "moelora-code", 4), "mean"] == pytest.approx(0.06)    # 0.05 + mean 0.01·s
-    assert (data["n"] == len(SEEDS)).all() and "lora" not in set(data.index.get_level_values("method"))
+def test_f11_churn_per_setting_method_and_step():
+    data = churn.prepare_f11(planted_sweeps()["planted"], None, lm_sweeps()["lm"]).set_index(["source", "method", "step"])
+    assert data.loc[("planted-teacher", REF, 50), "mean"] == pytest.approx(0.05, abs=0.01)
+    assert set(data.index.get_level_values("source")) == {"planted-teacher", "smollm2-lm"}
+    assert (data["n"] == 8).all() and "lora" not in set(data.index.get_level_values("method"))
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -365,6 +359,17 @@ def test_draw_all_writes_images_data_and_manifest(tmp_path):
     assert plt.get_fignums() == []                     # every figure closed
 
 
+def test_draw_all_leaves_out_settings_that_did_not_run(tmp_path):
+    root = tmp_path / "results"
+    for name, make in ROWS.items():
+        if not name.startswith(("train", "lm")):
+            (root / name).mkdir(parents=True)
+            make().to_csv(root / name / "rows.csv", index=False)
+    F.draw_all(root, tmp_path / "figs", only=["F1", "F12"], log=lambda _: None)
+    data = pd.read_csv(tmp_path / "figs" / "data" / f"{F.FIGURE_BY_ID['F1'].name}.csv")
+    assert set(data["source"]) == {"planted-teacher"}
+
+
 def test_missing_experiment_names_it_and_the_command(tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"'twins'.*python -m analysis twins --results-dir {tmp_path}"):
         F.load_experiment("twins", tmp_path)
@@ -373,15 +378,16 @@ def test_missing_experiment_names_it_and_the_command(tmp_path):
 
 
 def test_run_ensures_results_with_the_same_arguments(tmp_path, monkeypatch):
-    from analysis import lm, perturb, train, twins
+    from analysis import lm, perturb, planted, train, twins
     calls = []
-    for mod in (perturb, train, twins, lm):
+    for mod in (perturb, train, twins, lm, planted):
         monkeypatch.setattr(mod, "run", lambda config, mod=mod, **kw: calls.append((mod.__name__, config, kw)))
     monkeypatch.setattr(F, "draw_all", lambda results_dir, figures_dir, config: calls.append(
         ("draw", results_dir, figures_dir, config)))
     cfg = load_profile("quick")
     F.run(cfg, results_dir=tmp_path / "results", workers=3, force=True, figures_dir=tmp_path / "figs")
-    assert [c[0] for c in calls] == ["analysis.perturb", "analysis.train", "analysis.twins", "analysis.lm", "draw"]
+    assert [c[0] for c in calls] == ["analysis.perturb", "analysis.train", "analysis.twins", "analysis.lm",
+                                     "analysis.planted", "draw"]
     assert all(c[1] is cfg and c[2] == dict(results_dir=tmp_path / "results", workers=3, executor=None,
-                                            force=True) for c in calls[:4])
-    assert calls[4] == ("draw", tmp_path / "results", tmp_path / "figs", cfg.to_dict())   # F10: declared margins
+                                            force=True) for c in calls[:5])
+    assert calls[5] == ("draw", tmp_path / "results", tmp_path / "figs", cfg.to_dict())

@@ -1,5 +1,6 @@
-"""analysis.stats: intervals, binomial intervals, Holm (the Family of a claim's comparisons), MDE and the
-verdict rule of one comparison (docs/method.md §5)."""
+"""analysis.stats: intervals, binomial intervals, Holm (the Family of a claim's comparisons), MDE, the
+seeds P4 needs, exact McNemar, and the verdict rules of one comparison (docs/method.md §5.4): the
+analytic rule (holds / refuted / inconclusive) and the empirical vocabulary, each outcome reachable."""
 from __future__ import annotations
 
 import math
@@ -201,3 +202,94 @@ def test_family_of_relevels_comparisons_and_keeps_their_mde():
     assert fam.adjusted_p == pytest.approx(S.holm([a.p_value, b.p_value]).tolist())
     assert fam.verdicts == [c.verdict for c in fam.comparisons] and len(fam) == 2
     assert S.Family.of([a, b], holm=False).comparisons == (a, b)
+
+
+# ----------------------------------------------------------------------------- the empirical vocabulary (docs/method.md §5.4)
+EVIDENCE_RULE = [
+    # ci_low, ci_high, margin, claimed side, P4 met -> verdict
+    (0.02, 0.05, 0.01, "greater", True, "supported"),                    # claimed side, leaves the margin
+    (0.002, 0.012, 0.01, "greater", True, "supported"),                  # reaching beyond the margin suffices
+    (0.002, 0.008, 0.01, "greater", True, "supported-below-relevance"),  # claimed side, inside ±margin
+    (-0.005, 0.008, 0.01, "greater", True, "no-relevant-effect"),        # holds 0, inside ±margin, powered
+    (-0.005, 0.008, 0.01, "greater", False, "inconclusive"),             # ... without power: not evidence of none
+    (-0.05, -0.02, 0.01, "greater", True, "contradicted"),               # wrong side
+    (-0.008, -0.002, 0.01, "greater", True, "contradicted"),             # wrong side inside ±margin: still contradicted
+    (-0.005, 0.03, 0.01, "greater", True, "inconclusive"),               # holds 0, leaves the margin
+    (0.0, 0.03, 0.01, "greater", True, "inconclusive"),                  # touches 0
+    (-0.05, -0.02, 0.01, "less", True, "supported"),                     # the same rule mirrored
+    (-0.008, -0.002, 0.01, "less", True, "supported-below-relevance"),
+    (0.02, 0.05, 0.01, "less", True, "contradicted"),
+    (math.nan, math.nan, 0.01, "greater", True, "inconclusive"),         # no interval (one seed)
+    (-0.005, 0.008, math.nan, "greater", True, "inconclusive"),          # no margin
+]
+
+
+@pytest.mark.parametrize("lo, hi, margin, side, power, expected", EVIDENCE_RULE)
+def test_evidence_verdict(lo, hi, margin, side, power, expected):
+    assert S.evidence_verdict(lo, hi, margin, side, power) == expected
+    mde = 0.005 if power else 0.02
+    c = S.Comparison("x", 8, (lo + hi) / 2, lo, hi, margin, mde, side, rule="evidence")
+    assert c.verdict == expected
+    assert S.Comparison("x", 8, (lo + hi) / 2, lo, hi, margin, mde, side, rule="evidence",
+                        controls="failed: P1").verdict == "not-testable"
+
+
+def test_every_empirical_verdict_is_reachable_and_symmetric():
+    assert {e for *_, e in EVIDENCE_RULE} | {"not-testable"} == set(S.COMPARISON_VERDICTS)
+    for lo, hi, margin, _, power, expected in EVIDENCE_RULE[:9]:
+        if math.isfinite(lo):          # the mirror image on the other side gives the same verdict
+            assert S.evidence_verdict(-hi, -lo, margin, "less", power) == expected
+
+
+@pytest.mark.parametrize("lo, hi, expected", [(-0.05, 0.009, "supported"), (0.011, 0.03, "contradicted"),
+                                              (-0.01, 0.02, "inconclusive"), (math.nan, math.nan, "inconclusive")])
+def test_noninferiority_verdict(lo, hi, expected):
+    assert S.noninferiority_verdict(lo, hi, 0.01) == expected
+    c = S.Comparison("ds − full", 8, 0.0, lo, hi, 0.01, 0.005, "less", rule="non-inferiority")
+    assert c.verdict == expected and c.null == 0.01
+
+
+def test_a_zero_width_interval_is_never_evidence():
+    c = S.Comparison.from_differences("acc", [0.0] * 8, 0.01, "greater", rule="evidence")
+    assert (c.ci_low, c.ci_high, c.mde) == (0.0, 0.0, 0.0) and c.degenerate and c.verdict == "inconclusive"
+    assert S.Comparison.from_differences("acc", [0.0] * 8, 0.01, "greater").verdict == "refuted"   # analytic rule
+
+
+@given(st.floats(0.001, 1.0), st.floats(0.0005, 0.5))
+def test_n_needed_is_the_smallest_n_that_reaches_the_margin(sd, margin):
+    n = S.n_needed(sd, margin)
+    if n is None:
+        assert S.mde(sd, S.N_NEEDED_MAX, 0.95) > margin * 0.99
+        return
+    assert S.mde(sd, n) <= margin
+    assert n == 2 or S.mde(sd, n - 1) > margin
+
+
+def test_n_needed_at_a_holm_level_and_degenerate_inputs():
+    assert S.n_needed(0.01, 0.01, conf=0.99) > S.n_needed(0.01, 0.01)
+    assert S.n_needed(math.nan, 0.01) is None and S.n_needed(0.0, 0.01) == 2
+    c = S.Comparison.from_differences("x", [0.01, -0.01, 0.02, -0.02], 0.001, rule="evidence")
+    assert not c.power_met and c.n_needed == S.n_needed(float(np.std([0.01, -0.01, 0.02, -0.02], ddof=1)), 0.001)
+    assert S.Comparison.from_differences("x", [0.01, -0.01, 0.02, -0.02], 0.001).n_needed is None   # analytic
+
+
+def test_mcnemar_matches_scipy_and_its_interval_contains_the_effect():
+    from scipy import stats as sps
+    m = S.mcnemar(30, 10, 1000)
+    assert m["effect"] == pytest.approx(0.02) and m["p"] == pytest.approx(sps.binomtest(30, 40, 0.5).pvalue)
+    ci = sps.binomtest(30, 40).proportion_ci(0.95, method="exact")
+    assert (m["ci_low"], m["ci_high"]) == pytest.approx((0.04 * (2 * ci.low - 1), 0.04 * (2 * ci.high - 1)))
+    assert m["ci_low"] < m["effect"] < m["ci_high"] and m["ci_low"] > 0
+    none = S.mcnemar(0, 0, 800)             # no discordant pair: ± the exact upper bound of the discordance rate
+    upper = sps.binomtest(0, 800).proportion_ci(0.95, method="exact").high
+    assert (none["ci_low"], none["ci_high"], none["p"]) == pytest.approx((-upper, upper, 1.0))
+    assert S.mcnemar(30, 10, 1000, conf=0.99)["ci_low"] < m["ci_low"]
+    with pytest.raises(ValueError, match=r"b \+ c <= total"):
+        S.mcnemar(5, 6, 10)
+
+
+def test_comparison_rejects_unknown_rule_and_test():
+    with pytest.raises(ValueError, match="rule"):
+        S.Comparison("x", 2, 0, 0, 0, 0.1, 0.1, rule="bayes")
+    with pytest.raises(ValueError, match="test"):
+        S.Comparison("x", 2, 0, 0, 0, 0.1, 0.1, test="wilcoxon")

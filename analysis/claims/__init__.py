@@ -14,15 +14,22 @@ module             claims      figures     notebook
 ``topk``           C10         F9          ``notebooks/02_smoothness.py``
 ``outperforms``    C11         —           —
 ``churn``          C12         F11         ``notebooks/02_smoothness.py``
+``structures``     C13         F12         ``notebooks/05_structures.py``
 ``forest``         —           F10         ``notebooks/01_balance.py``
 =================  ==========  ==========  ===============================
 
+The shared layer: :mod:`~analysis.claims.base` (declarations, the backing-test gate),
+:mod:`~analysis.claims.evidence` (the settings present in the results and the quantities read from
+them), :mod:`~analysis.claims.assay` (margins from the tuning runs and the positive controls P1–P4,
+per setting, from the preregistration) and :mod:`~analysis.claims.decide` (an empirical claim's Holm
+family and verdict, docs/method.md §5.4–§5.5).
+
 Each claim module declares its :class:`~analysis.claims.base.ClaimSpec` (statement, rule text,
-figures, backing tests) and its code in four steps — select (rows → tidy frames), compare (paired
-statistics → an :class:`analysis.stats.Family`), verdict (a pure function of the comparisons and
-declared margins) and render (evidence lines) — plus the figures it draws.  Claim modules import only
-:mod:`~analysis.claims.base`, :mod:`~analysis.claims.helpers`, :mod:`analysis.stats`,
-:mod:`analysis.methods` and :mod:`analysis.plotting`; nothing here imports torch.
+figures, backing tests, ``kind`` analytic or empirical) and its code in four steps — select (rows →
+tidy frames), compare (paired statistics → judged comparisons), verdict (a pure function of the
+comparisons and margins) and render (evidence lines) — plus the figures it draws.  Claim modules
+import only the shared layer, :mod:`analysis.stats`, :mod:`analysis.methods` and
+:mod:`analysis.plotting`; nothing here imports torch.
 
 :data:`CLAIMS` and :data:`FIGURES` are in id order; a figure's claims are those that list it in their
 ``figures`` (F10 draws the comparisons of every claim that cites it).  :func:`run` judges every claim
@@ -37,11 +44,12 @@ from pathlib import Path
 
 from .. import report
 from ..experiments import MissingResultsError, ensure_results, load_all  # noqa: F401
-from . import (amplification, balance, churn, efficiency, equivalence, forest, init_norms, lipschitz, outperforms,
-               topk, twins)
+from . import (amplification, assay, balance, churn, efficiency, equivalence, forest, init_norms, lipschitz,
+               outperforms, structures, topk, twins)
 from .base import VERDICTS, Claim, ClaimSpec, FigureSpec, experiments_of, judge_all  # noqa: F401  (public names)
 
-MODULES = (equivalence, lipschitz, amplification, balance, efficiency, init_norms, twins, topk, outperforms, churn)
+MODULES = (equivalence, lipschitz, amplification, balance, efficiency, init_norms, twins, topk, outperforms, churn,
+           structures)
 
 
 def _by_number(items):
@@ -71,7 +79,7 @@ if len(set(CLAIM_IDS)) != len(CLAIM_IDS) or len(set(FIGURE_IDS)) != len(FIGURE_I
 
 
 def claim_spec(claim_id: str) -> ClaimSpec:
-    """The declaration of ``claim_id`` (``C1`` … ``C12``)."""
+    """The declaration of ``claim_id`` (``C1`` … ``C13``)."""
     for c in CLAIMS:
         if c.id == claim_id:
             return c
@@ -79,7 +87,7 @@ def claim_spec(claim_id: str) -> ClaimSpec:
 
 
 def figure_spec(figure_id: str) -> FigureSpec:
-    """The declaration of ``figure_id`` (``F1`` … ``F11``)."""
+    """The declaration of ``figure_id`` (``F1`` … ``F12``)."""
     for f in FIGURES:
         if f.id == figure_id:
             return f
@@ -88,15 +96,19 @@ def figure_spec(figure_id: str) -> FigureSpec:
 
 # ----------------------------------------------------------------------------- judging every claim
 def load_results(results_dir) -> tuple[dict, dict]:
-    """Rows and meta of every experiment the claims read; raises :class:`MissingResultsError`."""
-    return load_all(experiments_of(CLAIMS), results_dir, needed_by="claims")
+    """Rows and meta of every experiment the claims read; raises :class:`MissingResultsError` for a
+    missing experiment that a claim requires (the settings' sweeps are optional: a setting that did not
+    run is simply absent)."""
+    required = {e for c in CLAIMS for e in c.experiments}
+    every = experiments_of(CLAIMS)
+    return load_all(every, results_dir, needed_by="claims", optional=[e for e in every if e not in required])
 
 
 def evaluate(data: dict, tests=None, config: dict | None = None, *, results_dir="results") -> list[Claim]:
     """Every claim (in id order) from the experiment frames ``data``; ``tests``: the backing-test
     outcomes (:class:`analysis.report.TestRun`, a mapping node id -> outcome, or ``None``: not run);
-    ``config``: the experiment config as a dict (its ``margins`` are required).  A missing
-    experiment raises :class:`MissingResultsError` naming ``results_dir``."""
+    ``config``: the experiment config as a dict (a user ``[setting]`` names its setting).  A missing
+    required experiment raises :class:`MissingResultsError` naming ``results_dir``."""
     return judge_all(CLAIMS, data, tests, config, results_dir=results_dir)
 
 
@@ -116,5 +128,6 @@ def run(config, *, results_dir="results", workers: int = 1, executor=None, force
         command = (f"analysis.claims.run(<config profile {cfg.get('profile', '?')!r}>, results_dir="
                    f"{str(results_dir)!r}, out_md={str(out_md)!r}, out_csv={str(out_csv)!r}, run_tests={run_tests})")
     report.publish(claims, out_md, out_csv, ids=CLAIM_IDS, command=command, results_dir=results_dir, meta=meta,
-                   tests=tests)
+                   tests=tests, prereg=assay.preregistration_info(cfg.get("profile")),
+                   sections=[("Settings and positive controls", assay.controls_section(assay.assays(data, cfg)))])
     return claims

@@ -1,14 +1,15 @@
 """Claim C5 (communication mitigates perturbation amplification) and figure F2.
 
-Rows: ``perturb_synthetic`` (synthetic layers per talk setting: same A, C, B, W_r, different T),
-``perturb_controls`` (their scale-matched MoELoRA-code controls W_r' = c·W_r, spectral or Frobenius
-norm matched) and the trained routers of ``train``.  **select** per-seed log ratios of the median
-routing quotient talk / control → **compare** them as one Holm family → **verdict** (every
-comparison holds / one refuted) → **render**.
+Rows: every setting's evaluation sweep (:mod:`analysis.claims.evidence`): the median routing quotient
+‖Δg‖/‖δ‖ of every trained router per perturbation kind and ε (MiniLM router probes at ``step = −1``;
+planted ``split = amplification``).  **select** per seed the log quotient, averaged over adapted layers,
+per (kind, ε) → **compare** log(TalkLoRA / comparator) against the function-matched twin and the
+centred-map-matched control (the preregistration's ``[deciding] C5``), each perturbation kind (and ε)
+its own comparison, never averaged, one Holm family over the testable settings (P1, P2) → **verdict**
+(docs/method.md §5.5) → **render**.  The synthetic sweeps (``perturb_synthetic`` against the
+scale-matched controls of ``perturb_controls``) are reported.
 """
 from __future__ import annotations
-
-import math
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -18,13 +19,13 @@ import pandas as pd
 from .. import methods
 from ..plotting import (KIND_LABELS, WIDTH, dedupe, legend_below, line_ci, log_ylim_from, nice_log, order, sel,
                         summarise, talk_colors, talk_label, talk_order)
-from ..stats import Comparison, Family, fmt
-from .base import ClaimSpec, FigureSpec, Outcome, margin
-from .helpers import md_table
+from ..stats import fmt
+from . import evidence as ev
+from .assay import assays, deciding_methods, levels, registration
+from .base import ClaimSpec, FigureSpec, Outcome
+from .decide import Paired, claim_verdict, empirical_outcome, judge_family, pair, why_not_testable
 
-C5_KINDS = ("gaussian_input", "adversarial")
-C5_CONTROLS = ("spectral", "frobenius")      # scale-matched MoELoRA-code controls (primary, second)
-C5_PRIMARY_TALK = "official"
+C5_KINDS = ("gaussian_input", "gaussian_block", "adversarial")
 
 
 # ----------------------------------------------------------------------------- select
@@ -37,12 +38,13 @@ def _seed_log_ratio(frame: pd.DataFrame, num: str, den: str, by: list[str]) -> p
 
 
 def c5_log_ratios(syn: pd.DataFrame, controls: pd.DataFrame) -> dict[tuple[str, str], pd.Series]:
-    """Per (talk setting, control) the per-seed mean log ratio of the median routing quotient
-    talk / scale-matched control (kinds :data:`C5_KINDS`, ε > 0; joined on E, r, talk, seed, kind, ε)."""
+    """Synthetic layers, reported: per (talk setting, control) the per-seed mean log ratio of the median
+    routing quotient talk / scale-matched control (Gaussian-input and adversarial kinds, ε > 0)."""
     keys = ["E", "r", "talk", "seed", "kind", "eps"]
-    q = syn[(syn.metric == "routing_quotient") & (syn.statistic == "median") & syn.kind.isin(C5_KINDS) & (syn.eps > 0)]
+    kinds = ("gaussian_input", "adversarial")
+    q = syn[(syn.metric == "routing_quotient") & (syn.statistic == "median") & syn.kind.isin(kinds) & (syn.eps > 0)]
     c = controls[(controls.metric == "routing_quotient") & (controls.statistic == "median")
-                 & controls.kind.isin(C5_KINDS) & (controls.eps > 0)]
+                 & controls.kind.isin(kinds) & (controls.eps > 0)]
     out = {}
     for ctrl, g in c.groupby("control"):
         j = q[keys + ["value"]].merge(g[keys + ["value"]], on=keys, suffixes=("_talk", "_control"))
@@ -51,92 +53,62 @@ def c5_log_ratios(syn: pd.DataFrame, controls: pd.DataFrame) -> dict[tuple[str, 
     return out
 
 
-def c5_trained_log_ratios(train: pd.DataFrame | None) -> dict[str, pd.Series]:
-    """Per task: per-seed mean log ratio of the median routing quotient, trained reference (TalkLoRA-
-    official) / its trained scale-matched control (same seed: same init, data order), over layers,
-    kinds and ε."""
-    if train is None or "kind" not in train:
-        return {}
-    talk, (scaled,) = methods.reference(), methods.tagged("scale-matched")
-    t = train[(train.step == -1) & (train.metric == "routing_quotient") & (train.statistic == "median")
-              & train.kind.isin(C5_KINDS)]
-    if "budget" in t:
-        t = t[t["budget"].isna()]
-    if "task" not in t:
-        t = t.assign(task="task")
-    piv = t.pivot_table(index=["task", "seed", "layer", "kind", "eps"], columns="method", values="value",
-                        aggfunc="first").reset_index()
-    if not {talk, scaled} <= set(piv.columns):
-        return {}
-    return {str(task): _seed_log_ratio(g, talk, scaled, ["seed"]) for task, g in piv.groupby("task")}
-
-
 # ----------------------------------------------------------------------------- compare
-def compare_c5(ratios: dict, trained: dict, margin_: float) -> Family:
-    """The deciding family: the official init against each control (synthetic), and trained
-    TalkLoRA-official against its scale-matched control per task; claimed < 0, Holm over the family."""
-    primary = [(f"log(official / {ctrl}-matched control), synthetic", ratios[(C5_PRIMARY_TALK, ctrl)].to_numpy(),
-                margin_, "less") for ctrl in C5_CONTROLS if (C5_PRIMARY_TALK, ctrl) in ratios]
-    primary += [(f"log(TalkLoRA-official / scale-matched MoELoRA-code), trained, {task}", v.to_numpy(), margin_,
-                 "less") for task, v in trained.items()]
-    return Family.of_differences(primary)
+def items_c5(data: dict, config: dict | None = None) -> tuple[list[Paired], list]:
+    """Per setting, comparator and (kind, ε): per seed log(quotient TalkLoRA / quotient comparator)
+    (mean over layers), claimed < 0, margin ``amplification_log``; controls P1, P2."""
+    talk, deciding = methods.reference(), deciding_methods("C5")
+    others = tuple(m for m in methods.tagged("scale-matched") if m not in deciding)
+    items, tested = [], []
+    for a in assays(data, config):
+        run = a.run
+        amp = ev.amplification(run)
+        if amp.empty or talk not in set(amp["method"]):
+            continue
+        controls = a.controls((talk, *deciding), p2=True)
+        tested.append((a, controls, f"log ratio ±{fmt(a.margins.get('amplification_log'))}"))
+        for (kind, eps), g in amp.groupby(["kind", "eps"]):
+            wide = g.pivot_table(index="seed", columns="method", values="value")
+            for b in (*deciding, *others):
+                p = pair(f"{run.name}: log(quotient TalkLoRA / {methods.label(b)}), {kind}, ε = {fmt(eps)}", wide, talk,
+                         b, a.margins.get("amplification_log"), "less", setting=run.name, controls=controls,
+                         deciding=b in deciding)
+                if p is not None:
+                    items.append(p)
+    return items, tested
 
 
-def secondary_c5(ratios: dict, margin_: float) -> list[Comparison]:
-    """The uniform-mix settings against their controls (95 %, reported beside the verdict)."""
-    return [Comparison.from_differences(f"log({talk} / {ctrl}-matched control)", v.to_numpy(), margin_, "less")
-            for (talk, ctrl), v in sorted(ratios.items()) if talk not in (C5_PRIMARY_TALK, "identity")]
-
-
-# ----------------------------------------------------------------------------- verdict
-def verdict_c5(family: Family) -> tuple[str, str]:
-    """Inconclusive unless the official setting has both controls; else every comparison holds →
-    holds, one refuted → refuted, otherwise inconclusive."""
-    if len([c for c in family if "synthetic" in c.name]) < len(C5_CONTROLS):
-        return "inconclusive", f"the official setting lacks a control among {list(C5_CONTROLS)} in perturb_controls"
-    return family.decide()
+def synthetic_items(data: dict) -> list[Paired]:
+    """Reported: the synthetic official-init and uniform-mix talk settings against their scale-matched
+    controls (no positive control applies: these layers are not trained)."""
+    syn, controls = data.get("perturb_synthetic"), data.get("perturb_controls")
+    if syn is None or controls is None or not len(syn) or not len(controls):
+        return []
+    margin = registration().margin_rule("amplification_log")
+    return [Paired(f"synthetic: log({talk} / {ctrl}-matched control)", tuple(v.to_numpy(float)), margin, "less",
+                   "synthetic layers (untrained, reported)", "passed", False)
+            for (talk, ctrl), v in sorted(c5_log_ratios(syn, controls).items()) if talk != "identity"]
 
 
 # ----------------------------------------------------------------------------- evaluate (+ render)
 def evaluate_c5(data: dict, config: dict, verdicts: dict) -> Outcome:
     """Apply the rule declared in ``C5.rule`` (below) to the saved rows."""
-    margin_ = margin(config, "c5_ratio")
-    controls = data["perturb_controls"]
-    ratios = c5_log_ratios(data["perturb_synthetic"], controls)
-    trained = c5_trained_log_ratios(data.get("train"))
-    family = compare_c5(ratios, trained, margin_)
-    verdict, reason = verdict_c5(family)
-    comps = list(family)
-    secondary = secondary_c5(ratios, margin_)
-    norms = controls[controls.metric == "router_norm"].pivot_table(
-        index=["talk", "statistic"], columns="control", values="value", aggfunc="mean")
-    norm_rows = [[f"`{t}`", st] + [fmt(float(norms.loc[(t, st), c])) if c in norms else "n/a"
-                                   for c in ("talk", *C5_CONTROLS)] for t, st in norms.index]
-    official = next((c for c in comps if c.name.startswith("log(official / spectral")), None)
-    key = ("official / spectral-matched control ×" + (f"{fmt(math.exp(official.effect))} "
-           f"[{fmt(math.exp(official.ci_low))}, {fmt(math.exp(official.ci_high))}]" if official else "n/a"))
-    frob = next((c for c in comps if c.name.startswith("log(official / frobenius")), None)
-    if frob is not None:
-        key += f"; Frobenius-matched ×{fmt(math.exp(frob.effect))}"
-    ev = ["- Effect: per seed, the mean over kinds "
-          f"{list(C5_KINDS)}, ε > 0 and grid (E, r) of log(median routing quotient ‖Δg‖/‖δ‖ of the talk "
-          "setting / that of its scale-matched MoELoRA-code control W_r' = c·W_r with the same A, C, B); "
-          "< 0 = communication reduces amplification beyond what the router's scale explains. Intervals at "
-          "Holm-ordered levels over the verdict's family; margin ±margins.c5_ratio (log scale).",
-          "- Secondary (not in the verdict): the uniform-mix settings T = αI + (1−α)J/E against their "
-          "controls (95 % intervals):",
-          md_table(["secondary comparison", "n", "effect", "95 % interval", "margin", "MDE", "verdict"],
-                   [c.row() for c in secondary]) if secondary else "- (no uniform-mix settings)",
-          "- Router norms (mean over seeds and grid; the controls match the talk router's spectral resp. "
-          "Frobenius norm):",
-          md_table(["talk setting", "norm", "talk W_r(T⊗I)", *(f"{c} control" for c in C5_CONTROLS)], norm_rows),
-          "- The spectral match gives the same certified bound ½‖W_eff‖₂ (the router's Lipschitz scale, "
-          "its temperature in docs/method.md §5); the Frobenius match gives the same overall weight size. A "
-          "communication effect must survive both."]
-    if not trained:
-        ev.append(f"- No trained comparison: the `train` rows have no `{methods.tagged('scale-matched')[0]}` "
-                  "routing quotients.")
-    return Outcome(verdict, reason, key, ev, comparisons=comps)
+    items, tested = items_c5(data, config)
+    conf, power = levels()
+    comps = judge_family(items, conf, power) + judge_family(synthetic_items(data), conf, power)
+    lines = ["- Effect per seed: log(median routing quotient ‖Δg‖/‖δ‖ of trained TalkLoRA / that of the trained "
+             "comparator of the same seed), averaged over adapted layers, one comparison per perturbation kind "
+             f"({', '.join(KIND_LABELS.get(k, k) for k in C5_KINDS)}) and ε — never averaged; < 0 = communication "
+             "amplifies less. Deciding: the function-matched twin (same function at step 0) and the control matched "
+             "on the centred router map (I − J/E) W_eff A; the scale-matched control is reported, as are the "
+             "synthetic sweeps (untrained layers: official and uniform-mix T against spectral- and "
+             "Frobenius-norm-matched MoELoRA-code controls)."]
+    return empirical_outcome(comps, tested, verdict_c5(comps, why_not_testable(tested)), lines=lines)
+
+
+def verdict_c5(comps, none_testable: str) -> tuple[str, str]:
+    """docs/method.md §5.5 over the per-kind comparisons with the twin and the centred-map-matched control."""
+    return claim_verdict(comps, none_testable)
 
 
 # ----------------------------------------------------------------------------- F2 amplification vs eps
@@ -217,37 +189,32 @@ def draw_f2(data: pd.DataFrame):
 # ----------------------------------------------------------------------------- declarations
 C5 = ClaimSpec(
     "C5", paper="communication mitigates perturbation amplification",
-    statement=("A Talking Module lowers the router's perturbation amplification (median routing quotient "
-               "‖Δg‖/‖δ‖ under Gaussian-input and adversarial perturbations) below that of a scale-matched "
-               "MoELoRA-code control — the same A, C, B and W_r' = c·W_r with c chosen so the control has "
-               "the same router norm, i.e. the same router temperature — so the effect is communication, "
-               "not a smaller router."),
-    rule=("comparisons (effect: per seed, mean over kinds {gaussian_input, adversarial}, ε > 0, grid and "
-          "layers of log(quotient of TalkLoRA / quotient of its scale-matched control); claimed side < 0; "
-          "margin ±margins.c5_ratio; intervals at Holm-ordered levels over the family): the official init "
-          "on synthetic layers against the spectral-norm-matched control (primary: same certified bound) and "
-          "against the Frobenius-norm-matched control (second), and, where `train` has them, trained "
-          "TalkLoRA-official vs trained `moelora-code-scaled` per task. Each comparison's verdict is docs/method.md §5's "
-          "(holds: interval below 0; refuted: interval inside ±margin or above 0; else inconclusive). C5 "
-          "holds if every comparison holds, is refuted if any comparison is refuted, else inconclusive. "
-          "Uniform-mix settings are reported beside it, not in the verdict."),
+    statement=("After training, TalkLoRA's router amplifies input perturbations less (lower median routing "
+               "quotient ‖Δg‖/‖δ‖) than its function-matched twin and than a MoELoRA-code control matched on the "
+               "centred router map (I − J/E) W_eff A, for each perturbation kind, in every testable setting."),
+    rule=("per setting passing P1 and P2, comparator (deciding: the function-matched twin and the "
+          "centred-map-matched control, preregistration [deciding] C5), perturbation kind and ε: per seed "
+          "log(median quotient TalkLoRA / median quotient comparator), mean over adapted layers, claimed < 0, margin "
+          "±amplification_log; each kind its own comparison, never averaged; Holm over every deciding comparison of "
+          "the testable settings; docs/method.md §5.4 per comparison, §5.5 for the claim. The scale-matched control "
+          "and the synthetic sweeps (official / uniform-mix T vs spectral- and Frobenius-matched controls) are "
+          "reported."),
     figures=("F2", "F10"),
     tests=(r"tests/test_probes_lipschitz\.py::test_(uniform_mix_column_norm|worked_example_E2_m1|doubly_stochastic_)",
            r"tests/test_probes_amplification\.py::test_fixed_block_and_talk_spreading"),
-    experiments=("perturb_synthetic", "perturb_controls"), optional=("train",), evaluate=evaluate_c5)
+    experiments=(), optional=(*ev.EXPERIMENTS, "perturb_synthetic", "perturb_controls"), evaluate=evaluate_c5,
+    kind="empirical")
 F2 = FigureSpec(
     "F2", "amplification_vs_eps", ("perturb_synthetic", "perturb_controls"), prepare_f2, draw_f2,
     notebook="02_smoothness.py", caption_text=
-    "Perturbation amplification ({claims}): routing quotient ‖Δg‖₂/‖δ‖₂ (median solid, 95th "
-    "percentile dotted over tokens) vs relative perturbation size ε, per perturbation kind (columns) "
-    "and number of experts (rows), for each talk setting; every setting shares A, C, B, W_r and "
-    "differs in T only. Bottom row: the median quotient of each talk setting divided by that of its "
-    "scale-matched MoELoRA-code control (W_r' = c·W_r with the same spectral norm, solid, or Frobenius "
-    "norm, dashed, as W_r(T⊗I)), geometric mean over the grid (E, r); below 1 = communication reduces "
-    "amplification beyond the router's scale. Shaded: 95% CI over seeds (geometric for the ratios). The "
-    "verdict reads the official setting's ratio to each control averaged per seed over the Gaussian-input "
-    "and adversarial kinds, every ε > 0 and the grid (one comparison per control, Holm-ordered levels), "
-    "plus trained TalkLoRA against its trained scale-matched control (not drawn); the uniform-mix settings "
-    "are reported, not judged.")
+    "Perturbation amplification on synthetic layers ({claims}; reported, not deciding): routing quotient "
+    "‖Δg‖₂/‖δ‖₂ (median solid, 95th percentile dotted over tokens) vs relative perturbation size ε, per "
+    "perturbation kind (columns) and number of experts (rows), for each talk setting; every setting shares A, C, "
+    "B, W_r and differs in T only. Bottom row: the median quotient of each talk setting divided by that of its "
+    "scale-matched MoELoRA-code control (same spectral norm, solid, or Frobenius norm, dashed, as W_r(T⊗I)), "
+    "geometric mean over the grid (E, r); below 1 = communication reduces amplification beyond the router's "
+    "scale. Shaded: 95% CI over seeds (geometric for the ratios). The verdict reads trained routers instead: "
+    "TalkLoRA against its function-matched twin and the centred-map-matched control, per kind and ε, in the "
+    "settings that pass P1 and P2 (F10).")
 CLAIMS = (C5,)
 FIGURES = (F2,)

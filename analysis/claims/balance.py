@@ -1,10 +1,13 @@
 """Claim C6 (communication gives more balanced expert load) and figures F1, F4.
 
-Rows: ``train`` (MiniLM adapters per task, method, seed, step, split and adapted layer), ``twins``
-(the function-matched twin experiment) and ``lm`` (SmolLM2, layer ``mean``).  **select** per setting
-the layer-mean Gini (and load entropy) per seed and method at step 0 and at the last step →
-**compare** the paired difference-in-differences TalkLoRA − baseline as one Holm family →
-**verdict** from the communication-isolating baselines' Holm verdicts → **render**.
+Rows: every setting's evaluation sweep (:mod:`analysis.claims.evidence`): per routed layer the soft-load
+``gini``, ``load_entropy`` and ``token_entropy`` at step 0 and at the end (MiniLM and planted on the
+whole validation split, SmolLM2 on every held-out token, layer ``mean``).  **select** per setting the
+layer-mean Gini per seed and method at step 0 and at the last step → **compare** the paired
+difference-in-differences TalkLoRA − comparator (end − step 0) against the twin and the scale-matched
+control (the preregistration's ``[deciding] C6``), one Holm family over the testable settings (P1, P2)
+→ **verdict** (docs/method.md §5.5) → **render**.  MoELoRA-code, MoELoRA-input and the balance-loss
+routers are reported; load entropy is reported beside Gini.
 """
 from __future__ import annotations
 
@@ -14,141 +17,77 @@ import pandas as pd
 
 from .. import methods
 from ..plotting import WIDTH, dedupe, legend_below, line_ci, order, sel, summarise
-from ..stats import Comparison, Family, combine, estimate, fmt
-from .base import ClaimSpec, FigureSpec, Outcome, margin
-from .helpers import at_last_step, comparison_table, md_table, with_task
-
-C6_SPLIT = "val"                            # the split of the C6 verdict, and the one F1 draws
-C6_METRICS = ("gini", "load_entropy")
-
-
-def deciding() -> tuple[str, ...]:
-    """The baselines that decide C6: those that differ from the reference only by communication."""
-    return methods.tagged("isolates-communication")
+from ..stats import estimate, fmt
+from . import evidence as ev
+from .assay import assays, deciding_methods, levels
+from .base import ClaimSpec, FigureSpec, Outcome
+from .decide import Paired, claim_verdict, empirical_outcome, judge_family, not_run, why_not_testable
+from .helpers import md_table
 
 
 def reported() -> tuple[str, ...]:
-    """Other routers in the family, reported: the input router and the balance-loss routers."""
-    return methods.tagged("input-router") + methods.tagged("balance-loss")
+    """Other routers, reported: MoELoRA-code, the input router and the balance-loss routers."""
+    return tuple(m for m in (*methods.tagged("baseline", "routed"), *methods.tagged("input-router"),
+                             *methods.tagged("balance-loss")) if m not in deciding_methods("C6"))
 
 
-# ----------------------------------------------------------------------------- select
-def _step0_and_end(rows: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
-    """Per metric (gini, load_entropy): seed × method frames at step 0 and at the last step, mean over layers."""
-    out = {}
-    for metric in C6_METRICS:
-        v = rows[rows["metric"] == metric]
-        end = at_last_step(v, ["method", "seed"])
-        out[metric] = tuple(x.groupby(["seed", "method"])["value"].mean().unstack("method")
-                            for x in (v[v["step"] == 0], end))
-    return out
+# ----------------------------------------------------------------------------- select / compare
+def diff_in_diff(frames: dict, a: str, b: str) -> pd.Series:
+    """Per seed: ``[m_a(end) − m_b(end)] − [m_a(0) − m_b(0)]`` (the gap the initialisation makes removed)."""
+    start, end = frames["start"], frames["end"]
+    if not all(c in f for f in (start, end) for c in (a, b)):
+        return pd.Series(dtype=float)
+    return ((end[a] - end[b]) - (start[a] - start[b])).dropna()
 
 
-def select_c6(data: dict) -> list[tuple[str, dict]]:
-    """``(setting, {metric: (step-0 frame, final frame)})``: MiniLM per task (``train`` val split),
-    MiniLM per task against the function-matched twin (``twins`` val split, AdamW), SmolLM2 (``lm``,
-    held-out tokens, layer ``mean``)."""
-    out = []
-    tr = data.get("train")
-    if tr is not None and len(tr):
-        v = tr[(tr["split"] == C6_SPLIT) & (tr["layer"] != "all")]
-        for task, g in (v.groupby("task") if "task" in v else [("", v)]):
-            out.append((f"MiniLM {task}".strip(), _step0_and_end(g)))
-    tw = data.get("twins")
-    if tw is not None and len(tw) and "split" in tw:
-        v = tw[(tw["split"] == "val") & (tw["layer"] != "all") & (tw["optimizer"] == "adamw")]
-        v = v.assign(method=v["model"])
-        for task, g in (v.groupby("task") if "task" in v else [("", v)]):
-            out.append((f"MiniLM {task} twins/AdamW".replace("  ", " ").strip(), _step0_and_end(g)))
-    lm = data.get("lm")
-    if lm is not None and len(lm):
-        v = lm[(lm["split"] == "test") & (lm["layer"] == "mean") & (lm["seed"] >= 0)]
-        if len(v):
-            out.append(("SmolLM2 LM", _step0_and_end(v)))
-    return out
-
-
-# ----------------------------------------------------------------------------- compare
-def compare_c6(settings, margin_: float, metric: str = "gini",
-               duplicates: list | None = None) -> list[tuple[Comparison, bool]]:
-    """``[(comparison at 95 %, deciding?)]``: per setting and baseline, the paired
-    difference-in-differences ``[m_T(end) − m_b(end)] − [m_T(0) − m_b(0)]`` of ``metric`` (step-0 gap
-    removed; claimed < 0 for Gini, > 0 for load entropy).  A twin run whose per-seed differences equal,
-    exactly, those of an earlier setting of the same task (the ``twins`` AdamW arm when it uses the
-    training sweep's settings) is the same experiment: it is left out of the family once, and its
-    name is appended to ``duplicates``."""
-    side = "less" if metric == "gini" else "greater"
-    talk, isolating = methods.reference(), deciding()
-    out, seen = [], {}
-    for setting, frames in settings:
-        start, end = frames[metric]
-        for b in (*isolating, *reported()):
-            if not all(c in f for f in (start, end) for c in (talk, b)):
+def items_c6(data: dict, config: dict | None = None) -> tuple[list[Paired], list, list]:
+    """Per setting and comparator: the Gini difference-in-differences (claimed < 0, margin gini_fraction ×
+    MoELoRA-code's Gini on the tuning runs); controls P1, P2.  Also the raw gaps and load-entropy rows."""
+    talk, deciding = methods.reference(), deciding_methods("C6")
+    items, tested, raw = [], [], []
+    for a in assays(data, config):
+        run = a.run
+        gini = ev.routing(run, "gini")
+        if talk not in gini["end"]:
+            continue
+        entropy = ev.routing(run, "load_entropy")
+        controls = a.controls((talk, *deciding), p2=True)
+        tested.append((a, controls, f"Gini ±{fmt(a.margins.get('gini'))}"))
+        for b in (*deciding, *reported()):
+            name = f"{run.name}: Gini TalkLoRA − {methods.label(b)} (Δend − Δstep 0)"
+            if b not in gini["end"]:
+                if b in deciding:
+                    items.append(not_run(name, a.margins.get("gini"), "less", run.name, controls))
                 continue
-            d = ((end[talk] - end[b]) - (start[talk] - start[b])).dropna()
-            same = (setting.split(" twins/")[0], b, tuple(d.index), tuple(d.to_numpy()))
-            if same in seen:
-                if duplicates is not None:
-                    duplicates.append(f"{setting} = {seen[same]} ({b})")
-                continue
-            seen[same] = setting
-            if len(d):
-                label = "Gini" if metric == "gini" else "load entropy"
-                out.append((Comparison.from_differences(f"{setting}: {label} TalkLoRA − {b} (Δend − Δstep0)", d,
-                                                        margin_, side), b in isolating))
-    return out
+            d = diff_in_diff(gini, talk, b)
+            items.append(Paired(name, tuple(d.to_numpy(float)), a.margins.get("gini"), "less", run.name, controls,
+                                b in deciding))
+            start, end = gini["start"], gini["end"]
+            raw.append([run.name, methods.label(b), estimate(end[talk] - end[b]).text(3),
+                        estimate(start[talk] - start[b]).text(3) if b in start and talk in start else "n/a",
+                        estimate(diff_in_diff(entropy, talk, b)).text(3)])
+    return items, tested, raw
 
 
-# ----------------------------------------------------------------------------- verdict
-def verdict_c6(family: Family, decides: list[bool]) -> tuple[str, str]:
-    """From the Holm verdicts of the deciding comparisons: holds if every one holds, refuted if one
-    is refuted, else inconclusive (also without any)."""
-    pairs = [(c, v) for c, v, d in zip(family, family.verdicts, decides) if d]
-    if not pairs:
-        return "inconclusive", "no Gini rows for TalkLoRA-official and a communication-isolating baseline"
-    verdict = combine(v for _, v in pairs)
-    if verdict == "holds":
-        return verdict, f"TalkLoRA's load is more balanced than every communication-isolating baseline ({len(pairs)} comparisons)"
-    if verdict == "refuted":
-        return verdict, "no relevant balance gain from communication against " + ", ".join(
-            c.name.split(" (")[0] for c, v in pairs if v == "refuted")
-    return verdict, "undecided against " + ", ".join(c.name.split(" (")[0] for c, v in pairs if v != "holds")
-
-
-# ----------------------------------------------------------------------------- evaluate (+ render)
 def evaluate_c6(data: dict, config: dict, verdicts: dict) -> Outcome:
     """Apply the rule declared in ``C6.rule`` (below) to the saved rows."""
-    settings = select_c6(data)
-    duplicates: list[str] = []
-    pairs = compare_c6(settings, margin(config, "c6_gini"), duplicates=duplicates)
-    family = Family.of(c for c, _ in pairs)               # reported at their Holm-ordered levels
-    decides = [d for _, d in pairs]
-    verdict, reason = verdict_c6(family, decides)
-    comps = list(family)
-    entropy = [c for c, _ in compare_c6(settings, margin(config, "c6_entropy"), "load_entropy")]
-    talk = methods.reference()
-    raw = []
-    for setting, frames in settings:
-        start, end = frames["gini"]
-        for b in (*deciding(), *reported()):
-            if all(c in f for f in (start, end) for c in (talk, b)):
-                raw.append([setting, b, estimate(end[talk] - end[b]).text(3), estimate(start[talk] - start[b]).text(3)])
-    key = f"{comps[0].name}: {fmt(comps[0].effect)} [{fmt(comps[0].ci_low)}, {fmt(comps[0].ci_high)}]" if comps else "n/a"
-    ev = ["- Soft-load Gini (0 = equal load, 0.75 = one expert for E = 4), mean over adapted layers per seed; "
-          "MiniLM on the whole validation split, SmolLM2 on every held-out token. Each comparison is the "
-          "paired difference-in-differences TalkLoRA − baseline at the last step minus the same at step 0 "
-          "(the gap the initialisation already makes is removed). Holm over the whole family; "
-          "'isolating' baselines decide:",
-          comparison_table(comps, family.verdicts, {"Holm p": [fmt(p) for p in family.adjusted_p],
-                                                    "decides": ["yes" if d else "reported" for d in decides]}),
-          "- The raw gaps behind them (paired, 95 % t-interval):",
-          md_table(["setting", "baseline", "ΔGini at the end", "ΔGini at step 0"], raw) if raw else "(none)",
-          "- Load entropy (normalised; higher = more balanced), the same difference-in-differences, reported:",
-          comparison_table(entropy) if entropy else "(none)"]
-    if duplicates:
-        ev.append("- The same runs counted once (identical per-seed differences: the twin runs used the training "
-                  "sweep's settings): " + "; ".join(duplicates))
-    return Outcome(verdict, reason, key, ev, comparisons=comps)
+    items, tested, raw = items_c6(data, config)
+    comps = judge_family(items, *levels())
+    lines = ["- Soft-load Gini (0 = equal load, 1 − 1/E = one expert), mean over routed layers per seed; MiniLM "
+             "and planted on the whole validation split, SmolLM2 on every held-out token. Each comparison is the "
+             "paired difference-in-differences TalkLoRA − comparator at the last step minus the same at step 0 "
+             "(the gap the initialisation already makes is removed). Deciding: the function-matched twin and the "
+             "scale-matched control; the others reported.",
+             "- The raw gaps behind them (paired, 95 % t-interval), and the load-entropy difference-in-differences "
+             "(normalised, higher = more balanced; reported, no margin declared):",
+             md_table(["setting", "comparator", "ΔGini at the end", "ΔGini at step 0", "Δ load entropy (dd)"], raw)
+             if raw else "(no Gini rows)"]
+    return empirical_outcome(comps, tested, verdict_c6(comps, why_not_testable(tested)), lines=lines)
+
+
+def verdict_c6(comps, none_testable: str) -> tuple[str, str]:
+    """docs/method.md §5.5 over the Gini comparisons with the twin and the scale-matched control."""
+    return claim_verdict(comps, none_testable)
 
 
 # ----------------------------------------------------------------------------- F1 load balance per layer
@@ -156,32 +95,46 @@ F1_METRICS = {"gini": "Gini of expert load\n(0 = balanced)", "load_entropy": "lo
 
 
 def f1_methods() -> tuple[str, ...]:
-    """The routers F1 draws: every routed method except the other arms of the twin experiment (their
-    load is F8's) and the communication structures."""
-    twin_arms = set(methods.tagged("twin-arm")) - {methods.reference()}
+    """The routers F1 and F4 draw: every routed method except the other arms of the twin experiment
+    and the communication structures (those are F12's)."""
+    twin_arms = set(methods.tagged("twin-arm")) - {methods.reference(), *methods.tagged("function-matched")}
     return tuple(m for m in methods.tagged("routed") if m not in twin_arms and m not in methods.tagged("structure"))
 
 
-def prepare_f1(train: pd.DataFrame) -> pd.DataFrame:
-    """Final-step Gini and load entropy per (task, layer, method) on the validation split (the split
-    C6 reads), mean and 95 % CI over seeds."""
-    d = with_task(sel(train, split=C6_SPLIT, metric=list(F1_METRICS), method=list(f1_methods())))
-    d = at_last_step(d[d["layer"] != "all"], ["task", "method", "seed"])
+def _routing_rows(frames, metrics, splits=None) -> pd.DataFrame:
+    """``source, method, seed, step, layer, metric, value`` of ``metrics`` per routed layer in every
+    setting of the evaluation sweeps ``frames`` (planted, train, lm), on the split C6 reads."""
+    data = {name: f for name, f in zip(("planted", "train", "lm"), frames) if f is not None}
+    parts = []
+    for run in ev.runs(data):
+        r = run.rows
+        split = (splits or {}).get(run.setting.runner, run.routing_split)
+        r = r[(r["split"] == split) & r["metric"].isin(metrics) & r["method"].isin(f1_methods()) & (r["seed"] >= 0)]
+        r = r[~r["layer"].isin(["all", "mean"])]
+        parts.append(r[["method", "seed", "step", "layer", "metric", "value"]].assign(source=run.name, split=split))
+    cols = ["source", "split", "method", "seed", "step", "layer", "metric", "value"]
+    return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
+
+
+def prepare_f1(planted=None, train=None, lm=None) -> pd.DataFrame:
+    """Final-step Gini and load entropy per (setting, layer, method) on the split C6 reads (validation;
+    SmolLM2: held-out tokens), mean and 95 % CI over seeds."""
+    d = _routing_rows((planted, train, lm), list(F1_METRICS))
+    d = ev.last_step(d, ("source", "method", "seed"))
     # both metrics live in [0, 1] (Gini at most 1 − 1/E): intervals are clipped to that range
-    return summarise(d, ["task", "metric", "layer", "method"], bounds=(0.0, 1.0))
+    return summarise(d, ["source", "metric", "layer", "method"], bounds=(0.0, 1.0))
 
 
 def draw_f1(data: pd.DataFrame):
-    data = with_task(data)
-    tasks = list(dict.fromkeys(data["task"]))
+    sources = order(data["source"], list(ev.ORDER)) or ["no data"]
     names = order(data["method"], list(methods.ORDER))
-    fig, axes = plt.subplots(2, len(tasks), figsize=(WIDTH, 5.4), sharex="col", squeeze=False)
+    fig, axes = plt.subplots(2, len(sources), figsize=(WIDTH, 5.4), sharex="col", squeeze=False)
     width = 0.8 / max(len(names), 1)
-    for col, task in enumerate(tasks):
-        layers = list(dict.fromkeys(sel(data, task=task)["layer"]))
+    for col, source in enumerate(sources):
+        layers = list(dict.fromkeys(sel(data, source=source)["layer"]))
         for ax, (metric, ylabel) in zip(axes[:, col], F1_METRICS.items()):
             for j, m in enumerate(names):
-                d = sel(data, task=task, metric=metric, method=m).set_index("layer").reindex(layers)
+                d = sel(data, source=source, metric=metric, method=m).set_index("layer").reindex(layers)
                 x = np.arange(len(layers)) + (j - (len(names) - 1) / 2) * width
                 ax.errorbar(x, d["mean"], yerr=[d["mean"] - d["lo"], d["hi"] - d["mean"]], fmt=methods.marker(m),
                             color=methods.color(m), label=methods.label(m), capsize=2, ms=4)
@@ -190,11 +143,10 @@ def draw_f1(data: pd.DataFrame):
             for k in range(1, len(layers)):
                 ax.axvline(k - 0.5, color="0.9", lw=0.8, zorder=0)
             ax.grid(axis="x", visible=False)
-        axes[0, col].set_title(f"{task}", fontsize=10)
-        axes[1, col].set_xticks(range(len(layers)), layers, rotation=30, ha="right")
-        axes[1, col].set_xlabel("adapted layer (MiniLM layer.projection)")
-    fig.suptitle("Expert load per layer after training (validation split; mean ± 95% CI over seeds)",
-                 fontsize=10.5, fontweight="bold")
+        axes[0, col].set_title(source, fontsize=10)
+        axes[1, col].set_xticks(range(len(layers)), layers, rotation=30, ha="right", fontsize=7)
+        axes[1, col].set_xlabel("adapted layer")
+    fig.suptitle("Expert load per layer after training (mean ± 95% CI over seeds)", fontsize=10.5, fontweight="bold")
     fig.tight_layout()
     legend_below(fig, *dedupe(axes), ncol=4)
     return fig
@@ -205,75 +157,76 @@ F4_METRICS = {"gini": "Gini of expert load", "load_entropy": "load entropy (norm
               "token_entropy": "per-token gate entropy\n(normalised)"}
 
 
-def prepare_f4(train: pd.DataFrame) -> pd.DataFrame:
-    """Gini / load entropy / per-token gate entropy (mean over adapted layers, then mean and 95 % CI
-    over seeds) at every probe checkpoint, per task and method; the ``val`` split (step 0 and the end)
-    when there are no probe rows."""
-    split = "probe" if len(sel(train, split="probe", metric="gini")) else "val"
-    d = with_task(sel(train, split=split, metric=list(F4_METRICS)))
-    d = d[(d["layer"] != "all") & (d["step"] >= 0)]
-    d = d.groupby(["task", "method", "seed", "step", "metric"], as_index=False)["value"].mean()   # mean over layers
-    return summarise(d, ["task", "metric", "method", "step"]).assign(split=split)
+def prepare_f4(planted=None, train=None, lm=None) -> pd.DataFrame:
+    """Gini / load entropy / per-token gate entropy (mean over routed layers, then mean and 95 % CI over
+    seeds) at every checkpoint per setting and method: MiniLM on the fixed probe set (where it has the
+    metric; else the validation split at step 0 and the end), planted on the validation split (step 0 and
+    the end), SmolLM2 on every held-out token at every checkpoint."""
+    d = _routing_rows((planted, train, lm), list(F4_METRICS))
+    probe = _routing_rows((None, train, None), list(F4_METRICS), {"train": "probe"})
+    probe_metrics = set(probe["metric"])
+    d = pd.concat([d[~((d["source"].isin(set(probe["source"]))) & d["metric"].isin(probe_metrics))], probe])
+    d = d.groupby(["source", "split", "method", "seed", "step", "metric"], as_index=False)["value"].mean()
+    return summarise(d, ["source", "split", "metric", "method", "step"])
 
 
 def draw_f4(data: pd.DataFrame):
-    data = with_task(data)
-    tasks = list(dict.fromkeys(data["task"]))
-    metrics = [m for m in F4_METRICS if m in set(data["metric"])]
-    fig, axes = plt.subplots(len(tasks), len(metrics), figsize=(WIDTH, 2.7 * len(tasks) + 0.4), squeeze=False,
-                             sharex=True)
-    for i, task in enumerate(tasks):
+    sources = order(data["source"], list(ev.ORDER)) or ["no data"]
+    metrics = [m for m in F4_METRICS if m in set(data["metric"])] or list(F4_METRICS)
+    fig, axes = plt.subplots(len(sources), len(metrics), figsize=(WIDTH, 2.5 * len(sources) + 0.6), squeeze=False)
+    for i, source in enumerate(sources):
         for ax, metric in zip(axes[i], metrics):
             for m in order(data["method"], list(methods.ORDER)):
-                d = sel(data, task=task, metric=metric, method=m)
+                d = sel(data, source=source, metric=metric, method=m)
                 if len(d):
                     line_ci(ax, d, "step", color=methods.color(m), label=methods.label(m), marker=methods.marker(m),
                             ms=3)
-            ax.set_title(f"{task}: {F4_METRICS[metric]}", fontsize=9)
-            if i == len(tasks) - 1:
+            split = ", ".join(sorted(set(sel(data, source=source, metric=metric)["split"])))
+            ax.text(0.98, 0.04, split, transform=ax.transAxes, ha="right", fontsize=7, color="0.4")
+            if i == 0:
+                ax.set_title(F4_METRICS[metric], fontsize=9)
+            if i == len(sources) - 1:
                 ax.set_xlabel("training step")
-        axes[i, 0].set_ylabel("mean over adapted layers")
+        axes[i, 0].set_ylabel(f"{source}\nmean over routed layers", fontsize=8.5)
     fig.tight_layout()
-    split = data["split"].iloc[0] if "split" in data and len(data) else "val"
-    legend_below(fig, *dedupe(axes), ncol=4, title=f"{split} split; shaded: 95% CI over seeds")
+    legend_below(fig, *dedupe(axes), ncol=4, title="shaded: 95% CI over seeds; grey: the split measured")
     return fig
 
 
 # ----------------------------------------------------------------------------- declarations
 C6 = ClaimSpec(
     "C6", paper="communication gives more balanced expert load",
-    statement=("After training (same data, steps and seeds), TalkLoRA-official spreads the soft expert "
-               "load more evenly (lower Gini) than the baselines that differ from it only by the "
-               "communication: MoELoRA-code, the scale-matched control and the function-matched twin."),
-    rule=("per setting (MiniLM per task on the whole validation split; SmolLM2 on every held-out token) and "
-          "baseline: the paired (by seed) difference-in-differences of the soft-load Gini averaged over "
-          "adapted layers, [TalkLoRA − baseline at the last step] − [the same at step 0] (the step-0 gap is "
-          "removed), 95 % t-interval, margin ±margins.c6_gini; docs/method.md §5 verdict per comparison, where an "
-          "interval excluding 0 counts only if its Holm-adjusted p < 0.05 over the whole family (otherwise "
-          "it is refuted when it lies inside ±margin, else inconclusive; the family: every "
-          "setting × baseline: MoELoRA-code, the scale-matched control, the twin (AdamW), MoELoRA-input, "
-          "Switch, top-k+entropy). The communication-isolating baselines decide (MoELoRA-code, "
-          "scale-matched control, twin): holds if every such comparison holds, refuted if any is refuted, "
-          "else inconclusive. MoELoRA-input and the balance-loss routers are reported; load entropy "
-          "(margins.c6_entropy) is reported beside Gini."),
-    figures=("F1", "F4", "F10"), tests=(), experiments=("train",), optional=("twins", "lm"), evaluate=evaluate_c6)
+    statement=("After training (same data, steps and seeds, each method at its tuned lr), TalkLoRA-official "
+               "spreads the soft expert load more evenly (lower Gini, beyond the gap at step 0) than the "
+               "function-matched twin and the scale-matched MoELoRA-code control, in every testable setting."),
+    rule=("per setting passing P1 and P2 (every compared router decisive at the end) and comparator (deciding: "
+          "the twin and the scale-matched control, preregistration [deciding] C6): the paired (by seed) "
+          "difference-in-differences of the soft-load Gini averaged over routed layers, [TalkLoRA − comparator at "
+          "the last step] − [the same at step 0], claimed < 0, margin gini_fraction × MoELoRA-code's end-of-training "
+          "validation Gini on the tuning runs; Holm over every deciding comparison of the testable settings; "
+          "docs/method.md §5.4 per comparison, §5.5 for the claim. MoELoRA-code, MoELoRA-input and the "
+          "balance-loss routers reported; load entropy reported beside Gini."),
+    figures=("F1", "F4", "F10"), tests=(), experiments=(), optional=ev.EXPERIMENTS, evaluate=evaluate_c6,
+    kind="empirical")
 
 F1 = FigureSpec(
-    "F1", "load_balance_per_layer", ("train",), prepare_f1, draw_f1, notebook="01_balance.py", caption_text=
-    "Expert-load balance per adapted layer at the end of the training sweep ({claims}), per task: Gini of the "
-    "soft expert load (top) and normalised load entropy (bottom) on the validation split at the last step, "
-    "mean ± 95% CI over seeds, for the routed methods of the sweep (the twin experiment's arms are in F8). "
-    "These are final values per layer, not the verdict's quantity: the verdict reads the paired "
-    "difference-in-differences of the layer-mean Gini (TalkLoRA − baseline at the last step minus the same "
-    "at step 0) against the communication-isolating baselines (MoELoRA-code, the scale-matched control, "
-    "the function-matched twin) across the MiniLM tasks, the twin runs and SmolLM2.")
+    "F1", "load_balance_per_layer", (), prepare_f1, draw_f1, notebook="01_balance.py",
+    optional=("planted", "train", "lm"), caption_text=
+    "Expert-load balance per routed layer at the end of training ({claims}), one column per setting: Gini of "
+    "the soft expert load (top) and normalised load entropy (bottom) at the last step on the split the verdict "
+    "reads (validation; SmolLM2: every held-out token), mean ± 95% CI over seeds, for the routed methods of the "
+    "evaluation sweeps (the communication structures are in F12). These are final values per layer, not the "
+    "verdict's quantity: the verdict reads the paired difference-in-differences of the layer-mean Gini "
+    "(TalkLoRA − comparator at the last step minus the same at step 0) against the function-matched twin and "
+    "the scale-matched control, in the settings that pass P1 and P2.")
 F4 = FigureSpec(
-    "F4", "balance_over_training", ("train",), prepare_f4, draw_f4, notebook="01_balance.py", caption_text=
-    "Load balance during training ({claims}), per task and method of the training sweep: Gini of the expert "
-    "load, normalised load entropy and per-token gate entropy on the fixed probe set at every checkpoint "
-    "(validation split at step 0 and the end when no probe rows exist), averaged over adapted layers; "
-    "shaded: 95% CI over seeds. The checkpoints between step 0 and the end are not in the verdict, which "
-    "compares the last step with step 0 on the whole validation split.")
+    "F4", "balance_over_training", (), prepare_f4, draw_f4, notebook="01_balance.py",
+    optional=("planted", "train", "lm"), caption_text=
+    "Load balance during training ({claims}), per setting and method: Gini of the expert load, normalised load "
+    "entropy and per-token gate entropy (the P2 quantity) averaged over routed layers, at every checkpoint that "
+    "records them (MiniLM: the fixed probe set; planted: the validation split at step 0 and the end; SmolLM2: "
+    "every held-out token); shaded: 95% CI over seeds. The checkpoints between step 0 and the end are not in "
+    "the verdict, which compares the last step with step 0.")
 
 CLAIMS = (C6,)
 FIGURES = (F1, F4)

@@ -5,7 +5,8 @@
   the experiments it reads and the ``evaluate`` function that applies the rule in code;
 * :class:`Outcome` — what ``evaluate`` returns (verdict, reason, key number, evidence lines, and
   the :class:`~analysis.stats.Comparison` rows of its paired comparisons, if any);
-* :func:`margin` — a margin declared in the profile (``[margins]``): the only way a claim reads one;
+* :func:`margin` — an analytic claim's margin, declared in the preregistration (``[margins]``; the
+  empirical claims' margins are per setting: :mod:`analysis.claims.assay`);
 * :func:`judge` — turns a spec, the data and the backing-test outcomes into a reported
   :class:`Claim`; it applies the backing-test gate: **a failed backing test makes the verdict
   inconclusive** (the measuring code is then suspect); tests that were not run leave the numeric
@@ -22,22 +23,17 @@ from typing import Callable
 import pandas as pd
 
 from ..experiments import EXPERIMENTS, MissingResultsError
-from ..stats import Comparison
+from ..stats import ANALYTIC_VERDICTS, CLAIM_VERDICTS, Comparison
 
-VERDICTS = ("holds", "holds under stated conditions", "refuted", "inconclusive")
+KINDS = {"analytic": ANALYTIC_VERDICTS, "empirical": CLAIM_VERDICTS}
+VERDICTS = tuple(dict.fromkeys(v for vs in KINDS.values() for v in vs))
 
 
-def margin(config: dict, name: str) -> float:
-    """``config["margins"][name]``: a margin declared in the profile before anything runs
-    (docs/method.md §5).  A missing or non-positive margin is an error, never a default."""
-    margins = (config or {}).get("margins") or {}
-    if name not in margins:
-        raise KeyError(f"margin {name!r} is not declared: config['margins'] must hold it (profile section "
-                       f"[margins]); declared: {sorted(margins)}")
-    value = float(margins[name])
-    if not value > 0:
-        raise ValueError(f"margins.{name} must be > 0, got {value!r}")
-    return value
+def margin(name: str) -> float:
+    """An analytic claim's margin (``c8_share``, ``c10_relative``), declared in the preregistration
+    before anything runs (docs/method.md §5.7): a missing one is an error, never a default."""
+    from .assay import registration
+    return registration().margin_rule(name)
 
 
 # ----------------------------------------------------------------------------- declarations
@@ -50,6 +46,7 @@ class Outcome:
     evidence: list[str]
     statement: str | None = None            # overrides the declared statement (e.g. with numbers)
     comparisons: list[Comparison] = field(default_factory=list)
+    controls: str = ""                      # empirical claims: the controls per setting, in one line
 
     def __post_init__(self):
         if self.verdict not in VERDICTS:
@@ -60,7 +57,8 @@ class Outcome:
 class ClaimSpec:
     """One claim, declared once (docs/method.md §5).  ``evaluate(data, config, verdicts) -> Outcome``
     where ``data`` maps experiment names to their rows, ``config`` is the experiment config as a dict
-    and ``verdicts`` holds the verdicts of the claims named in ``uses_verdicts``.  ``also_gated_by``:
+    and ``verdicts`` holds the verdicts of the claims named in ``uses_verdicts``.  ``kind``:
+    ``analytic`` (holds / refuted / inconclusive) or ``empirical`` (docs/method.md §5.1 vocabulary).  ``also_gated_by``:
     backing-test patterns of other claims whose failure also makes this one inconclusive (C2 rests
     on C1's identity map)."""
     id: str
@@ -74,10 +72,13 @@ class ClaimSpec:
     optional: tuple[str, ...] = ()
     uses_verdicts: tuple[str, ...] = ()
     also_gated_by: tuple[str, ...] = ()
+    kind: str = "analytic"
 
     def __post_init__(self):
         if not re.fullmatch(r"C\d+", self.id):
             raise ValueError(f"claim id must look like 'C<n>', got {self.id!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"{self.id}: kind must be one of {list(KINDS)}, got {self.kind!r}")
         unknown = [e for e in (*self.experiments, *self.optional) if e not in EXPERIMENTS]
         if unknown:
             raise ValueError(f"{self.id}: experiments must be among {sorted(EXPERIMENTS)}, got {unknown}")
@@ -98,10 +99,13 @@ class Claim:
     figure: str = ""
     rule: str = ""
     comparisons: list[Comparison] = field(default_factory=list)
+    kind: str = "analytic"
+    controls: str = ""
 
     def __post_init__(self):
-        if self.verdict not in VERDICTS:
-            raise ValueError(f"{self.id}: verdict must be one of {VERDICTS}, got {self.verdict!r}")
+        allowed = KINDS.get(self.kind, ())
+        if self.verdict not in allowed:
+            raise ValueError(f"{self.id}: verdict of a {self.kind} claim must be one of {allowed}, got {self.verdict!r}")
 
     def evidence_text(self) -> str:
         return "\n".join([f"Rule: {self.rule}", f"Outcome: {self.reason}", f"Key number: {self.key_number}",
@@ -110,11 +114,11 @@ class Claim:
 
 @dataclass(frozen=True)
 class FigureSpec:
-    """A figure ``F<n>_<slug>``: ``prepare(*rows of experiments) -> DataFrame`` and ``draw(data)``.
-    ``caption_text`` says what is drawn and may contain ``{claims}``, filled from the claims that
-    cite the figure (the registry sets ``claims``).  ``notebook``: the notebook that redraws it.  With
-    ``needs_config`` the prepare step also gets ``config=`` (the experiment config as a dict, e.g.
-    for the profile's declared margins)."""
+    """A figure ``F<n>_<slug>``: ``prepare(*rows) -> DataFrame`` and ``draw(data)``; ``rows`` are the
+    frames of ``experiments`` (required) then of ``optional`` (``None`` when absent: a setting that did
+    not run).  ``caption_text`` says what is drawn and may contain ``{claims}``, filled from the claims
+    that cite the figure (the registry sets ``claims``).  ``notebook``: the notebook that redraws it.
+    With ``needs_config`` the prepare step also gets ``config=`` (the experiment config as a dict)."""
     id: str
     slug: str
     experiments: tuple[str, ...]
@@ -124,11 +128,12 @@ class FigureSpec:
     notebook: str
     claims: tuple[str, ...] = ()
     needs_config: bool = False
+    optional: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not re.fullmatch(r"F\d+", self.id):
             raise ValueError(f"figure id must look like 'F<n>', got {self.id!r}")
-        unknown = [e for e in self.experiments if e not in EXPERIMENTS]
+        unknown = [e for e in (*self.experiments, *self.optional) if e not in EXPERIMENTS]
         if unknown:
             raise ValueError(f"{self.id}: experiments must be among {sorted(EXPERIMENTS)}, got {unknown}")
         if not re.fullmatch(r"\d\d_\w+\.py", self.notebook):
@@ -138,6 +143,11 @@ class FigureSpec:
     @property
     def name(self) -> str:
         return f"{self.id}_{self.slug}"
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """Every experiment ``prepare`` receives, in its argument order."""
+        return (*self.experiments, *self.optional)
 
     @property
     def caption(self) -> str:
@@ -228,7 +238,8 @@ def judge(spec: ClaimSpec, data: dict, tests=None, config: dict | None = None,
         key += f"; tests {own['n_pass']}/{own['n_run']} passed" if own["status"] != "not run" else "; tests not run"
     return Claim(spec.id, outcome.statement or spec.statement, verdict, key,
                  [*outcome.evidence, *test_lines(own, tests)], reason, paper_wording=spec.paper,
-                 figure=", ".join(spec.figures), rule=spec.rule, comparisons=list(outcome.comparisons))
+                 figure=", ".join(spec.figures), rule=spec.rule, comparisons=list(outcome.comparisons),
+                 kind=spec.kind, controls=outcome.controls)
 
 
 def judge_all(specs, data: dict, tests=None, config: dict | None = None, *, results_dir="results") -> list[Claim]:

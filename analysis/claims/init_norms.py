@@ -1,5 +1,5 @@
-"""Claim C8 (how often the official initialisation lets communication raise the certified router
-bound) and figure F7.
+"""Claim C8 (ours: two separate quantities under the official initialisation — how often ‖T‖₂ > 1, and
+how often communication raises the certified router bound; the verdict is on the second) and figure F7.
 
 Rows: ``talk_norms`` (Monte Carlo over independent official-init draws per E: ‖T‖₂, the certified
 ratio ½‖W_r(T⊗I)‖₂ / ½‖W_r‖₂ and the per-E shares).  **select** the per-E shares → **compare**
@@ -78,7 +78,7 @@ def verdict_c8(family: Family, share: float, upper: dict) -> tuple[str, str]:
 # ----------------------------------------------------------------------------- evaluate (+ render)
 def evaluate_c8(data: dict, config: dict, verdicts: dict) -> Outcome:
     """Apply the rule declared in ``C8.rule`` (below) to the saved rows."""
-    share = margin(config, "c8_share")
+    share = margin("c8_share")
     sh = c8_shares(data["talk_norms"])
     family = compare_c8(sh, share)
     verdict, reason = verdict_c8(family, share, {r.E: r.rises_hi for r in sh.itertuples()})
@@ -90,13 +90,17 @@ def evaluate_c8(data: dict, config: dict, verdicts: dict) -> Outcome:
                                           for r in sh.itertuples()) + f" of draws (declared share {pct(share)})")
     statement = ("Under the official initialisation T ~ U(±1/√E), communication raises the certified router bound "
                  "½‖W_r(T⊗I)‖₂ above ½‖W_r‖₂ (same W_r) in a practically relevant share of independent draws "
-                 f"(more than margins.c8_share = {pct(share)}) at some E. Measured: ‖T‖₂ > 1 in "
+                 f"(more than the preregistered margin c8_share = {pct(share)}) at some E. Measured: ‖T‖₂ > 1 in "
                  + ", ".join(f"{pct(r.norm)} (E = {r.E})" for r in sh.itertuples())
                  + " of draws; the bound rises in "
                  + ", ".join(f"{pct(r.rises)} (E = {r.E})" for r in sh.itertuples())
                  + ". ‖T‖₂ > 1 does not imply a raised bound: the bound depends on ‖W_r(T⊗I)‖₂.")
-    ev = ["- Monte Carlo over independent draws per E (Wilson 95 % intervals):",
-          md_table(["E", "draws", "P(‖T‖₂ > 1)", "median ‖T‖₂", "P(bound rises)", "median ratio", "max ratio"], rows),
+    ev = ["- Two separate quantities, never merged (Monte Carlo over independent draws per E, Wilson 95 % "
+          "intervals): (1) the share of draws with ‖T‖₂ > 1 — reported; (2) the share where the certified router "
+          "bound ½‖W_r(T⊗I)‖₂ exceeds ½‖W_r‖₂ — the verdict's quantity. (1) does not imply (2): the bound depends "
+          "on ‖W_r(T⊗I)‖₂, not on ‖T‖₂ alone.",
+          md_table(["E", "draws", "(1) P(‖T‖₂ > 1)", "median ‖T‖₂", "(2) P(bound rises)", "median ratio",
+                    "max ratio"], rows),
           "- Comparisons: effect = share where the bound rises − the declared share (interval: Wilson, shifted); "
           "holds above 0, refuted below 0; MDE = (z₀.₉₇₅ + z₀.₈)·√(p(1−p)/n)."]
     return Outcome(verdict, reason, key, ev, statement=statement, comparisons=comps)
@@ -173,15 +177,16 @@ def draw_f7(data: pd.DataFrame):
 
 # ----------------------------------------------------------------------------- declarations
 C8 = ClaimSpec(
-    "C8", paper=("(ours) how often the official initialisation gives ‖T‖₂ > 1, i.e. lets communication "
-                 "raise the router bound"),
+    "C8", paper=("(ours) two separate quantities under the official initialisation: the share of draws with "
+                 "‖T‖₂ > 1, and the share where the certified router bound rises"),
     statement=("Under the official initialisation T ~ U(±1/√E), communication raises the certified router "
                "bound ½‖W_r(T⊗I)‖₂ above ½‖W_r‖₂ (same W_r) in a practically relevant share of draws at some E."),
-    rule=("per E, the share of independent official-init draws (≥ 20,000 per E) whose certified ratio "
-          "½‖W_r(T⊗I)‖₂ / ½‖W_r‖₂ exceeds 1, with its Wilson 95 % interval, against the declared share "
-          "margins.c8_share. Holds (the official init lets communication raise the router bound in a "
+    rule=("two quantities per E, reported side by side: (1) the share of independent official-init draws "
+          "(≥ 20,000 per E) with ‖T‖₂ > 1 (reported, not judged) and (2) the share whose certified ratio "
+          "½‖W_r(T⊗I)‖₂ / ½‖W_r‖₂ exceeds 1, with its Wilson 95 % interval, against the preregistered share "
+          "c8_share (the verdict's quantity). Holds (the official init lets communication raise the router bound in a "
           "practically relevant share of draws) if the interval lies above the declared share at some E; "
-          "refuted if at every E it lies below it; otherwise inconclusive. ‖T‖₂ > 1 is reported, not judged."),
+          "refuted if at every E it lies below it; otherwise inconclusive."),
     figures=("F7",), tests=(), experiments=("talk_norms",), evaluate=evaluate_c8)
 F7 = FigureSpec(
     "F7", "talk_norm_official_init", ("talk_norms",), prepare_f7, draw_f7, notebook="02_smoothness.py", caption_text=
@@ -189,7 +194,7 @@ F7 = FigureSpec(
     "of ‖T‖₂; middle: distribution of the certified-bound ratio ‖W_r(T⊗I)‖₂ / ‖W_r‖₂ (the same W_r with that T "
     "vs T = I); boxes 25–75 %, whiskers 2.5–97.5 %, ◇ mean; red numbers: share of draws above 1. Right: both "
     "shares with Wilson 95 % intervals. The verdict reads only the share where the bound rises (ratio > 1) "
-    "against the declared share margins.c8_share: it holds if that share's interval lies above it at some "
+    "against the preregistered share c8_share: it holds if that share's interval lies above it at some "
     "E; ‖T‖₂ > 1 is reported, not judged.")
 
 CLAIMS = (C8,)

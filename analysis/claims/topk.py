@@ -70,7 +70,7 @@ def evaluate_c10(data: dict, config: dict, verdicts: dict) -> Outcome:
     """Apply the rule declared in ``C10.rule`` (below) to the saved rows."""
     ro = data["perturb_routers"]
     rel = c10_relative_differences(ro)
-    families = compare_c10(rel, margin(config, "c10_relative"))
+    families = compare_c10(rel, margin("c10_relative"))
     verdict, reason = verdict_c10(families)
     comps = [c for fam in families.values() for c in fam]
     per_stat = {s: (fam.decide(), list(fam)) for s, fam in families.items()}
@@ -89,7 +89,7 @@ def evaluate_c10(data: dict, config: dict, verdicts: dict) -> Outcome:
     ev = ["- Same MoELoRA-code weights and tokens for every router. Effect per (router, kind, ε, statistic): "
           "per seed (q_topk − q_dense)/q_dense of the routing quotient ‖Δg‖/‖δ‖ (> 0 = top-k less stable), "
           "no averaging over ε or kinds; intervals at Holm-ordered levels within each statistic's family; "
-          "margin ±margins.c10_relative. Comparison verdicts per statistic:",
+          "margin ±the preregistered margin c10_relative. Comparison verdicts per statistic:",
           md_table(["statistic", "verdict", "cells holding", "refuted", "inconclusive"],
                    [[C10_STATS[s], f"**{v}**", counts[s]["holds"], counts[s]["refuted"], counts[s]["inconclusive"]]
                     for s, ((v, _), _) in per_stat.items()]),
@@ -178,7 +178,7 @@ C10 = ClaimSpec(
                "(median); top-k has no certified bound across ties."),
     rule=("claim read as 'dense softmax is more stable under perturbation than top-k'. One comparison per "
           "(top-k router, kind, ε, statistic ∈ {max, median}): per seed (q_topk − q_dense)/q_dense of the "
-          "routing quotient on the same weights and tokens, claimed side > 0, margin ±margins.c10_relative, "
+          "routing quotient on the same weights and tokens, claimed side > 0, margin ±the preregistered margin c10_relative, "
           "intervals at Holm-ordered levels within each statistic's family; no averaging over ε or kinds. "
           "Each comparison's verdict is docs/method.md §5's. Per statistic: holds if every cell holds, refuted if any "
           "cell is refuted, else inconclusive; C10 (both statistics together): holds if every comparison "

@@ -1,12 +1,13 @@
 """Claim C9 (any TalkLoRA advantage over MoELoRA-code persists from a function-matched start) and
 figure F8.
 
-Rows: the ``twins`` experiment — the reference (TalkLoRA-official) and models that compute its
-function at step 0 (its MoELoRA-code twin with the absorbed router, TalkLoRA with frozen T, TalkLoRA
-with T = I and the absorbed router), trained on the same batches, per optimiser and seed; column
-``model`` holds registry names.  **select** per task × optimiser the test loss / accuracy by seed and
-the router movement → **compare** TalkLoRA − twin (paired by seed) → **verdict** per arm and for the
-claim → **render**.
+Rows: every setting's evaluation sweep (:mod:`analysis.claims.evidence`) — the reference
+(TalkLoRA-official) and its function-matched twin (MoELoRA-code with the absorbed router
+W' = W_r(T⊗I): the same function at step 0), each at its tuned lr.  **select** per setting the held-out
+loss (and accuracy for classification) by seed → **compare** TalkLoRA − twin, paired by seed, one Holm
+family over the testable settings (P1, P2 and P3: the twins measurably diverge) → **verdict**
+(docs/method.md §5.5) → **render**.  The ``twins`` experiment (MiniLM twins trained at one common lr,
+AdamW and SGD, with the other function-matched arms) is reported and drawn in F8.
 """
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ import pandas as pd
 
 from .. import methods
 from ..plotting import WIDTH, ZERO_FLOOR, dedupe, legend_below, line_ci, order, sel, summarise
-from ..stats import Comparison, Family, combine, fmt
-from .base import ClaimSpec, FigureSpec, Outcome, margin
-from .helpers import at_last_step, comparison_table, inside_margin, interval_text, md_table, paired
-
-C9_ROUTER_MOVE = 1e-2                       # an optimiser arm counts only if its routers move this much
+from ..stats import fmt
+from . import evidence as ev
+from .assay import assays, deciding_methods, levels, registration
+from .base import ClaimSpec, FigureSpec, Outcome
+from .decide import Paired, claim_verdict, empirical_outcome, judge_family, pair, why_not_testable
+from .helpers import at_last_step
 
 
 def twin() -> str:
@@ -31,97 +33,78 @@ def twin() -> str:
     return name
 
 
-# ----------------------------------------------------------------------------- select
-def router_movement(tw: pd.DataFrame) -> pd.Series:
-    """Median over seeds and layers of ``router_rel_change`` = ‖ΔW_eff‖_F/‖W_eff(0)‖_F of the reference
-    and its twin, per (task, optimizer); empty where no ``weights`` rows exist."""
-    w = tw[(tw["metric"] == "router_rel_change") & tw["model"].isin([methods.reference(), twin()])]
-    keys = [k for k in ("task", "optimizer") if k in tw]
-    return w.groupby(keys)["value"].median() if len(w) else pd.Series(dtype=float)
+# ----------------------------------------------------------------------------- select / compare
+def divergence(a, name: str) -> float:
+    """P3: mean over seeds of |held-out loss(reference) − loss(``name``)| / the no-adapter loss."""
+    loss = ev.heldout(a.run.rows, "loss")
+    if methods.reference() not in loss or name not in loss or not a.no_adapter_loss > 0:
+        return math.nan
+    return float((loss[methods.reference()] - loss[name]).abs().mean() / a.no_adapter_loss)
 
 
-def select_c9(tw: pd.DataFrame) -> list[dict]:
-    """Per (task, optimizer) arm: the router movement, test loss and accuracy by seed × model at the
-    last step, and the twin's logit distance to the reference at its last step."""
-    tw = tw if "task" in tw else tw.assign(task="task")
-    moved = router_movement(tw)
-    test = tw[(tw["split"] == "test") & (tw["layer"] == "all")] if "split" in tw else tw.iloc[:0]
-    arms = []
-    for (task, opt), g in tw.groupby(["task", "optimizer"]):
-        move = moved.get((task, opt), math.nan) if isinstance(moved.index, pd.MultiIndex) else moved.get(opt, math.nan)
-        t = at_last_step(test[(test["task"] == task) & (test["optimizer"] == opt)], ["model", "seed"])
-        wide = {m: t[t["metric"] == m].pivot_table(index="seed", columns="model", values="value")
-                for m in ("loss", "accuracy")}
-        dv = g[(g["metric"] == "logit_maxabs_diff") & (g["model"] == twin())]
-        dv = at_last_step(dv, ["seed"])["value"] if len(dv) else dv["value"]
-        arms.append(dict(task=task, optimizer=opt, move=move, wide=wide,
-                         logit_diff=float(dv.max()) if len(dv) else math.nan))
-    return arms
+def items_c9(data: dict, config: dict | None = None) -> tuple[list[Paired], list]:
+    """Per setting: loss (claimed < 0) and, for classification, accuracy (claimed > 0) of the reference
+    − each deciding method of C9 (the twin); controls P1, P2 (both routers decisive), P3."""
+    talk, deciding = methods.reference(), deciding_methods("C9")
+    limit = registration().control("p3_min_relative_divergence")
+    items, tested = [], []
+    for a in assays(data, config):
+        run = a.run
+        p3 = {m: divergence(a, m) for m in deciding if m in run.methods()}
+        controls = a.controls((talk, *deciding), p2=True, extra={"P3": all(v >= limit for v in p3.values())})
+        tested.append((a, controls, f"loss ±{fmt(a.margins.get('loss'))}" + (
+            f", accuracy ±{fmt(a.margins.get('accuracy'))}" if run.classification else "") + "; P3 divergence "
+            + ", ".join(f"{methods.label(m)} {fmt(v)} (≥ {limit:g})" for m, v in p3.items())))
+        for metric, side in (("loss", "less"), ("accuracy", "greater"))[:1 + run.classification]:
+            wide = ev.heldout(run.rows, metric)
+            for b in deciding:
+                p = pair(f"{run.name}: {metric} TalkLoRA − {methods.label(b)}", wide, talk, b, a.margins.get(metric),
+                         side, setting=run.name, controls=controls, deciding=True,
+                         discordant=ev.discordant(run, talk, b) if metric == "accuracy" else None)
+                if p is not None:
+                    items.append(p)
+    return items, tested
 
 
-# ----------------------------------------------------------------------------- compare
-def compare_c9(wide: dict, name: str, margins: tuple[float, float]) -> tuple[Comparison | None, Comparison | None]:
-    """Test loss (claimed < 0) and accuracy (claimed > 0) of the reference − its twin, paired by seed."""
-    talk, other = methods.reference(), twin()
-    return (paired(f"{name}: test loss TalkLoRA − twin", wide["loss"], talk, other, margins[0], "less"),
-            paired(f"{name}: test accuracy TalkLoRA − twin", wide["accuracy"], talk, other, margins[1], "greater"))
-
-
-# ----------------------------------------------------------------------------- verdict
-def c9_cell(loss: Comparison | None, acc: Comparison | None) -> str:
-    """One task × optimiser: holds if one metric holds and neither lies entirely on the wrong side;
-    refuted if both are refuted (no advantage); otherwise inconclusive."""
-    comps = [c for c in (loss, acc) if c is not None]
-    wrong = any(c.verdict == "refuted" and not inside_margin(c) for c in comps)
-    if comps and all(c.verdict == "refuted" for c in comps):
-        return "refuted"
-    return "holds" if any(c.verdict == "holds" for c in comps) and not wrong else "inconclusive"
-
-
-def verdict_c9(cells: dict[str, str]) -> tuple[str, str]:
-    """``cells``: arm -> cell verdict of the arms whose routers move."""
-    verdict = combine(cells.values())
-    if not cells:
-        return "inconclusive", (f"no optimiser arm whose routers move (median ‖ΔW_eff‖/‖W_eff‖ ≥ "
-                                f"{C9_ROUTER_MOVE:g}) with test rows")
-    if verdict == "holds":
-        return verdict, "TalkLoRA ahead of its function-matched twin in every included arm: " + ", ".join(cells)
-    if verdict == "refuted":
-        return verdict, "no advantage over the function-matched twin in " + ", ".join(
-            k for k, v in cells.items() if v == "refuted")
-    return verdict, "undecided in " + ", ".join(k for k, v in cells.items() if v == "inconclusive")
+def twin_runs(data: dict, config: dict | None = None) -> list[Paired]:
+    """Reported: the ``twins`` experiment (MiniLM, one common lr per optimiser), test loss and accuracy
+    TalkLoRA − twin per task × optimiser (95 %; the margins of that MiniLM task's setting)."""
+    tw = data.get("twins")
+    if tw is None or not len(tw) or "split" not in tw:
+        return []
+    by_task = {a.run.setting.task: a for a in assays(data, config) if a.run.setting.runner == "train"}
+    out = []
+    test = tw[(tw["split"] == "test") & (tw["layer"] == "all")]
+    for (task, opt), g in test.groupby(["task" if "task" in test else "optimizer", "optimizer"]):
+        a = by_task.get(task)
+        for metric, side in (("loss", "less"), ("accuracy", "greater")):
+            wide = at_last_step(g[g["metric"] == metric], ["model", "seed"]).pivot_table(
+                index="seed", columns="model", values="value")
+            margin = a.margins.get(metric) if a is not None else math.nan
+            p = pair(f"twin runs {task}, {opt}: {metric} TalkLoRA − twin", wide, methods.reference(), twin(), margin,
+                     side, setting=f"twins ({task}, {opt}, common lr)", controls="passed", deciding=False)
+            if p is not None:
+                out.append(p)
+    return out
 
 
 # ----------------------------------------------------------------------------- evaluate (+ render)
 def evaluate_c9(data: dict, config: dict, verdicts: dict) -> Outcome:
     """Apply the rule declared in ``C9.rule`` (below) to the saved rows."""
-    margins = (margin(config, "c9_loss"), margin(config, "c9_accuracy"))
-    cfg = config.get("twins") or {}
-    comps, cells, rows = [], {}, []
-    for arm in select_c9(data["twins"]):
-        opt, move = arm["optimizer"], arm["move"]
-        included = math.isfinite(move) and move >= C9_ROUTER_MOVE
-        lr = cfg.get("lr_adamw" if opt == "adamw" else "lr_sgd")
-        name = f"MiniLM {arm['task']}, {opt}" + (f" (lr {lr:g})" if lr is not None else "")
-        cl, ca = compare_c9(arm["wide"], name, margins)
-        v = c9_cell(cl, ca) if included else "excluded (routers do not move)"
-        if included:
-            cells[name] = v
-            comps += [c for c in (cl, ca) if c is not None]
-        rows.append([name, fmt(move), "yes" if included else "no", interval_text(cl), interval_text(ca),
-                     fmt(arm["logit_diff"]), v])
-    family = Family.of(comps, holm=False)
-    verdict, reason = verdict_c9(cells)
-    key = "; ".join(f"{c.name}: {fmt(c.effect)} [{fmt(c.ci_low)}, {fmt(c.ci_high)}]" for c in family.comparisons[:2]) or "n/a"
-    wd = cfg.get("weight_decay")
-    ev = ["- Per task × optimiser, paired by seed: held-out loss (nats) and accuracy on every test example "
-          "at the last step, TalkLoRA − its MoELoRA-code twin (same function at step 0, same batches"
-          + (f", weight decay {wd:g} for AdamW" if wd is not None else "") + "). An arm enters the rule only "
-          f"if the median router movement ‖W_eff(end) − W_eff(0)‖_F/‖W_eff(0)‖_F ≥ {C9_ROUTER_MOVE:g}:",
-          md_table(["arm", "router movement (median)", "included", "Δloss [95 %]", "Δacc [95 %]",
-                    "max |Δlogit| at the end", "cell verdict"], rows) if rows else "(no twin rows)",
-          comparison_table(family) if len(family) else ""]
-    return Outcome(verdict, reason, key, [e for e in ev if e], comparisons=list(family))
+    items, tested = items_c9(data, config)
+    conf, power = levels()
+    comps = judge_family(items, conf, power) + judge_family(twin_runs(data, config), conf, power)
+    lines = ["- Held-out loss on every test example at the last step (and accuracy for classification), TalkLoRA − "
+             "its function-matched twin (the same function at step 0), paired by seed, each at its tuned lr. P3: the "
+             "twins must measurably diverge (mean |Δ held-out loss| / no-adapter loss at least the preregistered "
+             "threshold), else there is nothing to compare. The `twins` experiment (MiniLM twins at one common lr, "
+             "F8) is reported, not deciding."]
+    return empirical_outcome(comps, tested, verdict_c9(comps, why_not_testable(tested)), lines=lines)
+
+
+def verdict_c9(comps, none_testable: str) -> tuple[str, str]:
+    """docs/method.md §5.5 over the twin comparisons of the settings passing P1, P2 and P3."""
+    return claim_verdict(comps, none_testable)
 
 
 # ----------------------------------------------------------------------------- F8 twin divergence
@@ -199,28 +182,28 @@ def draw_f8(data: pd.DataFrame):
 # ----------------------------------------------------------------------------- declarations
 C9 = ClaimSpec(
     "C9", paper="any TalkLoRA advantage over MoELoRA-code persists from a function-matched start",
-    statement=("Starting from the same function (MoELoRA-code twin with W' = W_r(T⊗I)) and trained on the "
-               "same batches, TalkLoRA's parameterisation alone gives a lower held-out loss or a higher "
-               "held-out accuracy (AdamW at the official settings; SGD only where its routers move)."),
-    rule=("per task and optimiser arm whose routers move (median over seeds and layers of "
-          "‖W_eff(end) − W_eff(0)‖_F/‖W_eff(0)‖_F ≥ 1e-2; other arms are reported and excluded): paired by "
-          "seed over every test example at the last step, loss TalkLoRA − twin (margin ±margins.c9_loss "
-          "nats, claimed < 0) and accuracy (margin ±margins.c9_accuracy, claimed > 0), docs/method.md §5 verdict "
-          "each; a cell holds if one metric holds and neither lies entirely on the wrong side, is refuted "
-          "if both are refuted, else inconclusive. The claim holds if every included cell holds, is "
-          "refuted if any is refuted, else inconclusive (also when no arm is included)."),
-    figures=("F8", "F10"), tests=(), experiments=("twins",), evaluate=evaluate_c9)
+    statement=("Starting from the same function (the MoELoRA-code twin with W' = W_r(T⊗I)), trained on the same "
+               "batches at its own tuned learning rate, TalkLoRA's parameterisation alone gives a lower held-out "
+               "loss (and, for classification, a higher accuracy) in every testable setting."),
+    rule=("per setting passing P1, P2 (TalkLoRA and the twin route decisively) and P3 (the twins measurably "
+          "diverge: mean |Δ held-out loss| / no-adapter loss ≥ controls.p3_min_relative_divergence): paired by "
+          "seed, held-out loss TalkLoRA − twin (claimed < 0, the setting's loss margin) and, for classification, "
+          "accuracy (claimed > 0; zero seed-level variance: exact McNemar per example); Holm over every deciding "
+          "comparison of the testable settings; docs/method.md §5.4 per comparison, §5.5 for the claim. The "
+          "common-lr twin runs (`twins`, F8) are reported."),
+    figures=("F8", "F10"), tests=(), experiments=(), optional=(*ev.EXPERIMENTS, "twins"), evaluate=evaluate_c9,
+    kind="empirical")
 
 F8 = FigureSpec(
     "F8", "twin_divergence", ("twins",), prepare_f8, draw_f8, notebook="04_twins.py", caption_text=
     "Function-matched twins ({claims}): the models of the twin experiment that compute TalkLoRA's function at "
     "step 0 (MoELoRA-code with the absorbed router; where run, TalkLoRA with frozen T and TalkLoRA with T = I "
-    "and the absorbed router) trained on the same batches as TalkLoRA. Top: logit distance to TalkLoRA on "
-    "the fixed probe set (max |Δ| solid, mean |Δ| dashed; log scale; geometric mean and interval over "
-    "seeds); below: accuracy gap (probe set at the checkpoints, every test example at the last step) and "
-    "Gini gap to TalkLoRA (mean over layers). Columns: optimizer. Shaded: 95% CI over seeds. The verdict "
-    "reads only the last step: test loss and accuracy of TalkLoRA − the MoELoRA-code twin, paired by seed, "
-    "in the optimiser arms whose routers move.")
+    "and the absorbed router), trained on the same batches at one common lr per optimiser. Top: logit distance "
+    "to TalkLoRA on the fixed probe set (max |Δ| solid, mean |Δ| dashed; log scale; geometric mean and interval "
+    "over seeds); below: accuracy gap (probe set at the checkpoints, every test example at the last step) and "
+    "Gini gap to TalkLoRA (mean over layers). Columns: optimizer. Shaded: 95% CI over seeds. These runs are "
+    "reported, not deciding: the verdict reads TalkLoRA − twin in every testable setting's evaluation sweep, "
+    "each at its own tuned lr, with P3 (the twins diverge) required.")
 
 CLAIMS = (C9,)
 FIGURES = (F8,)
