@@ -20,6 +20,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from . import methods as registry
+
 F13_NAME = "F13_cost_vs_experts"
 CAPTION = ("Cost of communication vs the number of experts E at a fixed rank budget (r = {rank}, so m = r/E "
            "down to {m_min}; one layer around a frozen {d}×{d} base, {tokens} tokens, input requiring grad), "
@@ -30,9 +32,6 @@ CAPTION = ("Cost of communication vs the number of experts E at a fixed rank bud
            "broadcast, doubly-stochastic, block (2 groups), banded (bandwidth 1, 0 at E = 2), low-rank "
            "(rank 2). The paper does not report this cost; a published commentary names it as the open "
            "question.")
-ORDER = ["moelora-code", "talklora-full", "talklora-broadcast", "talklora-doubly-stochastic",
-         "talklora-block", "talklora-banded", "talklora-low-rank"]
-STYLE = {"moelora-code": dict(color="0.35", ls="--", marker="s")}
 
 
 def f13_data(figures_dir=None) -> pd.DataFrame:
@@ -60,12 +59,15 @@ def _series(data: pd.DataFrame, method: str, metric: str) -> pd.DataFrame:
 
 def draw_f13(data: pd.DataFrame) -> plt.Figure:
     """Time (a) and peak memory per token (b) relative to LoRA against E, one line per method."""
-    methods = [m for m in ORDER if m in set(data["method"])]
+    methods = list(dict.fromkeys(data.loc[data["metric"] == "time_ratio", "method"]))   # the bench's order
     labels = data.drop_duplicates("method").set_index("method")["label"]
     colors = plt.get_cmap("tab10")
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(10.5, 3.9), sharex=True)
     for i, method in enumerate(methods):
-        style = STYLE.get(method, dict(color=colors(i), ls="-", marker="o"))
+        # a registry method (the mixture without T) keeps its colour and marker, dashed; structures: tab10
+        known = method in registry.METHODS
+        style = dict(color=registry.color(method, colors(i)), ls="--" if known else "-",
+                     marker=registry.marker(method, "o"))
         t = _series(data, method, "time_ratio")
         ax_time.plot(t.index, t["median"], label=labels[method], ms=4, lw=1.4, **style)
         ax_time.fill_between(t.index, t["ci95_lo"], t["ci95_hi"], color=style["color"], alpha=0.12, lw=0)

@@ -90,6 +90,26 @@ def manifest(figures: list[FigureSpec], sources: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def bench_figure(figures_dir, log: Callable[[str], None] = print) -> str:
+    """F13 is measured by ``make bench`` (``benchmarks/cost_vs_experts.py``), not from results: when its
+    data file is in ``<figures_dir>/data``, redraw it from that file and return its manifest entry
+    ("" when absent — run ``make bench``)."""
+    from .cost import F13_NAME, caption, draw_f13, f13_data
+    try:
+        data = f13_data(figures_dir)
+    except FileNotFoundError:
+        log(f"[figures] F13: no {F13_NAME}.csv in {Path(figures_dir) / 'data'} (drawn by `make bench`)")
+        return ""
+    save_figure(draw_f13(data), data, F13_NAME, figures_dir)
+    log(f"[figures] F13 -> {Path(figures_dir) / (F13_NAME + '.png')} (redrawn from its benchmark data)")
+    return "\n".join([f"## F13: cost vs experts", "", f"![F13]({F13_NAME}.png)", "", caption(data), "",
+                      f"- image: [`{F13_NAME}.png`]({F13_NAME}.png) · [`{F13_NAME}.pdf`]({F13_NAME}.pdf)",
+                      f"- data: [`data/{F13_NAME}.csv`](data/{F13_NAME}.csv) (measured by `make bench`: "
+                      "`benchmarks/cost_vs_experts.py`)",
+                      "- claims: none (the cost of communication; docs/method.md §6) · module: `analysis.cost`",
+                      "- notebook: [`notebooks/05_cost.py`](../notebooks/05_cost.py)", ""])
+
+
 def draw_all(results_dir="results", figures_dir="figures", only: list[str] | None = None,
              log: Callable[[str], None] = print, config: dict | None = None) -> dict:
     """Draw every figure (or those in ``only``) from saved results; write the manifest.  ``config``
@@ -110,7 +130,10 @@ def draw_all(results_dir="results", figures_dir="figures", only: list[str] | Non
         fig, data = f.make(*(rows.get(e) for e in f.reads), config=config)
         written[f.id] = save_figure(fig, data, f.name, figures_dir)
         log(f"[figures] {f.id} -> {written[f.id]['png']} ({len(data)} data rows)")
-    readme = atomic_write_text(Path(figures_dir) / "README.md", manifest(figures, rows))
+    text = manifest(figures, rows)
+    if only is None:
+        text += bench_figure(figures_dir, log)
+    readme = atomic_write_text(Path(figures_dir) / "README.md", text)
     os.chmod(readme, 0o644)
     root = Path(__file__).resolve().parents[1]
     if Path(figures_dir).resolve() == root / "figures" and only is None:
