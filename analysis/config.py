@@ -1,10 +1,11 @@
 """Experiment configuration: TOML files, named profiles, validated dataclasses.
 
-A config has one section per experiment — ``[perturb]`` (docs/method.md §4 perturbation sweeps, C3–C5, C8,
-C10), ``[train]`` (MiniLM sentiment / topic training, C6, C7, C11, C12), ``[twins]``
-(function-matched twin runs, C9), ``[lm]`` (SmolLM2 causal LM, C6, C11, C12) — and ``[margins]``,
-the smallest effect each claim counts as relevant.  The section dataclasses live in
-:mod:`analysis.sections` and are re-exported here.
+A config has one section per experiment — ``[perturb]`` (docs/method.md §4 perturbation sweeps, C1–C5,
+C8, C10), ``[train]`` (MiniLM sentiment / topic), ``[twins]`` (function-matched twin runs, F8),
+``[lm]`` (SmolLM2 causal LM), ``[planted]`` (the planted-teacher setting) — and optionally a user
+``[setting]`` (:class:`analysis.settings.UserSetting`).  Margins, controls and rules are not part of
+a config: they are preregistered (``analysis/preregistration.toml``).  The section dataclasses live
+in :mod:`analysis.sections` and are re-exported here.
 Every field is validated in ``__post_init__``; an invalid value raises :class:`ConfigError`
 *before any work starts*, with a message that names the field::
 
@@ -40,7 +41,7 @@ from pathlib import Path
 
 from .sections import (  # noqa: F401  (the public names are re-exported here)
     ConfigError, LMConfig, LM_MAX_TEXTS, LM_METHODS, MATCHED_BUDGET_RULES, MINILM_TARGETS,
-    MarginsConfig, PERTURB_KINDS, PerturbConfig, PlantedConfig, REAL_MODELS, SCALE_CONTROLS, SECTIONS,
+    PERTURB_KINDS, PerturbConfig, PlantedConfig, REAL_MODELS, SCALE_CONTROLS, SECTIONS,
     SMOLLM_LAYERS, TRAIN_METHODS, TRAIN_TASKS, TWIN_MODELS, TWIN_OPTIMIZERS, TrainConfig,
     TwinsConfig, _fail, _split_fits)
 from .files import FileProblem, parse_json, parse_toml, read_regular_file
@@ -62,7 +63,6 @@ class ExperimentConfig:
     twins: TwinsConfig = field(default_factory=TwinsConfig)
     lm: LMConfig = field(default_factory=LMConfig)
     planted: PlantedConfig = field(default_factory=PlantedConfig)
-    margins: MarginsConfig = field(default_factory=MarginsConfig)
     setting: UserSetting | None = None
 
     def __post_init__(self):

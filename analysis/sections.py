@@ -1,6 +1,7 @@
 """The validated sections of an experiment config (``[perturb]``, ``[train]``, ``[twins]``, ``[lm]``,
-``[margins]``) with their constants and field validators; :mod:`analysis.config` assembles them into
-an :class:`~analysis.config.ExperimentConfig` and reads profiles and files.  Every field is checked
+``[planted]``) with their constants; the field validators are in :mod:`analysis.fields`, the margins
+and rules in the preregistration (:mod:`analysis.prereg`).  :mod:`analysis.config` assembles the
+sections into an :class:`~analysis.config.ExperimentConfig` and reads profiles and files.  Every field is checked
 in ``__post_init__`` and an invalid value raises :class:`ConfigError` naming ``section.field``.
 """
 from __future__ import annotations
@@ -360,7 +361,7 @@ class PlantedConfig(_Section):
     amplification_tokens: int = 128
     amplification_eps: list = field(default_factory=lambda: [0.1])
     adversarial_steps: int = 5
-    budget_ranks: list = field(default_factory=lambda: [24, 32])   # with rank 16: three budgets within ±2 %
+    budget_ranks: list = field(default_factory=lambda: [16, 24, 32])   # every baseline within ±2 % at each
     budget_methods: list = field(default_factory=lambda: [reference(), *tagged("baseline")])
 
     def __post_init__(self):
@@ -393,9 +394,9 @@ class PlantedConfig(_Section):
         _int(f"{p}.adversarial_steps", self.adversarial_steps, lo=0, hi=1000)
         if not isinstance(self.budget_ranks, (list, tuple)) or not all(_is_int(r) and 0 < r <= 4096 for r in self.budget_ranks) \
                 or len(set(self.budget_ranks)) != len(self.budget_ranks) \
-                or any(r % self.num_experts or r == self.rank for r in self.budget_ranks):
+                or any(r % self.num_experts for r in self.budget_ranks):
             _fail(f"{p}.budget_ranks", f"a list (possibly empty) of distinct multiples of planted.num_experts "
-                  f"({self.num_experts}) other than planted.rank ({self.rank})", self.budget_ranks)
+                  f"({self.num_experts})", self.budget_ranks)
         self.budget_ranks = list(self.budget_ranks)
         self.budget_methods = _choice_list(f"{p}.budget_methods", self.budget_methods,
                                            [m for m in self.methods if METHODS[m].adapter is not None])
@@ -404,43 +405,5 @@ class PlantedConfig(_Section):
                   self.budget_methods)
 
 
-@dataclass
-class MarginsConfig(_Section):
-    """Declared margins (docs/method.md §5): the smallest effect that counts as practically relevant, one per
-    claim and metric, fixed in the profile before anything runs.  A paired difference whose 95 %
-    interval lies inside ±margin is "no relevant effect" (refuted); units are those of the metric:
-
-    * ``c5_ratio``: routing-quotient ratio TalkLoRA / scale-matched control, on the log scale
-      (``|log ratio| < c5_ratio``; 0.05 ≈ ±5 %);
-    * ``c6_gini``: soft-load Gini (0 … 1 − 1/E), absolute; ``c6_entropy``: normalised load entropy;
-    * ``c7_accuracy``, ``c9_accuracy``, ``c11_accuracy``: held-out accuracy, absolute (0.01 = 1 point);
-    * ``c9_loss``, ``c11_loss``: held-out mean cross-entropy, nats;
-    * ``c12_churn``: share of probe tokens whose top-1 expert changes between checkpoints, absolute;
-    * ``c8_share``: share of official-init draws in which communication raises the certified router
-      bound that counts as "it happens" (absolute, 0.01 = 1 % of draws);
-    * ``c10_relative``: relative routing-quotient difference (top-k − dense) / dense.
-    """
-
-    SECTION = "margins"
-    c5_ratio: float = 0.05
-    c6_gini: float = 0.02
-    c6_entropy: float = 0.01
-    c7_accuracy: float = 0.01
-    c9_accuracy: float = 0.01
-    c9_loss: float = 0.02
-    c11_accuracy: float = 0.005
-    c11_loss: float = 0.02
-    c12_churn: float = 0.01
-    c8_share: float = 0.01
-    c10_relative: float = 0.05
-
-    SHARES = ("c6_gini", "c6_entropy", "c7_accuracy", "c9_accuracy", "c11_accuracy", "c12_churn", "c8_share")
-
-    def __post_init__(self):
-        for f in dataclasses.fields(self):       # a share's margin above 1 would call every effect irrelevant
-            hi = 1.0 if f.name in self.SHARES else None
-            setattr(self, f.name, _float(f"{self.SECTION}.{f.name}", getattr(self, f.name), lo=0.0, lo_open=True, hi=hi))
-
-
 SECTIONS = {"perturb": PerturbConfig, "train": TrainConfig, "twins": TwinsConfig, "lm": LMConfig,
-            "planted": PlantedConfig, "margins": MarginsConfig}
+            "planted": PlantedConfig}

@@ -1,9 +1,9 @@
-"""Config of the training experiments (issue 10): the new [train]/[twins] fields, the declared
-[margins], the profiles' power settings, and the separate sentiment/topic task splits."""
+"""Config of the training experiments: the [train]/[twins] fields, the profiles against the
+preregistered protocol, and the separate sentiment/topic task splits."""
 import pandas as pd
 import pytest
 
-from analysis.config import ConfigError, ExperimentConfig, MarginsConfig, TrainConfig, TwinsConfig, load_profile
+from analysis.config import ConfigError, ExperimentConfig, TrainConfig, TwinsConfig, load_profile
 
 BAD = [
     (TrainConfig, {"tasks": ["sentiment", "news"]}, r"train\.tasks"),
@@ -22,10 +22,9 @@ BAD = [
     (TwinsConfig, {"models": ["talklora", "lora"]}, r"twins\.models"),
     (TwinsConfig, {"tasks": ["news"]}, r"twins\.tasks"),
     (TwinsConfig, {"talk_init": "identity"}, r"twins\.talk_init"),
-    (MarginsConfig, {"c6_gini": 0.0}, r"margins\.c6_gini"),
-    (MarginsConfig, {"c11_accuracy": -0.01}, r"margins\.c11_accuracy"),
-    (MarginsConfig, {"c9_loss": float("nan")}, r"margins\.c9_loss"),
-    (MarginsConfig, {"c7_accuracy": "1%"}, r"margins\.c7_accuracy"),
+    (TrainConfig, {"seeds": [0, 1], "tuning_seeds": [1, 2]}, r"train\.tuning_seeds"),
+    (TrainConfig, {"lr_grid": []}, r"train\.lr_grid"),
+    (TrainConfig, {"tie_threshold": 1.5}, r"train\.tie_threshold"),
 ]
 
 
@@ -35,12 +34,9 @@ def test_invalid_values_name_the_field(cls, values, message):
         cls(**values)
 
 
-def test_unknown_margin_is_an_error_and_margins_round_trip():
-    with pytest.raises(ConfigError, match=r"^margins\.c13_x: unknown key"):
-        ExperimentConfig.from_dict({"margins": {"c13_x": 0.1}})
-    cfg = ExperimentConfig(margins=MarginsConfig(c6_gini=0.03))
-    assert ExperimentConfig.from_toml(cfg.to_toml()).margins.c6_gini == 0.03
-    assert ExperimentConfig.from_json(cfg.to_json()) == cfg
+def test_margins_are_not_a_config_section_but_preregistered():
+    with pytest.raises(ConfigError, match=r"^margins: unknown top-level key"):
+        ExperimentConfig.from_dict({"margins": {"c6_gini": 0.1}})
 
 
 @pytest.mark.parametrize("name", ["quick", "paper"])
