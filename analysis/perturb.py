@@ -41,6 +41,7 @@ from torch import nn
 from talklora_min import AdapterConfig, MoELoRALinear, TalkLoRALinear, adapter_layers, inject, talk_matrix
 from talklora_min.layers import absorbed_router
 from talklora_min import reparam
+from talklora_min.reference import formula_output
 from talklora_min.probes import local_lipschitz, perturbation_response, router_lipschitz
 
 KIND_NAMES = {"gaussian": "gaussian_input", "block": "gaussian_block", "adversarial": "adversarial"}
@@ -316,14 +317,17 @@ def equivalence_cell(seed: int, n_configs: int) -> list[dict]:
                 talk.B.normal_()
                 talk.W_r.mul_(4)
             x = torch.randn(64, d_in, dtype=dtype)
-            y = talk(x)
+            # the reference side of every residual is the paper's formula written out term by term
+            # (T mixes the code blocks), not the layer's forward, which folds T into the router
+            y = formula_output(talk, x)
 
             def res(other):
                 return float((other(x) - y).abs().max() / y.abs().max())
             ident = TalkLoRALinear(base, E * m, E, talk_init="identity").eval()
             ident.set_weights(**{k: v for k, v in talk.get_weights().items() if k != "T"})
             absorbed = reparam.absorb_talk(talk).eval()
-            c1 = float((reparam.moelora_from_identity_talk(ident).eval()(x) - ident(x)).abs().max() / ident(x).abs().max())
+            y_ident = formula_output(ident, x)
+            c1 = float((reparam.moelora_from_identity_talk(ident).eval()(x) - y_ident).abs().max() / y_ident.abs().max())
             info = dict(config=i, E=E, m=m, d_in=d_in, d_out=d_out, dtype=str(dtype).replace("torch.", ""))
             rows += [dict(**info, metric="C1_identity_talk", value=c1),
                      dict(**info, metric="C2_absorption", value=res(absorbed)),

@@ -88,3 +88,33 @@ class LoopMoELoRALinear(nn.Module):
         for e, h_e in enumerate(torch.chunk(h, self.num_experts, -1)):
             out = out + gates[..., e:e + 1] * F.linear(F.linear(h_e, self.C[e]), self.B[e])
         return self.base(x) + self.scaling * out
+
+
+@torch.no_grad()
+def formula_output(layer: nn.Module, x: Tensor) -> Tensor:
+    """A MoELoRA / TalkLoRA layer's eval output computed term by term from the formulas of
+    docs/method.md §1, independently of the layer's own (fused) forward, one Python iteration per
+    expert: ``h = A x``; for TalkLoRA ``h~_e = Σ_e' T[e, e'] h_e'`` (the Talking Module mixes the
+    blocks, it is not folded into the router); ``g = softmax(W_r h~)`` (``W_g x`` for an input
+    router); ``y = base(x) + s Σ_e g_e B_e C_e h_e``.  Dense routing only (the maps of §3 are stated
+    for it).  The oracle the equivalence residuals of claims C1–C3 are measured against."""
+    if getattr(layer, "top_k", None) is not None:
+        raise ValueError("formula_output covers dense routing only (top_k=None)")
+    E, m = layer.num_experts, layer.expert_rank
+    h = F.linear(x, layer.A)
+    blocks = [h[..., e * m:(e + 1) * m] for e in range(E)]
+    if layer.router_input == "input":
+        logits = F.linear(x, layer.W_g)
+    else:
+        if hasattr(layer, "talk_matrix"):
+            T = layer.talk_matrix()
+            blocks_mixed = [sum(T[e, f] * blocks[f] for f in range(E)) for e in range(E)]
+        else:
+            blocks_mixed = blocks
+        logits = F.linear(torch.cat(blocks_mixed, -1), layer.W_r)
+    gates = torch.softmax(logits, -1)
+    out = layer.base(x)
+    for e in range(E):
+        expert = F.linear(F.linear(blocks[e], layer.C[e]), layer.B[e])
+        out = out + layer.scaling * gates[..., e:e + 1] * expert
+    return out

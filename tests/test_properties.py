@@ -464,3 +464,30 @@ def test_unload_restores_the_base_model(cfg, kind):
         model[0].B.copy_(rand(*model[0].B.shape))
     unload(model)
     assert model[0] is base and torch.equal(model(x), before)
+
+
+@pytest.mark.parametrize("kind", ["moelora-code", "moelora-input", "talklora-official", "talklora-broadcast",
+                                  "talklora-doubly-stochastic", "talklora-block", "talklora-low-rank"])
+def test_formula_output_is_the_layer_forward_written_out(kind):
+    """The oracle of the C1-C3 residuals (talklora_min.reference.formula_output: T mixes the code
+    blocks term by term) equals the layer's fused forward, which folds T into the router."""
+    from talklora_min import MoELoRALinear, TalkLoRALinear
+    from talklora_min.reference import formula_output
+    torch.manual_seed(3)
+    base = torch.nn.Linear(10, 7, dtype=torch.float64)
+    structure = dict(block=dict(talk_groups=2), banded=dict(talk_bandwidth=1), **{"low-rank": dict(talk_rank=1)})
+    if kind.startswith("talklora"):
+        name = kind.split("-", 1)[1]
+        name = "full" if name == "official" else name
+        layer = TalkLoRALinear(base, 8, 4, talk_structure=name, **structure.get(name, {}))
+        with torch.no_grad():
+            for n, p in layer.named_parameters():
+                if n.startswith("talk_") or n == "T":
+                    p.add_(0.3 * torch.randn_like(p))
+    else:
+        layer = MoELoRALinear(base, 8, 4, router_input=kind.split("-")[1])
+    with torch.no_grad():
+        layer.B.normal_()
+    layer.eval()
+    x = torch.randn(5, 3, 10, dtype=torch.float64)
+    torch.testing.assert_close(formula_output(layer, x), layer(x).detach(), rtol=1e-12, atol=1e-12)
