@@ -140,7 +140,7 @@ def load_model(setting, objective: str):
 def adapted_names(model: nn.Module, setting) -> list[str]:
     """Full names of the linear modules to adapt: the targets (or the architecture's usual
     projections) inside the top ``adapt_top_layers`` numbered blocks."""
-    targets = tuple(setting.targets) or resolve_targets(model, AdapterConfig(kind="lora", target_modules=None))
+    targets = tuple(setting.targets) or resolve_targets(model, AdapterConfig(target_modules=None))
     names = [n for n in adaptable_modules(model) if any(n == t or n.endswith("." + t) for t in targets)]
     index = {n: int(re.findall(r"\.(\d+)\.", f".{n}.")[-1]) for n in names if re.search(r"\.(\d+)\.", f".{n}.")}
     blocks = sorted(set(index.values()))

@@ -334,7 +334,7 @@ class PlantedConfig(_Section):
     gate gap below which a point's top-1 expert counts as a tie (no churn)."""
 
     SECTION = "planted"
-    methods: list = field(default_factory=lambda: ["head-only", *tagged("baseline"), reference(),
+    methods: list = field(default_factory=lambda: [*tagged("no-adapter"), *tagged("baseline"), reference(),
                                                    *tagged("function-matched"), *tagged("scale-matched")])
     seeds: list = field(default_factory=lambda: list(range(8)))
     tuning_seeds: list = field(default_factory=lambda: [100, 101])
