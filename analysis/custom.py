@@ -17,7 +17,10 @@ name), the same head and the same batch order; rows have the built-in rows' sche
 ``custom``, cell keys ``setting, method, seed``).  Unlike the MiniLM path, nothing is cached: the
 whole (frozen) model runs every step, so keep user models small on a CPU.
 
-Rows: ``split = "val"`` at step 0 and the end, ``"test"`` at the end: ``loss`` (cross-entropy,
+Each method trains at its lr chosen on the validation split from the section's ``lr_grid`` with its
+``tuning_seeds`` (sweep ``custom_tuning``), cosine-decayed, as in the built-in settings.
+
+Rows: ``split = "val"`` at step 0, 3/4 of the run (loss) and the end, ``"test"`` at the end: ``loss`` (cross-entropy,
 nats; token-weighted for a causal LM), ``accuracy`` (classification), per routed layer ``gini``,
 ``load_entropy``, ``token_entropy`` (normalised); ``test`` also ``trainable_parameters``,
 ``n_train``, ``n_test``, ``wall_seconds``.
@@ -45,6 +48,7 @@ from talklora_min.probes import gini, load_entropy, record_routing
 from . import methods as registry
 from .sections import ConfigError
 from .crn import batch_order, crn_generator, crn_head, crn_weights
+from .protocol import cosine_schedule, quarter_steps, run_tuning
 
 MAX_DATA_BYTES = 512 * 2**20        # a data file larger than this is refused (read into memory)
 
@@ -225,9 +229,12 @@ def evaluate(net, enc: dict, y, objective: str, batch_size: int = 32) -> list[tu
     return out
 
 
-def custom_cell(setting: str, method: str, seed: int, user: dict, cfg: dict) -> list[dict]:
+def custom_cell(setting: str, method: str, seed: int, user: dict, cfg: dict, lr: float | None = None,
+                tuning: bool = False) -> list[dict]:
     """One training run of ``method`` on the user setting ``setting`` (described by ``user``, the
-    ``[setting]`` table; rows: module docstring)."""
+    ``[setting]`` table; rows: module docstring).  ``lr``: the adapter learning rate (the no-adapter
+    classifier's head lr), default ``cfg["lr"]`` / ``cfg["head_lr"]``, decayed with a cosine schedule;
+    ``tuning``: the lr-selection run — validation rows only."""
     from .settings import UserSetting
 
     t0 = time.perf_counter()
@@ -255,10 +262,14 @@ def custom_cell(setting: str, method: str, seed: int, user: dict, cfg: dict) -> 
     if params and not (spec.adapter is None and objective == "causal-lm"):
         head = list(net.head.parameters()) if num_labels else []
         rest = [p for p in params if all(p is not h for h in head)]
-        groups = ([dict(params=head, lr=cfg["head_lr"])] if head else []) + ([dict(params=rest, lr=cfg["lr"])] if rest else [])
+        adapter_lr = cfg["lr"] if lr is None else lr
+        head_lr = adapter_lr if spec.adapter is None else cfg["head_lr"]
+        groups = ([dict(params=head, lr=head_lr)] if head else []) + ([dict(params=rest, lr=adapter_lr)] if rest else [])
         opt = torch.optim.AdamW(groups, weight_decay=cfg["weight_decay"])
+        schedule = cosine_schedule(opt, cfg["steps"])
+        quarter = min(quarter_steps(cfg["steps"]))
         torch.manual_seed(int(crn_generator(seed, "dropout").initial_seed()))
-        for index in batch_order(len(enc["train"]["input_ids"]), cfg["batch_size"], cfg["steps"], seed):
+        for step, index in enumerate(batch_order(len(enc["train"]["input_ids"]), cfg["batch_size"], cfg["steps"], seed), 1):
             net.train()
             ids, mask = enc["train"]["input_ids"][index], enc["train"]["attention_mask"][index]
             if num_labels:
@@ -271,8 +282,14 @@ def custom_cell(setting: str, method: str, seed: int, user: dict, cfg: dict) -> 
             opt.zero_grad(set_to_none=True)
             (loss + spec.aux_weight * aux if torch.is_tensor(aux) else loss).backward()
             opt.step()
+            schedule.step()
+            if step == quarter and quarter < cfg["steps"]:          # the flattening check
+                out += [r for r in rows_at(step, "val") if r["layer"] == "all"]
     last = cfg["steps"]
-    out += rows_at(last, "val") + rows_at(last, "test")
+    out += rows_at(last, "val")
+    if tuning:
+        return [dict(r, objective=objective) for r in out]
+    out += rows_at(last, "test")
     head_params = sum(p.numel() for p in net.head.parameters()) if num_labels else 0
     common = dict(step=last, split="test", layer="all", domain="all")
     out += [dict(common, metric="trainable_parameters", value=count_parameters(net) - head_params),
@@ -304,7 +321,16 @@ def run(config, *, results_dir="results", workers: int = 1, executor=None, force
     cfg = {k: section[k] for k in SECTION_KEYS}
     cfg.update(head_lr=section.get("head_lr", section["lr"]), alpha=section.get("alpha", 0.0))
     params = dict(user=user.to_dict(), cfg=cfg)
-    cells = [Cell(custom_cell, dict(setting=user.name, method=m, seed=s), params)
+    # the protocol of the built-in settings: each method at its lr chosen on validation with the
+    # section's tuning seeds (the no-adapter classifier tunes its head over head_lr_grid; a frozen
+    # causal LM trains nothing)
+    trained = [m for m in section["methods"]
+               if registry.method(m).adapter is not None or objective == "classification"]
+    keys = [(dict(setting=user.name, method=m), section["lr_grid"] if registry.method(m).adapter is not None
+             else section["head_lr_grid"]) for m in trained]
+    lrs = run_tuning("custom", custom_cell, keys, section["tuning_seeds"], params, results_dir=results_dir,
+                     workers=workers, executor=executor, force=force, config=config, by=("setting", "method"))
+    cells = [Cell(custom_cell, dict(setting=user.name, method=m, seed=s, lr=lrs.get((user.name, m), 0.0)), params)
              for m in section["methods"] for s in section["seeds"]]
     return run_sweep("custom", cells, results_dir=results_dir, workers=workers, executor=executor,
                      force=force, config=config)

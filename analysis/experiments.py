@@ -17,6 +17,7 @@ EXPERIMENTS = {
     "twins": "twins", "lm": "lm", "lm_tuning": "lm",
     "planted": "planted", "planted_tuning": "planted", "planted_budget": "planted",
     "custom": "train",                    # a user [setting]: `python -m analysis train --config my.toml`
+    "custom_tuning": "train",             # its lr selection
 }
 COMMANDS = tuple(dict.fromkeys(EXPERIMENTS.values()))      # perturb, train, twins, lm, planted (in this order)
 

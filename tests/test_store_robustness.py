@@ -360,8 +360,8 @@ RUNTIME_LIMITS = [
     ("lm", {"seeds": [2**40]}, "lm.seeds", "[0, 4294967295]"),
     ("lm", {"rank": 4096, "num_experts": 4}, "lm.rank", "[1, 576]"),
     ("lm", {"batch_size": 10**5}, "lm.batch_size", "[1, 4096]"),
-    ("margins", {"c7_accuracy": 2.0}, "margins.c7_accuracy", "<= 1.0"),
-    ("margins", {"c12_churn": 1.5}, "margins.c12_churn", "<= 1.0"),
+    ("planted", {"steps": 10**8}, "planted.steps", "[1, 1000000]"),
+    ("planted", {"seeds": [-1]}, "planted.seeds", "[0, 4294967295]"),
 ]
 
 

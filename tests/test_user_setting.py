@@ -87,6 +87,11 @@ def test_user_setting_runs_the_paired_battery_end_to_end(assets, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = pd.read_csv(tmp_path / "custom" / "rows.csv")
     assert set(rows["setting"]) == {"my-reviews"} and set(rows["objective"]) == {"classification"}
+    # the protocol of the built-in settings: each method at its lr chosen on validation (tuning seeds)
+    tuning = pd.read_csv(tmp_path / "custom_tuning" / "rows.csv")
+    assert set(tuning["split"]) == {"val"} and not set(tuning["seed"]) & set(rows["seed"])
+    chosen = rows.groupby("method")["lr"].first()
+    assert chosen["head-only"] in (3e-3, 1e-2, 3e-2) and chosen["lora"] in (3e-4, 1e-3, 3e-3)
     assert set(rows["method"]) == {"head-only", "lora", "talklora-official", "moelora-twin"}
     assert set(rows["seed"]) == {0, 1}
     test = rows[(rows.split == "test") & (rows.layer == "all")]
@@ -118,7 +123,7 @@ def test_plain_text_runs_as_a_causal_lm_and_bad_inputs_fail_in_one_line(assets, 
     assert objective == "causal-lm" and list(df.columns) == ["text"]
     cfg = dict(steps=2, batch_size=4, lr=1e-3, head_lr=1e-3, weight_decay=0.0, rank=8, num_experts=4,
                dropout=0.0, alpha=0.0)
-    rows = pd.DataFrame(custom.custom_cell("plain", "talklora-official", 0, user.to_dict(), cfg))
+    rows = pd.DataFrame(custom.custom_cell("plain", "talklora-official", 0, user.to_dict(), cfg, lr=1e-3))
     loss = rows[(rows.metric == "loss") & (rows.split == "test")].value
     assert len(loss) == 1 and 0 < loss.item() < 20                  # token cross-entropy, nats
     assert set(rows[rows.metric == "gini"].layer) == {"transformer.h.1.attn.c_attn", "transformer.h.1.attn.c_proj",

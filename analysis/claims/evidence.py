@@ -10,7 +10,7 @@ experiment     setting                     tuning / budget sweeps
 ``planted``    ``planted-teacher``         ``planted_tuning`` / ``planted_budget``
 ``train``      per ``task``: ``for_task``  ``train_tuning`` / ``train_budget`` (same task)
 ``lm``         ``smollm2-lm``              ``lm_tuning``
-``custom``     per ``setting`` column      none (the custom runner has no tuning sweep)
+``custom``     per ``setting`` column      ``custom_tuning`` (same setting) / none
 =============  ==========================  ==============================================
 
 A setting absent from the results is simply absent.  The selectors return per-seed frames (rows:
@@ -30,7 +30,7 @@ from .. import methods, settings
 SWEEPS = {"planted": ("planted", "planted_tuning", "planted_budget"),
           "train": ("train", "train_tuning", "train_budget"),
           "lm": ("lm", "lm_tuning", None),
-          "custom": ("custom", None, None)}
+          "custom": ("custom", "custom_tuning", None)}
 EXPERIMENTS = tuple(dict.fromkeys(e for sweeps in SWEEPS.values() for e in sweeps if e))
 ORDER = tuple(s.name for runner in SWEEPS for s in settings.SETTINGS.values() if s.runner == runner)   # for plots
 LM_BASE = "base"                      # the frozen-base cell of the lm experiment (seed −1)
@@ -106,7 +106,10 @@ def runs(data: dict, config: dict | None = None) -> list[Run]:
         elif runner == "custom":
             for name, g in rows.groupby("setting", sort=False):
                 objective = str(g["objective"].iloc[0]) if "objective" in g else "classification"
-                out.append(Run(_custom_setting(str(name), objective, config), g))
+                t = extra["tuning"]
+                t = t[t["setting"] == name] if t is not None and "setting" in t else None
+                out.append(Run(_custom_setting(str(name), objective, config), g,
+                               tuning=t if t is not None and len(t) else None))
         else:
             out.append(Run(settings.for_task(runner, runner if runner == "planted" else "three-domain"), rows,
                            **{k: v if v is not None and len(v) else None for k, v in extra.items()}))
