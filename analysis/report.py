@@ -243,7 +243,7 @@ def render_markdown(claims: list, *, command: str, results_dir, commit: str, dir
            "in the claim modules (`analysis/claims/`) from the saved results; re-run the command to update it.", "",
            f"- Command: `{command}`",
            f"- Results: `{results_dir}`",
-           f"- Code: git commit `{commit}`" + (" (uncommitted changes present)" if dirty else ""),
+           f"- Code: git commit `{commit}`" + (" (uncommitted changes to the code present)" if dirty else ""),
            f"- Rules: `{RULES_VERSION}`",
            f"- Generated: {generated_at}"]
     if meta:

@@ -117,9 +117,15 @@ def git_commit(cwd: str | Path | None = None) -> str:
     return _git(["rev-parse", "HEAD"], cwd) or "unknown"
 
 
+# What computes results: generated outputs (figures, CLAIMS.md, the README table) being rewritten by
+# the run itself must not mark the code as modified.
+SOURCE_PATHS = (":/analysis", ":/talklora_min", ":/pyproject.toml", ":/requirements")
+
+
 def git_dirty(cwd: str | Path | None = None) -> bool | None:
-    """Whether tracked files have uncommitted changes (None when git is unavailable)."""
-    out = _git(["status", "--porcelain", "--untracked-files=no"], cwd)
+    """Whether tracked source files (``SOURCE_PATHS``) have uncommitted changes (None when git is
+    unavailable)."""
+    out = _git(["status", "--porcelain", "--untracked-files=no", "--", *SOURCE_PATHS], cwd)
     return None if out is None else bool(out)
 
 

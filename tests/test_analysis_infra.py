@@ -438,3 +438,28 @@ def test_prefix_cache_select_keeps_the_chosen_examples():
     h, mask = sub.batch([0, 1])
     ref, ref_mask = cache.batch([2, 0])
     assert torch.equal(h, ref) and torch.equal(mask, ref_mask)
+
+
+def test_git_dirty_looks_at_the_code_not_at_generated_outputs(tmp_path):
+    """A run rewrites figures/ and CLAIMS.md itself: only changed sources mark the code as modified."""
+    import subprocess
+
+    from analysis.store import git_dirty
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "analysis").mkdir()
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "analysis" / "m.py").write_text("x = 1\n")
+    (tmp_path / "figures" / "F1.csv").write_text("a\n1\n")
+    (tmp_path / "CLAIMS.md").write_text("# report\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    assert git_dirty(tmp_path) is False
+    (tmp_path / "figures" / "F1.csv").write_text("a\n2\n")
+    (tmp_path / "CLAIMS.md").write_text("# report, regenerated\n")
+    assert git_dirty(tmp_path / "figures") is False          # from any folder of the checkout
+    (tmp_path / "analysis" / "m.py").write_text("x = 2\n")
+    assert git_dirty(tmp_path / "figures") is True
