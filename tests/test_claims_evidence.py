@@ -112,6 +112,20 @@ def test_the_controls_section_prints_every_setting_and_its_margins():
     assert A.controls_section([])[0].startswith("No setting")
 
 
+def test_cluster_recovery_is_reported_per_router_with_its_interval():
+    from types import SimpleNamespace
+
+    rows = [dict(method=m, seed=s, step=step, split=split, metric="cluster_mi", value=v)
+            for m, end in [(REF, 0.9), ("moelora-code", 0.5)] for s in range(4)
+            for step, split, v in [(0, "val", 0.1 + 0.01 * s), (100, "test", end + 0.01 * s)]]
+    item = SimpleNamespace(run=SimpleNamespace(name="planted-teacher", rows=pd.DataFrame(rows)))
+    text = "\n".join(A.cluster_recovery_section([item]))
+    assert f"| planted-teacher | {methods.label(REF)} | 0.115 [" in text        # step 0: mean of 0.10..0.13
+    assert "| 0.915 [" in text and "| 0.515 [" in text                          # end: per router
+    no_clusters = SimpleNamespace(run=SimpleNamespace(name="x", rows=pd.DataFrame(rows).assign(metric="loss")))
+    assert A.cluster_recovery_section([no_clusters]) == []
+
+
 def test_assays_are_computed_once_per_set_of_frames():
     data = planted()
     first = A.assays(data)

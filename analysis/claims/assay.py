@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from .. import methods, prereg, protocol
-from ..stats import fmt
+from ..stats import estimate, fmt
 from . import evidence as ev
 from .evidence import Run
 
@@ -271,7 +271,7 @@ def controls_section(items: list[Assay]) -> list[str]:
                      if math.isfinite(change) else "n/a",
                      ", ".join(f"{methods.label(m)} {fmt(lr)}" for m, lr in a.lrs.items()) or "n/a"])
         margin_rows += [[a.run.name, name, fmt(a.margins.get(name)), a.margins.why.get(name, "")] for name in MARGINS]
-    return [f"Positive controls (docs/method.md §5.2) on the evaluation runs, thresholds from the preregistration "
+    out = [f"Positive controls (docs/method.md §5.2) on the evaluation runs, thresholds from the preregistration "
             f"`[controls]`: P1 gain ≥ max({reg.control('p1_min_relative_gain'):g} × no-adapter loss, "
             f"{reg.control('p1_gain_over_margin'):g} × loss margin); P2 end-of-training gate entropy / log E ≤ "
             f"{limit:g} for every routed method a claim compares (checked per claim); P3 (C9) mean |Δ held-out "
@@ -283,6 +283,35 @@ def controls_section(items: list[Assay]) -> list[str]:
                       "flattening (last quarter)", "tuned lr"], rows),
             "Margins per setting (absolute, on each metric's scale; fixed on the tuning runs at the selected lrs):",
             md_table(["setting", "margin", "value", "derivation"], margin_rows)]
+    return out + cluster_recovery_section(items)
+
+
+def cluster_recovery_section(items: list[Assay]) -> list[str]:
+    """Where a setting has planted clusters (rows ``cluster_mi``): how well each router's top-1 expert
+    recovers the cluster, I(cluster; top-1 expert) / log K on the held-out split, at step 0 and the
+    end, mean and 95 % t-interval over seeds (reported beside the controls, not gating)."""
+    from ..report import md_table
+
+    rows = []
+    for a in items:
+        r = a.run.rows
+        if "metric" not in r or not (r["metric"] == "cluster_mi").any():
+            continue
+        mi = r[r["metric"] == "cluster_mi"]
+        split = "test" if (mi["split"] == "test").any() else "val"
+        start = mi[(mi["split"] == "val") & (mi["step"] == mi["step"].min())]
+        end = mi[(mi["split"] == split) & (mi["step"] == mi["step"].max())]
+        for m in [m for m in methods.ORDER if m in set(end["method"])]:
+            per_seed = lambda f: f[f["method"] == m].groupby("seed")["value"].mean()
+            rows.append([a.run.name, methods.label(m), estimate(per_seed(start)).text(),
+                         estimate(per_seed(end)).text()])
+    if not rows:
+        return []
+    return ["Cluster recovery per router (settings with planted clusters; reported, not gating): normalised mutual "
+            "information between the input's cluster and its top-1 expert, I(cluster; expert) / log K, 0 = the "
+            "routing ignores the clusters, 1 = each cluster has its own expert(s); validation split at step 0, "
+            "test split at the end; mean [95 % t-interval] over seeds:",
+            md_table(["setting", "router", "step 0", "end of training"], rows)]
 
 
 def preregistration_info(profile: str | None) -> dict:
