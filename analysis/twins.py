@@ -24,9 +24,14 @@ step on the whole validation split: per-layer ``gini`` and ``load_entropy`` (C6 
 ``split = "test"`` at the last step on every
 test example: ``accuracy``, ``loss`` (mean cross-entropy, nats).  ``split = "weights"`` at the last
 step: ``router_rel_change`` and ``talk_rel_change`` per layer.
+
+A run whose training loss or trainable parameters become non-finite (plain SGD at a large lr can
+diverge) ends there: ``split = "train"``, ``metric = "diverged"`` at that step, 1 for each arm that
+diverged and 0 for the others, and no test rows; the report leaves that seed out and says so.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -65,6 +70,11 @@ def router_state_rows(step: int, model_name: str, model, inputs: dict) -> list[d
         rows += [dict(step=step, split="probe", model=model_name, layer=short_name(name), metric=k, value=v)
                  for k, v in values.items()]
     return rows
+
+
+def finite_after_step(loss: float, model) -> bool:
+    """Whether a training step left ``model`` finite: its training loss and every trainable parameter."""
+    return math.isfinite(loss) and all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
 
 
 def twins_cell(optimizer: str, seed: int, cfg: dict, twins: dict, exp_dir: str, task: str = "sentiment",
@@ -121,11 +131,17 @@ def twins_cell(optimizer: str, seed: int, cfg: dict, twins: dict, exp_dir: str, 
     dropout_seed = int(crn_generator(seed, "dropout").initial_seed())
     rng = {k: torch.Generator().manual_seed(dropout_seed) for k in models}
     for step, index in enumerate(batch_order(len(caches["train"]), cfg["batch_size"], twins["steps"], seed), 1):
+        losses = {}
         for name, m in models.items():
             # the same dropout masks for every model: each keeps its own copy of the dropout stream
             torch.set_rng_state(rng[name].get_state())
-            train_step(m, opts[name], caches["train"], labels["train"], index)
+            losses[name] = train_step(m, opts[name], caches["train"], labels["train"], index)
             rng[name].set_state(torch.get_rng_state())
+        diverged = [name for name, m in models.items() if not finite_after_step(losses[name], m)]
+        if diverged:        # an outcome, not an error: recorded, the cell ends (no test rows)
+            rows += [dict(step=step, split="train", model=name, layer="all", metric="diverged",
+                          value=float(name in diverged)) for name in models]
+            return [{k: v for k, v in r.items() if k != "domain"} for r in rows]
         if step % twins["eval_every"] == 0 or step == twins["steps"]:
             rows += measure(step, step == twins["steps"])
     last = twins["steps"]

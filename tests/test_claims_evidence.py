@@ -169,3 +169,19 @@ def test_a_comparison_without_a_margin_is_not_testable():
     from analysis.claims import decide as D
     (c,) = D.judge_family([D.Paired("x", (0.1, 0.2, 0.15), math.nan, "greater")])
     assert c.controls == "failed: margin" and c.verdict == "not-testable"
+
+
+def test_twin_runs_name_the_seeds_that_diverged_and_leave_them_out():
+    from analysis.claims import twins as TW
+
+    rows = [dict(task="topic", optimizer="sgd", seed=s, step=10, split="test", model=m, layer="all",
+                 metric=metric, value=base + 0.01 * s)
+            for s in range(4) for m, base in [(REF, 0.5), (TWIN, 0.6)] for metric in ("loss", "accuracy")]
+    rows += [dict(task="topic", optimizer="sgd", seed=4, step=3, split="train", model=m, layer="all",
+                  metric="diverged", value=float(m == TWIN)) for m in (REF, TWIN)]
+    out = TW.twin_runs({"twins": pd.DataFrame(rows)})
+    assert [p.name for p in out] == [f"twin runs topic, sgd: {m} TalkLoRA − twin (1 seed(s) diverged and are left out: 4)"
+                                     for m in ("loss", "accuracy")]
+    assert all(len(p.differences) == 4 for p in out)
+    clean = TW.twin_runs({"twins": pd.DataFrame(rows[:-2])})
+    assert [p.name for p in clean] == [f"twin runs topic, sgd: {m} TalkLoRA − twin" for m in ("loss", "accuracy")]

@@ -161,6 +161,20 @@ def test_twins_cell_rows_and_router_movement(tmp_path):
 
 
 @pytest.mark.real_models
+def test_a_diverging_twin_run_is_recorded_not_raised(tmp_path):
+    """Plain SGD at an absurd lr blows up: the cell records which arm diverged at which step and ends
+    without test rows (the report leaves that seed out), instead of failing the whole sweep."""
+    cfg = tiny_train_cfg()
+    spec = dict(models=["talklora-official", "moelora-twin"], steps=6, eval_every=2, lr_adamw=3e-4, lr_sgd=1e30,
+                head_lr_sgd=1e30, weight_decay=0.0)
+    rows = pd.DataFrame(twins.twins_cell("sgd", 0, cfg, spec, str(tmp_path), "sentiment"))
+    gone = rows[rows.metric == "diverged"]
+    assert set(gone.model) == {"talklora-official", "moelora-twin"} and gone.value.max() == 1.0
+    assert gone.step.nunique() == 1 and 1 <= gone.step.iloc[0] <= 6
+    assert not (rows.split == "test").any() and rows.value.map(math.isfinite).all()
+
+
+@pytest.mark.real_models
 def test_train_cell_end_to_end_is_deterministic(tmp_path):
     cfg = tiny_train_cfg()
     a = train.train_cell("talklora-official", 0, cfg, str(tmp_path), "topic")

@@ -75,13 +75,17 @@ def twin_runs(data: dict, config: dict | None = None) -> list[Paired]:
     by_task = {a.run.setting.task: a for a in assays(data, config) if a.run.setting.runner == "train"}
     out = []
     test = tw[(tw["split"] == "test") & (tw["layer"] == "all")]
-    for (task, opt), g in test.groupby(["task" if "task" in test else "optimizer", "optimizer"]):
+    gone = tw[(tw["metric"] == "diverged") & (tw["value"] > 0)] if "metric" in tw else tw.iloc[:0]
+    key = "task" if "task" in test else "optimizer"
+    for (task, opt), g in test.groupby([key, "optimizer"]):
         a = by_task.get(task)
+        lost = sorted(set(gone[(gone[key] == task) & (gone["optimizer"] == opt)]["seed"]))
+        note = f" ({len(lost)} seed(s) diverged and are left out: {', '.join(map(str, lost))})" if lost else ""
         for metric, side in (("loss", "less"), ("accuracy", "greater")):
             wide = at_last_step(g[g["metric"] == metric], ["model", "seed"]).pivot_table(
                 index="seed", columns="model", values="value")
             margin = a.margins.get(metric) if a is not None else math.nan
-            p = pair(f"twin runs {task}, {opt}: {metric} TalkLoRA − twin", wide, methods.reference(), twin(), margin,
+            p = pair(f"twin runs {task}, {opt}: {metric} TalkLoRA − twin{note}", wide, methods.reference(), twin(), margin,
                      side, setting=f"twins ({task}, {opt}, common lr)", controls="passed", deciding=False)
             if p is not None:
                 out.append(p)
