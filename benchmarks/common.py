@@ -15,12 +15,15 @@ parameters, the base weight).  Deterministic, independent of the allocator.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
+import sys
 import time
 import weakref
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -148,3 +151,21 @@ def saved_tensor_bytes(layer: torch.nn.Module, x: torch.Tensor) -> int:
 def choose_repeats(round_seconds: float, budget_seconds: float, lo: int, hi: int) -> int:
     """As many rounds as fit the budget, within ``[lo, hi]``."""
     return int(min(hi, max(lo, budget_seconds // max(round_seconds, 1e-9))))
+
+
+def report_never_failing(produce: Callable[[], Any], show: Callable[[Any], None]) -> int:
+    """``show(produce())`` and exit status 0 whatever happens: a benchmark reports, it never fails a
+    pipeline, so an error is printed to stderr instead of raised."""
+    try:
+        show(produce())
+    except Exception as err:
+        print(f"benchmark error: {type(err).__name__}: {err}", file=sys.stderr)
+    return 0
+
+
+def print_report(report: dict, format_report: Callable[[dict], str], json_path: Path | None) -> None:
+    """Print ``format_report(report)``; with ``json_path`` also write the report there as JSON."""
+    print(format_report(report))
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {json_path}")

@@ -32,7 +32,7 @@ for path in (ROOT, ROOT / "benchmarks"):
 
 from analysis.cost import F13_NAME, caption, draw_f13  # noqa: E402
 from common import (choose_repeats, interleaved, layer_step, paired_median_interval, paired_ratio,  # noqa: E402
-                    peak_step_bytes, setup)
+                    peak_step_bytes, report_never_failing, setup)
 from layer_speed import randomize  # noqa: E402
 from talklora_min import LoRALinear, MoELoRALinear, TalkLoRALinear  # noqa: E402
 
@@ -131,14 +131,12 @@ def main(argv=None) -> int:
     parser.add_argument("--clock", choices=("cpu", "wall"))
     parser.add_argument("--budget", type=float, default=12.0, help="seconds of timing per E")
     args = parser.parse_args(argv)
-    try:
-        data = measure(QUICK if args.quick else SETTING, threads=args.threads, clock=args.clock,
-                       budget=0.5 if args.quick else args.budget)
-        for ext, path in write(data, args.figures_dir).items():
+    def show(data):
+        for path in write(data, args.figures_dir).values():
             print(f"[cost_vs_experts] wrote {path}")
-    except Exception as err:                      # the benchmark reports, it never fails a pipeline
-        print(f"benchmark error: {type(err).__name__}: {err}", file=sys.stderr)
-    return 0
+
+    return report_never_failing(lambda: measure(QUICK if args.quick else SETTING, threads=args.threads,
+                                                clock=args.clock, budget=0.5 if args.quick else args.budget), show)
 
 
 if __name__ == "__main__":

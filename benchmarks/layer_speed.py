@@ -26,7 +26,6 @@ Defaults: one intra-op thread and the thread's CPU time (the machine is shared; 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -39,7 +38,8 @@ for path in (ROOT, ROOT / "benchmarks"):                  # runnable from a chec
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from common import (choose_repeats, interleaved, layer_step, paired_ratio, peak_step_bytes,  # noqa: E402
+from common import (choose_repeats, interleaved, layer_step, paired_ratio, peak_step_bytes, print_report,
+                    report_never_failing,  # noqa: E402
                     saved_tensor_bytes, setup)
 from talklora_min import LoRALinear, MoELoRALinear, TalkLoRALinear  # noqa: E402
 
@@ -215,16 +215,10 @@ def main(argv=None) -> int:
     parser.add_argument("--clock", choices=("cpu", "wall"), help="default: cpu with 1 thread, else wall")
     parser.add_argument("--budget", type=float, default=10.0, help="seconds of timing per (tokens, d) group")
     args = parser.parse_args(argv)
-    try:
-        report = run(QUICK_GRID if args.quick else GRID, QUICK_MEMORY_SHAPES if args.quick else MEMORY_SHAPES,
-                     threads=args.threads, clock=args.clock, budget=1.0 if args.quick else args.budget)
-        print(format_report(report))
-        if args.json:
-            args.json.write_text(json.dumps(report, indent=2))
-            print(f"\nwrote {args.json}")
-    except Exception as err:                      # the benchmark reports, it never fails a pipeline
-        print(f"benchmark error: {type(err).__name__}: {err}", file=sys.stderr)
-    return 0
+    return report_never_failing(
+        lambda: run(QUICK_GRID if args.quick else GRID, QUICK_MEMORY_SHAPES if args.quick else MEMORY_SHAPES,
+                    threads=args.threads, clock=args.clock, budget=1.0 if args.quick else args.budget),
+        lambda report: print_report(report, format_report, args.json))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ for path in (ROOT, ROOT / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from common import interleaved, paired_ratio, setup  # noqa: E402
+from common import interleaved, paired_ratio, print_report, report_never_failing, setup  # noqa: E402
 from talklora_min import AdapterConfig, inject  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
@@ -108,16 +107,10 @@ def main(argv=None) -> int:
     parser.add_argument("--clock", choices=("cpu", "wall"))
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    try:
-        report = (run(QUICK, batch=2, seq=8, rank=4, experts=2, repeats=2, threads=args.threads, clock=args.clock)
-                  if args.quick else run(repeats=args.repeats, threads=args.threads, clock=args.clock))
-        print(format_report(report))
-        if args.json:
-            args.json.write_text(json.dumps(report, indent=2))
-            print(f"\nwrote {args.json}")
-    except Exception as err:                      # the benchmark reports, it never fails a pipeline
-        print(f"benchmark error: {type(err).__name__}: {err}", file=sys.stderr)
-    return 0
+    return report_never_failing(
+        lambda: (run(QUICK, batch=2, seq=8, rank=4, experts=2, repeats=2, threads=args.threads, clock=args.clock)
+                 if args.quick else run(repeats=args.repeats, threads=args.threads, clock=args.clock)),
+        lambda report: print_report(report, format_report, args.json))
 
 
 if __name__ == "__main__":
