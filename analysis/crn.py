@@ -15,7 +15,7 @@ import hashlib
 import torch
 from torch import Tensor, nn
 
-from talklora_min.layers import absorbed_router, talk_matrix
+from talklora_min.layers import absorbed_router, parse_talk_init, talk_matrix
 
 from . import methods as registry
 
@@ -52,7 +52,8 @@ def crn_weights(method: str, layer: nn.Module, seed: int, name: str) -> dict[str
 
     Official init (docs/method.md §1) drawn from keyed streams: A U(±1/√d_in), C U(±1/√m),
     W_r U(±1/√r), W_g U(±1/√d_in), B = 0; a full T official (its own stream) or as ``talk_init``
-    gives it; other communication structures start at their own init.  The method's
+    gives it; other communication structures start at their identity point (low-rank's random V from
+    the stream ``(seed, name, "talk")``).  The method's
     ``router_init`` (:data:`analysis.methods.ROUTER_INITS`): ``scale-matched`` W_r · ‖W_r(T⊗I)‖₂/‖W_r‖₂,
     ``function-matched`` W_r(T⊗I) (T the official T of the same seed and layer)."""
     d_in, r = layer.in_features, layer.rank
@@ -67,6 +68,9 @@ def crn_weights(method: str, layer: nn.Module, seed: int, name: str) -> dict[str
     W_r = crn_uniform((E, r), r ** -0.5, seed, name, "W_r")
     if hasattr(layer, "T") and getattr(layer, "talk_structure", "full") == "full":
         w["T"] = official_talk(E, seed, name) if layer.talk_init == "official" else layer.T.detach().clone()
+    elif getattr(layer, "talk_structure", None) == "low-rank" and parse_talk_init(layer.talk_init) == "identity":
+        # low-rank's start I + U Vᵀ (U = 0) has a random V: from its own stream, never the global RNG
+        w["talk_V"] = crn_uniform(tuple(layer.talk_V.shape), E ** -0.5, seed, name, "talk")
     w["W_r"] = router_start(registry.method(method).router_init, W_r, official_talk(E, seed, name), m, w["A"])
     return w
 

@@ -141,19 +141,19 @@ def twins_cell(optimizer: str, seed: int, cfg: dict, twins: dict, exp_dir: str, 
         if diverged:        # an outcome, not an error: recorded, the cell ends (no test rows)
             rows += [dict(step=step, split="train", model=name, layer="all", metric="diverged",
                           value=float(name in diverged)) for name in models]
-            return [{k: v for k, v in r.items() if k != "domain"} for r in rows]
+            break
         if step % twins["eval_every"] == 0 or step == twins["steps"]:
             rows += measure(step, step == twins["steps"])
-    last = twins["steps"]
-    rows += validation(last)
-    for name, m in models.items():
-        metrics = evaluate(m, caches["test"], labels["test"], routing=False)[0]
-        rows += [dict(step=last, split="test", model=name, layer="all", metric=k, value=v) for k, v in metrics.items()]
-        rows += [dict(r, model=name) for r in movement_rows(last, start[name], effective_routers(m))
-                 if r["metric"] in ("router_rel_change", "talk_rel_change")]
-    for r in rows:
-        r.pop("domain", None)
-    return rows
+    else:
+        last = twins["steps"]
+        rows += validation(last)
+        for name, m in models.items():
+            metrics = evaluate(m, caches["test"], labels["test"], routing=False)[0]
+            rows += [dict(step=last, split="test", model=name, layer="all", metric=k, value=v)
+                     for k, v in metrics.items()]
+            rows += [dict(r, model=name) for r in movement_rows(last, start[name], effective_routers(m))
+                     if r["metric"] in ("router_rel_change", "talk_rel_change")]
+    return [{k: v for k, v in r.items() if k != "domain"} for r in rows]
 
 
 def run(config, *, results_dir="results", workers: int = 1, executor=None, force: bool = False,

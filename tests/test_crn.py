@@ -74,6 +74,28 @@ def test_draws_do_not_depend_on_the_global_rng_or_on_what_was_built_before(encod
             torch.testing.assert_close(a[layer][name], b[layer][name], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("method", ["talklora-low-rank", "talklora-doubly-stochastic", "talklora-banded"])
+def test_structure_starts_come_from_the_seed_stream_not_the_global_rng(encoder, method):
+    """Low-rank's random V (and every structure's start) is keyed by (seed, layer, "talk"): the same
+    seed gives the same tensors whatever the global RNG did before, another seed other V."""
+    torch.manual_seed(0)
+    a = {k: layer.get_weights() for k, layer in adapter_layers(build(method, 3, encoder)).items()}
+    torch.manual_seed(987)
+    torch.rand(4321)
+    b = {k: layer.get_weights() for k, layer in adapter_layers(build(method, 3, encoder)).items()}
+    for layer in a:
+        for name in a[layer]:
+            torch.testing.assert_close(a[layer][name], b[layer][name], rtol=0, atol=0, msg=f"{layer} {name}")
+        torch.testing.assert_close(a[layer]["T"], torch.eye(4), rtol=0, atol=0)     # identity point
+    if method == "talklora-low-rank":
+        c = {k: layer.get_weights() for k, layer in adapter_layers(build(method, 4, encoder)).items()}
+        layer = next(iter(a))
+        assert a[layer]["talk_V"].abs().min() > 0
+        assert not torch.equal(a[layer]["talk_V"], c[layer]["talk_V"])
+        expected = torch.empty(4, 1).uniform_(-0.5, 0.5, generator=train.crn_generator(3, train.short_name(layer), "talk"))
+        torch.testing.assert_close(a[layer]["talk_V"], expected, rtol=0, atol=0)
+
+
 def test_talk_and_input_router_come_from_their_own_streams(encoder):
     talk = weights(build("talklora-official", 1, encoder))
     inp = weights(build("moelora-input", 1, encoder))

@@ -172,6 +172,7 @@ def test_a_diverging_twin_run_is_recorded_not_raised(tmp_path):
     assert set(gone.model) == {"talklora-official", "moelora-twin"} and gone.value.max() == 1.0
     assert gone.step.nunique() == 1 and 1 <= gone.step.iloc[0] <= 6
     assert not (rows.split == "test").any() and rows.value.map(math.isfinite).all()
+    assert "domain" not in rows.columns
 
 
 @pytest.mark.real_models
