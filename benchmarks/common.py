@@ -8,6 +8,15 @@ The clock is the thread's CPU time (``time.thread_time``) when one intra-op thre
 machine shared with other jobs it excludes the time the thread waits for a core (wall time is used
 with several threads, whose CPU time would count OpenMP spin-waits).
 
+Allocator.  glibc's malloc returns large freed blocks to the system (blocks above its mmap
+threshold, and the heap's top beyond its trim threshold), so a later step touches fresh pages and
+pays first-touch page faults — kernel time counted in the thread's CPU time, and varying from step
+to step with the allocator's state: two methods timed in one round then differ by up to ±15 % at
+a few MiB per tensor.  :func:`steady_allocator` (called by :func:`setup`) keeps freed memory for
+reuse (``mallopt``: mmap threshold 32 MiB, no trimming), as the jemalloc / tcmalloc setups
+recommended for PyTorch on CPU do; tensors above 32 MiB are still mapped per allocation.  On
+other C libraries it changes nothing, and reports so.
+
 Memory.  :func:`peak_step_bytes` tracks every tensor storage allocated during one step (a
 ``TorchDispatchMode`` sees each op's outputs; a storage leaves the count when it is freed) and
 returns the peak of live bytes — the step's own peak, excluding what existed before it (inputs,
@@ -15,6 +24,7 @@ parameters, the base weight).  Deterministic, independent of the allocator.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -37,17 +47,34 @@ def available_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def setup(threads: int | None, clock: str | None) -> tuple[int, Callable[[], float], str]:
-    """Set the intra-op thread count (default 1) and pick the clock (``"cpu"`` for one thread, else
-    ``"wall"``); returns ``(threads, clock function, clock name)``."""
+def steady_allocator() -> str:
+    """Make glibc's malloc keep freed memory for reuse (see the module doc); returns what was done,
+    for the report.  ``M_TRIM_THRESHOLD = -1`` disables trimming the heap's top, ``M_MMAP_THRESHOLD``
+    at glibc's maximum (32 MiB on 64-bit) serves smaller blocks from the heap."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "default (no mallopt in this C library)"
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    ok = mallopt(M_MMAP_THRESHOLD, 32 * 2**20) == 1 and mallopt(M_TRIM_THRESHOLD, -1) == 1
+    return "glibc mallopt: mmap threshold 32 MiB, no trim" if ok else "default (mallopt refused)"
+
+
+def setup(threads: int | None, clock: str | None) -> tuple[int, Callable[[], float], str, str]:
+    """Set the intra-op thread count (default 1), keep freed memory for reuse
+    (:func:`steady_allocator`) and pick the clock (``"cpu"`` for one thread, else ``"wall"``);
+    returns ``(threads, clock function, clock name, allocator)``."""
     threads = 1 if threads is None else max(1, int(threads))
     torch.set_num_threads(threads)
+    allocator = steady_allocator()
     clock = clock or ("cpu" if threads == 1 else "wall")
     if clock not in ("cpu", "wall"):
         raise ValueError(f"clock must be 'cpu' or 'wall', got {clock!r}")
     if clock == "cpu" and threads > 1:
         raise ValueError("clock='cpu' needs threads=1 (the CPU time of several threads counts their spin-waits)")
-    return threads, (time.thread_time if clock == "cpu" else time.perf_counter), clock
+    return threads, (time.thread_time if clock == "cpu" else time.perf_counter), clock, allocator
 
 
 def interleaved(steps: dict[str, Callable[[], None]], repeats: int, clock: Callable[[], float],

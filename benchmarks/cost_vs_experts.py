@@ -52,7 +52,7 @@ def structures(E: int) -> dict[str, tuple[str, dict]]:
 
 
 def measure(setting=SETTING, *, threads=None, clock=None, budget: float = 12.0, log=print) -> pd.DataFrame:
-    threads, clock_fn, clock_name = setup(threads, clock)
+    threads, clock_fn, clock_name, allocator = setup(threads, clock)
     d, tokens, r = setting["d"], setting["tokens"], setting["rank"]
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(tokens, d, generator=gen).requires_grad_(True)
@@ -74,7 +74,7 @@ def measure(setting=SETTING, *, threads=None, clock=None, budget: float = 12.0, 
         times = interleaved(steps, repeats, clock_fn, warmup=1)
         peaks = {m: peak_step_bytes(step) for m, step in steps.items()}
         setting_cols = dict(num_experts=E, rank=r, d=d, tokens=tokens, threads=threads, clock=clock_name,
-                            repeats=repeats)
+                            allocator=allocator, repeats=repeats)
         for method, (label, _) in layers.items():
             lo, hi = paired_median_interval(times, method, "lora")
             values = [("time_ratio", "median", paired_ratio(times, method, "lora")),

@@ -154,7 +154,7 @@ def summary(grid: list[dict], memory: list[dict]) -> dict:
 
 def run(grid=GRID, memory_shapes=MEMORY_SHAPES, *, threads=None, clock=None, budget: float = 10.0,
         log=print) -> dict:
-    threads, clock_fn, clock_name = setup(threads, clock)
+    threads, clock_fn, clock_name, allocator = setup(threads, clock)
     rows = []
     for tokens in grid["tokens"]:
         for d in grid["d"]:
@@ -164,13 +164,14 @@ def run(grid=GRID, memory_shapes=MEMORY_SHAPES, *, threads=None, clock=None, bud
                 + " ".join(f"r{r['rank']}E{r['experts']}={r['talk_over_lora']:.3f}" for r in group)
                 + f" ({group[0]['repeats']} rounds)")
     memory = memory_rows(memory_shapes)
-    return {"threads": threads, "clock": clock_name, "torch": torch.__version__, "budget_s": budget,
+    return {"threads": threads, "clock": clock_name, "allocator": allocator, "torch": torch.__version__,
+            "budget_s": budget,
             "grid": rows, "memory": memory, "summary": summary(rows, memory)}
 
 
 def format_report(report: dict) -> str:
     s = report["summary"]
-    lines = [f"threads={report['threads']} clock={report['clock']} torch={report['torch']} "
+    lines = [f"threads={report['threads']} clock={report['clock']} allocator: {report['allocator']} torch={report['torch']} "
              f"(interleaved rounds, median of paired ratios)", "",
              f"{'tokens':>6} {'d':>5} {'r':>3} {'E':>3} {'rounds':>6} {'LoRA ms':>9} {'Talk/LoRA':>9} "
              f"{'MoE/LoRA':>9} {'MoE/Talk':>9} {'min T/L':>8}"]

@@ -72,12 +72,12 @@ def model_step(model: torch.nn.Module, ids: torch.Tensor):
 
 def run(shape=SMOLLM2, *, batch: int = 2, seq: int = 256, rank: int = 32, experts: int = 4, repeats: int = 5,
         threads=None, clock=None) -> dict:
-    threads, clock_fn, clock_name = setup(threads, clock)
+    threads, clock_fn, clock_name, allocator = setup(threads, clock)
     nets = models(shape, rank, experts)
     ids = torch.randint(shape["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(2))
     times = interleaved({name: model_step(m, ids) for name, m in nets.items()}, repeats, clock_fn, warmup=1)
     trainable = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in nets.items()}
-    return {"threads": threads, "clock": clock_name, "torch": torch.__version__, "shape": shape,
+    return {"threads": threads, "clock": clock_name, "allocator": allocator, "torch": torch.__version__, "shape": shape,
             "tokens": batch * seq, "rank": rank, "experts": experts, "repeats": repeats,
             "median_s": {name: statistics.median(t) for name, t in times.items()}, "trainable": trainable,
             "ratios": {"talklora/peft-lora": paired_ratio(times, "talklora", "peft-lora"),
@@ -90,7 +90,8 @@ def format_report(report: dict) -> str:
     r = report["ratios"]
     lines = [f"SmolLM2-shaped Llama, {report['shape']['num_hidden_layers']} layers, width "
              f"{report['shape']['hidden_size']}, {report['tokens']} tokens, r {report['rank']}, E {report['experts']}; "
-             f"threads={report['threads']} clock={report['clock']}, {report['repeats']} interleaved rounds"]
+             f"threads={report['threads']} clock={report['clock']} allocator: {report['allocator']}, "
+             f"{report['repeats']} interleaved rounds"]
     for name, t in report["median_s"].items():
         lines.append(f"  {name:<13} {1e3 * t:9.1f} ms per step  ({report['trainable'][name]:,} trainable)")
     lines.append("  " + ", ".join(f"{k} = {v:.3f}" for k, v in r.items()))
