@@ -4,6 +4,7 @@ parents reading ``.weight``, fp32 adapters over bf16 bases.  Tiny random models 
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import subprocess
 import sys
@@ -382,13 +383,20 @@ def test_ddp_with_tied_B(tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
+    model = _official_model()
     try:
-        model = _official_model()
         ddp = DistributedDataParallel(model)
-        batch = {k: torch.stack([r[k] for r in _dataset(2)]) for k in ("input_ids", "attention_mask", "labels")}
-        ddp(**batch).loss.backward()
-        B = model.model.layers[0].self_attn.q_proj.B
-        assert B is model.model.layers[1].self_attn.q_proj.B and B.grad is not None
-        assert sum(p is B for p in ddp.parameters()) == 1
+        try:
+            batch = {k: torch.stack([r[k] for r in _dataset(2)]) for k in ("input_ids", "attention_mask", "labels")}
+            ddp(**batch).loss.backward()
+            seen = sum(p is model.model.layers[0].self_attn.q_proj.B for p in ddp.parameters())
+        finally:
+            # DDP's reducer holds the process group: free it first, or its destructor can deadlock
+            # on the group's mutex after destroy_process_group (seen under CPU contention)
+            del ddp
+            gc.collect()
     finally:
         dist.destroy_process_group()
+    B = model.model.layers[0].self_attn.q_proj.B
+    assert B is model.model.layers[1].self_attn.q_proj.B and B.grad is not None
+    assert seen == 1
