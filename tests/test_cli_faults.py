@@ -371,7 +371,8 @@ def slow_cell(seed, log_dir):
         f.write(f"{os.getpid()}\\n")
     time.sleep(float(os.environ["FAULT_DELAY"]))     # not a param: a slower re-run is the same sweep
     end = time.monotonic() + 60                        # a test holds the cell while <log_dir>/hold exists
-    while (Path(log_dir) / "hold").exists() and time.monotonic() < end:
+    held = seed >= int(os.environ.get("FAULT_HOLD_FROM", "0"))     # (only cells from this seed on)
+    while held and (Path(log_dir) / "hold").exists() and time.monotonic() < end:
         time.sleep(0.05)
     return [{"metric": "x", "value": seed * 1.5}]
 
@@ -394,9 +395,10 @@ def sweep_script(tmp_path):
     (tmp_path / "calls").mkdir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(mod)])}
 
-    def start(delay, workers=1):
+    def start(delay, workers=1, hold_from=0):
         return subprocess.Popen([sys.executable, "-m", "faultsweep", str(tmp_path / "res"), str(tmp_path / "calls"),
-                                 str(delay)], env={**env, "FAULT_WORKERS": str(workers)}, cwd=tmp_path,
+                                 str(delay)], env={**env, "FAULT_WORKERS": str(workers),
+                                                   "FAULT_HOLD_FROM": str(hold_from)}, cwd=tmp_path,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return start
 

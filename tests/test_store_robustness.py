@@ -98,15 +98,19 @@ def test_interrupted_then_resumed_sweep_is_byte_identical(tmp_path, sweep_script
     no cell reported stale, and rows.csv byte-identical to an uninterrupted run's."""
     import signal
     store = ResultStore("exp", tmp_path / "res")
-    a = sweep_script(0.3)
+    hold = tmp_path / "calls" / "hold"
+    hold.touch()
+    a = sweep_script(0.0, hold_from=2)       # cells 0 and 1 finish, cell 2 waits: interrupted mid-sweep for sure
     try:
-        wait_for(lambda: len(list(store.cells_dir.glob("*.json"))) >= 2)
+        wait_for(lambda: len(list(store.cells_dir.glob("*.json"))) == 2 and 2 in calls(tmp_path))
         os.kill(a.pid, getattr(signal, sig))
         a.communicate(timeout=30)
     finally:
         a.kill()
+        hold.unlink()
     assert a.returncode != 0 and not store.rows_path.exists()
     done = len(list(store.cells_dir.glob("*.json")))
+    assert done == 2
     b = sweep_script(0.0)
     out, err = b.communicate(timeout=60)
     assert b.returncode == 0, err
